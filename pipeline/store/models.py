@@ -1,0 +1,151 @@
+"""The lineage schema: runs, their iterations, every candidate ever produced, curves.
+
+These ORM models are the single description of the schema. The Alembic migrations in
+`migrations/versions/` must create exactly this (`alembic check` passes), so any
+change here goes together with a new migration.
+
+Status-like columns are plain strings guarded by CHECK constraints rather than database
+enums: enums need ALTER TYPE dances on PostgreSQL and do not exist on SQLite, while a
+check constraint behaves the same on both.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey,
+                        Integer, MetaData, String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+RUN_TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+ITERATION_STAGES = ("pending", "training", "generating", "evaluating", "selecting", "done")
+DECISIONS = ("kept", "replaced")
+ROLES = ("incumbent", "candidate")
+ARMS = ("lm", "random")
+CANDIDATE_STATUSES = ("pending", "running", "evaluated", "rejected", "invalid", "timeout",
+                      "oom", "cancelled")
+TERMINAL_STATUSES = ("evaluated", "rejected", "invalid", "timeout", "oom", "cancelled")
+
+# Deterministic constraint and index names: the migration and the models must name
+# things the same way on every backend, or `alembic check` reports phantom differences.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    # CHECK constraint text; the values are our own constants, never user input.
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+# JSON columns store Python None as SQL NULL (not the JSON literal null), so that
+# "no design" and "IS NULL" mean the same thing.
+JSONValue = JSON(none_as_null=True)
+Timestamp = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (CheckConstraint(_in("status", RUN_STATUSES), name="status"),)
+
+    id: Mapped[str] = mapped_column(String(12), primary_key=True, default=new_run_id)
+    task: Mapped[str] = mapped_column(String(64))
+    preset: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    __table_args__ = (
+        UniqueConstraint("run_id", "arm", "iteration", "index"),
+        CheckConstraint(_in("status", CANDIDATE_STATUSES), name="status"),
+        CheckConstraint(_in("role", ROLES), name="role"),
+        CheckConstraint(_in("arm", ARMS), name="arm"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    index: Mapped[int] = mapped_column(Integer)  # 0: the incumbent, 1..n: generated
+    role: Mapped[str] = mapped_column(String(16))
+    arm: Mapped[str] = mapped_column(String(16), default="lm")
+    # The seed's incumbent has no parent; every other candidate points at the source
+    # it was generated from (or copied from, for incumbents).
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("candidates.id", ondelete="SET NULL"), nullable=True, index=True)
+    source: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    design: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    param_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    logs: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Iteration(Base):
+    __tablename__ = "iterations"
+    __table_args__ = (
+        UniqueConstraint("run_id", "arm", "index"),
+        CheckConstraint(_in("stage", ITERATION_STAGES), name="stage"),
+        CheckConstraint(f"decision IS NULL OR {_in('decision', DECISIONS)}", name="decision"),
+        CheckConstraint(_in("arm", ARMS), name="arm"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    arm: Mapped[str] = mapped_column(String(16), default="lm")
+    stage: Mapped[str] = mapped_column(String(16), default="pending")
+    source_in: Mapped[str] = mapped_column(Text)
+    incumbent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("candidates.id", ondelete="SET NULL"), nullable=True)
+    selected_id: Mapped[int | None] = mapped_column(
+        ForeignKey("candidates.id", ondelete="SET NULL"), nullable=True)
+    decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    lm_losses: Mapped[list[float]] = mapped_column(JSONValue, default=list)
+    lm_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gen_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class MetricCurve(Base):
+    __tablename__ = "metric_curves"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    candidate_id: Mapped[int | None] = mapped_column(
+        ForeignKey("candidates.id", ondelete="CASCADE"), nullable=True, index=True)
+    iteration: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    name: Mapped[str] = mapped_column(String(64))
+    values: Mapped[list[float | None]] = mapped_column(JSONValue, default=list)
