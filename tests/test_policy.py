@@ -1,0 +1,216 @@
+"""The static gate: what the two families render passes, hostile sources fail by rule."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.families import cnn, transformer
+from sandbox.policy import DEFAULT_POLICY, Policy, check
+
+# ----------------------------------------------------------------- what must pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), d_model=st.sampled_from([16, 64, 128, 512]),
+       lr=st.floats(1e-6, 1e-1), batch_size=st.integers(1, 256))
+def test_rendered_transformer_sources_pass(seed, d_model, lr, batch_size):
+    rng = random.Random(seed)
+    design = transformer.sample(rng, d_model, lr, batch_size)
+    for d in (design, transformer.refine(design, rng)):
+        verdict = check(transformer.render(d))
+        assert verdict.ok, verdict
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1),
+       shape=st.sampled_from([(1, 28, 28), (3, 32, 32), (1, 8, 8)]),
+       classes=st.sampled_from([10, 62]))
+def test_rendered_cnn_sources_pass(seed, shape, classes):
+    rng = random.Random(seed)
+    design = cnn.sample(rng)
+    for d in (design, cnn.refine(design, rng)):
+        verdict = check(cnn.render(d, shape, classes))
+        assert verdict.ok, verdict
+
+
+HANDWRITTEN_CNN = '''import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super(Net, self).__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(input_shape[0], 16, 3, padding=1)])
+        self.fc = nn.Linear(16 * input_shape[1] * input_shape[2], num_classes)
+        self._width = 16
+        self.fc.weight.data.mul_(0.5)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def build_model(input_shape, num_classes):
+    model = Net(input_shape, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def train(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), 32
+'''
+
+
+def test_handwritten_nn_module_subclass_passes():
+    # super(Net, self).__init__(), self._private, attribute stores on self and on
+    # parameters of a model: all ordinary model code.
+    assert check(HANDWRITTEN_CNN).ok, check(HANDWRITTEN_CNN)
+
+
+def test_bytes_and_str_agree():
+    src = transformer.render(transformer.sample(random.Random(1), 64, 1e-3, 8))
+    assert check(src).ok and check(src.encode()).ok
+
+
+# ----------------------------------------------------------------- what must fail
+
+HOSTILE = [
+    # imports
+    ("import os", "import"),
+    ("import subprocess", "import"),
+    ("import ctypes", "import"),
+    ("import socket", "import"),
+    ("import sys", "import"),
+    ("import importlib", "import"),
+    ("import builtins", "import"),
+    ("from os import system", "import"),
+    ("import torch.hub", "import"),
+    ("import torch._C", "import"),
+    ("from torch import load", "import"),
+    ("from torch import *", "import"),
+    ("from . import harness", "import"),
+    ("from .. import schema", "import"),
+    ("def f():\n    import os\n", "import"),
+    # dunders
+    ("__import__('os')", "dunder"),
+    ("x = ().__class__.__bases__", "dunder"),
+    ("x = [].__class__.__base__.__subclasses__()", "dunder"),
+    ("x = __builtins__", "dunder"),
+    ("def f(): pass\nx = f.__globals__", "dunder"),
+    ("class A:\n    def __getattr__(self, name):\n        return 1\n", "dunder"),
+    ("class A:\n    def __torch_function__(self, *a):\n        return 1\n", "dunder"),
+    ("class A:\n    def __init__(self):\n        object.__init__(self)\n", "dunder"),
+    ("from torch import __version__", "dunder"),
+    ("if __name__ == '__main__':\n    pass\n", "dunder"),
+    # builtins that run code or open files, referenced in any way
+    ("exec('import os')", "builtin-call"),
+    ("eval('1+1')", "builtin-call"),
+    ("compile('1', 'x', 'eval')", "builtin-call"),
+    ("open('/etc/passwd').read()", "builtin-call"),
+    ("f = open\nf('/etc/passwd')", "builtin-call"),
+    ("x = globals()", "builtin-call"),
+    ("x = vars()", "builtin-call"),
+    ("breakpoint()", "builtin-call"),
+    ("x = memoryview(b'')", "builtin-call"),
+    # attribute access by string
+    ("import torch\ngetattr(torch, 'load')('w.pt')", "getattr"),
+    ("import torch\nsetattr(torch, 'x', 1)", "getattr"),
+    ("import torch\nhasattr(torch, 'load')", "getattr"),
+    # dangerous attributes reachable from allowed modules
+    ("import torch\ntorch.load('weights.pt')", "attribute"),
+    ("import torch\ntorch.save({}, '/tmp/x')", "attribute"),
+    ("import torch\ntorch.hub.list('x')", "attribute"),
+    ("import typing\ntyping.sys.modules", "attribute"),
+    ("import torch\ntorch.os.system('id')", "attribute"),
+    ("import transformers\nm = transformers.T5Model.from_pretrained('t5-small')", "attribute"),
+    ("def g():\n    yield 1\nx = g().gi_frame.f_globals", "attribute"),
+    ("x = '{0.__class__}'.format(1)", "attribute"),
+    ("import collections\ncollections._sys", "private"),
+    ("import torch\nx = torch._C", "private"),
+    # monkeypatching modules (the harness computes the loss in the same process)
+    ("import torch\ntorch.nn.functional.cross_entropy = lambda *a, **k: 0", "attribute-store"),
+    ("import torch\ntorch.x = 1", "attribute-store"),
+    ("torch.nn.functional.cross_entropy = None", "attribute-store"),  # even unimported
+    ("import torch.nn.functional as F\nF.cross_entropy = None", "attribute-store"),
+    ("from torch.nn import functional\nfunctional.cross_entropy = None", "attribute-store"),
+    ("import torch\nF = torch.nn.functional\nF.cross_entropy = None", "attribute-store"),
+    ("import torch\nfor m in [torch.nn.functional]:\n    m.cross_entropy = None", "attribute-store"),
+    ("import torch\ndef patch(m):\n    m.cross_entropy = None\npatch(torch.nn.functional)",
+     "attribute-store"),
+    ("import torch\nget = lambda: torch\nget().x = 1", "attribute-store"),
+    ("import torch\nclass A:\n    def __init__(self):\n        self.f = torch.nn.functional\n"
+     "    def go(self):\n        self.f.cross_entropy = None\n", "attribute-store"),
+    ("import torch\ntorch.Tensor.backward = None", "attribute-store"),
+    ("import torch\ndel torch.nn.functional.cross_entropy", "attribute-store"),
+    ("import math\nmath.pi += 1", "attribute-store"),
+    # scope statements
+    ("def f():\n    global x\n    x = 1\n", "scope"),
+    # malformed text
+    ("def f(:\n", "syntax"),
+    ("x = 'a\x00b'", "encoding"),
+]
+
+
+@pytest.mark.parametrize("source,rule", HOSTILE, ids=[f"{i}-{r}" for i, (_, r) in enumerate(HOSTILE)])
+def test_hostile_source_is_rejected_by_rule(source, rule):
+    verdict = check(source)
+    assert not verdict.ok
+    assert verdict.rule == rule, verdict
+    assert verdict.detail
+
+
+def test_huge_source_is_rejected_by_size():
+    src = "x = 1\n" * (DEFAULT_POLICY.max_source_bytes // 6 + 10)
+    assert check(src).rule == "size"
+    assert check(src.encode()).rule == "size"
+    # bytes, not characters: 40k three-byte characters are 120 KB
+    assert check("x = '" + "\u20ac" * 40_000 + "'").rule == "size"
+
+
+def test_invalid_utf8_and_nul_bytes():
+    assert check(b"x = '\xff\xfe'").rule == "encoding"
+    assert check(b"x = 1\x00").rule == "encoding"
+    assert check("x = '\ud800'").rule == "encoding"   # a lone surrogate cannot be UTF-8
+    assert check(12345).rule == "encoding"            # not text at all
+
+
+@pytest.mark.parametrize("source", [
+    "x = " + "(" * 10_000 + "1" + ")" * 10_000,        # the tokenizer's nesting limit
+    "x = " + "-" * 10_000 + "1",                        # deep unary chain
+    "x = " + "1+" * 10_000 + "1",                       # deep left-leaning BinOp tree
+    "x = " + "[" * 100 + "]" * 100,                     # parses, but deeper than max_depth
+    "def f():\n" + "".join("    " * i + "if x:\n" for i in range(1, 100)) + "    " * 100 + "pass\n",
+], ids=["parens", "unary", "binop", "lists", "blocks"])
+def test_deep_nesting_is_rejected_without_crashing(source):
+    verdict = check(source)
+    assert not verdict.ok
+    assert verdict.rule in ("nesting", "syntax"), verdict
+    if not source.startswith("def"):
+        assert verdict.rule == "nesting", verdict
+
+
+def test_node_count_is_bounded():
+    src = "x = [" + "1," * 30_000 + "]"
+    assert check(src).rule == "nesting"
+    assert check(src, Policy(max_nodes=10**6)).ok
+
+
+def test_policy_allow_list_is_configurable():
+    assert check("import numpy").rule == "import"
+    assert check("import numpy", Policy(allowed_imports=frozenset({"numpy"}))).ok
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000) | st.text(max_size=2000))
+def test_check_never_raises(data):
+    verdict = check(data)
+    assert isinstance(verdict.ok, bool)
+    if not verdict.ok:
+        assert verdict.rule
