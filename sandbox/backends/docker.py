@@ -1,0 +1,564 @@
+"""Docker backend: every job runs in a fresh, hardened container from the sandbox image.
+
+    backend = DockerBackend(image="selfprog-sandbox:latest", runtime="runsc", gpus="0,1")
+    result = backend.execute(job, out_dir)
+
+The job directory (`base.stage`) is bind-mounted at /job: read-only as a whole (job.json,
+in/, lib/), with `out/` mounted over it writable. Scratch (/job/tmp, /tmp) is tmpfs,
+so it is size-limited and charged to the container's memory limit. The container is
+removed after every run, whatever happened; containers left behind by a worker that
+died are found by label and removed when a backend starts (`reap_orphans`).
+
+Every container is made by `create_hardened_container`, which builds the one allowed
+profile (DESIGN.md 3.4) and refuses anything else: privileged mode, added capabilities,
+host network/PID/IPC/user namespaces, mounts other than the job directory pieces,
+devices other than GPU DeviceRequests, environment variables outside a short list.
+After creating a container it inspects it and removes it again if the engine did not
+apply the profile (a daemon default or an older API silently dropping a field).
+
+Bounds on `out/`: a bind mount cannot carry a size limit, and a tmpfs `out/` would vanish
+when the container stops (before the backend could copy results). So: RLIMIT_FSIZE
+bounds each file at `limits.output_mb`; while the job runs the backend measures `out/`
+every POLL_S seconds and kills the container once it holds more than `output_mb` (or
+more than MAX_OUT_ENTRIES entries); `collect` checks the declared outputs again. The
+overshoot is what the candidate can write in one poll interval; for a hard bound put
+the workroot on its own filesystem (see docs/docker.md).
+
+Trust: the process holding the Docker socket is root on the host. Only the sandbox
+worker gets it, through a socket proxy (docker-compose.yml, docs/docker.md).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import socket
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sandbox.backends.base import (HARNESS_COMMAND, SandboxError, cleanup, collect, format_logs,
+                                   stage)
+from sandbox.schema import Job, Result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE = "selfprog-sandbox:latest"
+LABEL_SANDBOX = "selfprog.sandbox"
+LABEL_JOB = "selfprog.job_id"
+LABEL_OWNER = "selfprog.owner"
+
+POLL_S = 0.5                     # how often the deadline loop looks at out/
+MAX_OUT_ENTRIES = 10_000         # files + dirs in out/ (inodes are a resource too)
+LOG_TAIL_LINES = 2000
+LOG_TAIL_BYTES = 64 * 1024
+LOG_MAX_SIZE = "1m"              # json-file bound per container: the daemon keeps no more
+SCRATCH_MIN_MB, SCRATCH_MAX_MB = 16, 1024
+SYS_TMP_MB = 16                  # /tmp: TMPDIR points at /job/tmp, so /tmp stays tiny
+SHM_MB = 64
+MAX_OPEN_FILES = 1024
+KILL_WAIT_S = 30
+
+# Environment variables a sandbox may be given. Nothing of the host's environment
+# (tokens, DB URLs, proxies) is passed: the backend builds the environment from nothing.
+ALLOWED_ENV = frozenset({
+    "HOME", "TMPDIR", "XDG_CACHE_HOME", "TORCH_HOME", "HF_HOME", "MPLCONFIGDIR",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "PYTHONDONTWRITEBYTECODE", "LANG",
+})
+# What callers might try to pass to the engine and why it is refused.
+FORBIDDEN = {
+    "privileged": "privileged containers can do anything the host kernel allows",
+    "cap_add": "no capability may be added (all are dropped)",
+    "network_mode": "the network is always 'none'",
+    "network": "the network is always 'none'",
+    "pid_mode": "the host PID namespace is never shared",
+    "ipc_mode": "the host IPC namespace is never shared",
+    "userns_mode": "the host user namespace is never shared",
+    "uts_mode": "the host UTS namespace is never shared",
+    "cgroupns": "the host cgroup namespace is never shared",
+    "volumes": "only the job directory is mounted",
+    "volumes_from": "only the job directory is mounted",
+    "mounts": "only the job directory is mounted",
+    "binds": "only the job directory is mounted",
+    "tmpfs": "scratch tmpfs mounts are fixed by the profile",
+    "devices": "no host devices (GPUs only as DeviceRequests)",
+    "device_cgroup_rules": "no host devices",
+    "security_opt": "security options are fixed by the profile",
+    "user": "the sandbox runs as the image's own non-root user",
+    "read_only": "the root filesystem is always read-only",
+    "oom_kill_disable": "the memory limit must be able to kill",
+    "sysctls": "no sysctls",
+    "extra_hosts": "no network",
+    "dns": "no network",
+    "ports": "no network",
+    "environment": "use env=, which only accepts ALLOWED_ENV names",
+}
+_RUNTIME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class HardeningError(SandboxError):
+    """A container was asked for outside the hardened profile (or did not get it)."""
+
+
+# --------------------------------------------------------------------------- engine
+
+def _docker():
+    try:
+        import docker
+    except ImportError as e:  # pragma: no cover - the docker SDK is a project dependency
+        raise SandboxError("the docker Python SDK is not installed") from e
+    return docker
+
+
+def connect(timeout: int = 60):
+    """A client for the engine named by DOCKER_HOST (default: the local socket)."""
+    docker = _docker()
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except Exception as e:  # DockerException, requests errors: all mean "no engine"
+        raise SandboxError(f"no Docker engine: {e}") from None
+    return client
+
+
+def image_user(client, image: str) -> tuple[int, int]:
+    """The image's configured user as numeric (uid, gid); refuses root or a user name.
+
+    A name could map to uid 0 through the image's /etc/passwd, so only numbers are
+    accepted: the backend must know the sandbox is not root without running it.
+    """
+    docker = _docker()
+    try:
+        attrs = client.images.get(image).attrs
+    except docker.errors.ImageNotFound:
+        raise SandboxError(f"the sandbox image {image} is missing; build it with "
+                           "scripts/build-images.sh") from None
+    except docker.errors.APIError as e:
+        raise SandboxError(f"cannot inspect the sandbox image {image}: {e}") from None
+    user = (attrs.get("Config") or {}).get("User") or ""
+    uid_s, _, gid_s = user.partition(":")
+    if not uid_s.isdigit() or (gid_s and not gid_s.isdigit()):
+        raise HardeningError(f"the image {image} must set a numeric non-root USER "
+                             f"(uid:gid), not {user or 'nothing (root)'!r}")
+    uid = int(uid_s)
+    gid = int(gid_s) if gid_s else uid
+    if uid == 0 or gid == 0:
+        raise HardeningError(f"the image {image} runs as root ({user!r}); refusing it")
+    return uid, gid
+
+
+def docker_available(image: str = DEFAULT_IMAGE) -> tuple[bool, str]:
+    """Whether the Docker backend can run here: an engine answers and the image is usable.
+
+    For the 'auto' backend choice and `doctor`; `why` says what is missing.
+    """
+    try:
+        client = connect(timeout=10)
+    except SandboxError as e:
+        return False, str(e)
+    try:
+        uid, _ = image_user(client, image)
+    except SandboxError as e:
+        return False, str(e)
+    finally:
+        client.close()
+    return True, f"Docker engine and image {image} (uid {uid}) available"
+
+
+def reap_orphans(client, owner: str | None = None) -> int:
+    """Remove sandbox containers (label selfprog.sandbox=1), running or not.
+
+    With `owner`, only those that worker started (a worker calls this when it starts,
+    to remove what its previous life left behind; other workers on the same engine keep
+    their running jobs). Returns how many were removed.
+    """
+    docker = _docker()
+    filters = {"label": [f"{LABEL_SANDBOX}=1"]}
+    if owner is not None:
+        filters["label"].append(f"{LABEL_OWNER}={owner}")
+    removed = 0
+    for c in client.containers.list(all=True, filters=filters):
+        try:
+            c.remove(force=True)
+            removed += 1
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            log.warning("could not remove orphan sandbox %s: %s", c.short_id, e)
+    if removed:
+        log.warning("removed %d orphaned sandbox container(s)%s", removed,
+                    f" of {owner}" if owner else "")
+    return removed
+
+
+# --------------------------------------------------------------------------- the profile
+
+def gpu_device_requests(gpus: str, count: int, slot: int = 0) -> list:
+    """DeviceRequests for `count` GPUs out of a worker's `gpus` ('all' or '0,1,...').
+
+    'all' hands the job every GPU the engine sees. A list is this worker's share (each
+    worker gets its own SELFPROG_SANDBOX_GPUS); jobs take `count` of them in turn,
+    starting at `slot`, so concurrent jobs of one worker spread over its GPUs.
+    """
+    docker = _docker()
+    if count <= 0 or not gpus:
+        return []
+    if gpus.strip() == "all":
+        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or not all(re.fullmatch(r"[0-9]+|GPU-[0-9a-fA-F-]+", g) for g in ids):
+        raise SandboxError(f"bad GPU list {gpus!r}: use 'all' or ids like '0,1'")
+    chosen = [ids[(slot + i) % len(ids)] for i in range(min(count, len(ids)))]
+    return [docker.types.DeviceRequest(device_ids=chosen, capabilities=[["gpu"]])]
+
+
+def sandbox_env(threads: int = 1) -> dict[str, str]:
+    """The whole environment of a sandbox (the image adds PATH and LANG)."""
+    tmp = "/job/tmp"
+    return {
+        "HOME": tmp, "TMPDIR": tmp, "XDG_CACHE_HOME": f"{tmp}/.cache",
+        "TORCH_HOME": f"{tmp}/torch", "HF_HOME": f"{tmp}/hf", "MPLCONFIGDIR": f"{tmp}/mpl",
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, owner: str,
+                    user: tuple[int, int], memory_mb: int, cpus: float, pids: int,
+                    output_mb: int, env: dict[str, str] | None = None,
+                    runtime: str | None = None, device_requests: list | None = None,
+                    command: list[str] | None = None, **refused: Any) -> dict[str, Any]:
+    """The keyword arguments for `client.containers.create` of one sandbox.
+
+    This is the only profile there is. Anything in `refused` is an attempt to step
+    outside it and raises HardeningError, as do values that would weaken it.
+    """
+    docker = _docker()
+    if refused:
+        why = "; ".join(f"{k}: {FORBIDDEN.get(k, 'not part of the hardened profile')}"
+                        for k in sorted(refused))
+        raise HardeningError(f"refusing a sandbox container outside the profile ({why})")
+
+    # Mounts: the job dir and nothing else, and the job dir must be one of ours.
+    jobdir, workroot = Path(jobdir), Path(workroot)
+    if not jobdir.is_absolute() or jobdir.resolve() != jobdir or jobdir.parent != workroot.resolve():
+        raise HardeningError(f"{jobdir} is not a job directory directly under {workroot}")
+    st = os.lstat(jobdir)
+    if not stat.S_ISDIR(st.st_mode) or not (jobdir / "job.json").is_file():
+        raise HardeningError(f"{jobdir} is not a staged job directory")
+    for sub in ("out", "tmp"):
+        if not stat.S_ISDIR(os.lstat(jobdir / sub).st_mode):   # lstat: no symlinked out/
+            raise HardeningError(f"{jobdir / sub} must be a directory")
+
+    uid, gid = user
+    if uid <= 0 or gid <= 0:
+        raise HardeningError("a sandbox never runs as root")
+    env = dict(env if env is not None else sandbox_env())
+    bad_env = sorted(set(env) - ALLOWED_ENV)
+    if bad_env:
+        raise HardeningError(f"environment variables {bad_env} are not allowed in a sandbox")
+    if runtime is not None and not _RUNTIME.match(runtime):
+        raise HardeningError(f"bad container runtime name {runtime!r}")
+    for dr in device_requests or []:
+        if not isinstance(dr, docker.types.DeviceRequest) or dr.capabilities != [["gpu"]] \
+                or dr.driver not in ("", "nvidia", None):
+            raise HardeningError("only GPU DeviceRequests may give a sandbox devices")
+    if not (64 <= memory_mb and 0 < cpus and 8 <= pids and 1 <= output_mb):
+        raise HardeningError("limits out of range")
+
+    scratch_mb = max(SCRATCH_MIN_MB, min(SCRATCH_MAX_MB, memory_mb // 4))
+    tmpfs_opts = "rw,noexec,nosuid,nodev"
+    mib = 1024 * 1024
+    config: dict[str, Any] = dict(
+        image=image,
+        command=command or ["python", "-I", "-c", HARNESS_COMMAND],
+        working_dir="/job",
+        user=f"{uid}:{gid}",
+        environment=env,
+        labels={LABEL_SANDBOX: "1", LABEL_JOB: job_id, LABEL_OWNER: owner},
+        hostname="sandbox",
+        detach=True,
+        stdin_open=False,
+        tty=False,
+        # isolation
+        network_mode="none",
+        ipc_mode="private",
+        read_only=True,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        init=True,          # reaps zombies; signals reach the whole tree when we kill
+        privileged=False,
+        # limits: swap equal to memory, so the limit cannot be dodged by swapping
+        mem_limit=f"{memory_mb}m",
+        memswap_limit=f"{memory_mb}m",
+        nano_cpus=int(round(cpus * 1e9)),
+        pids_limit=pids,
+        shm_size=f"{SHM_MB}m",
+        ulimits=[
+            docker.types.Ulimit(name="core", soft=0, hard=0),
+            docker.types.Ulimit(name="nofile", soft=MAX_OPEN_FILES, hard=MAX_OPEN_FILES),
+            docker.types.Ulimit(name="fsize", soft=output_mb * mib, hard=output_mb * mib),
+        ],
+        log_config=docker.types.LogConfig(type="json-file",
+                                          config={"max-size": LOG_MAX_SIZE, "max-file": "1"}),
+        # the job directory: read-only, with out/ writable; scratch in memory
+        mounts=[
+            docker.types.Mount(target="/job", source=str(jobdir), type="bind", read_only=True),
+            docker.types.Mount(target="/job/out", source=str(jobdir / "out"), type="bind",
+                               read_only=False),
+        ],
+        tmpfs={
+            "/job/tmp": f"{tmpfs_opts},size={scratch_mb}m,uid={uid},gid={gid},mode=0700",
+            "/tmp": f"{tmpfs_opts},size={SYS_TMP_MB}m,mode=1777",
+        },
+    )
+    if runtime:
+        config["runtime"] = runtime
+    if device_requests:
+        config["device_requests"] = list(device_requests)
+    return config
+
+
+def check_profile(attrs: dict, config: dict[str, Any]) -> list[str]:
+    """What in an inspected container differs from the hardened profile (empty: none)."""
+    hc = attrs.get("HostConfig") or {}
+    cfg = attrs.get("Config") or {}
+    problems = []
+
+    def want(cond: bool, what: str) -> None:
+        if not cond:
+            problems.append(what)
+
+    mem = int(config["mem_limit"][:-1]) * 1024 * 1024
+    want(hc.get("NetworkMode") == "none", f"NetworkMode {hc.get('NetworkMode')!r}")
+    want(hc.get("ReadonlyRootfs") is True, "root filesystem not read-only")
+    want(not hc.get("Privileged"), "privileged")
+    want([c.upper() for c in hc.get("CapDrop") or []] in (["ALL"], ["CAP_ALL"]), "CapDrop not ALL")
+    want(not hc.get("CapAdd"), f"CapAdd {hc.get('CapAdd')}")
+    want(any(s.startswith("no-new-privileges") for s in hc.get("SecurityOpt") or []),
+         "no-new-privileges missing")
+    want(hc.get("Memory") == mem and hc.get("MemorySwap") == mem, "memory/swap limit")
+    want(hc.get("NanoCpus") == config["nano_cpus"], "NanoCpus")
+    want(hc.get("PidsLimit") == config["pids_limit"], "PidsLimit")
+    want(hc.get("PidMode") in ("", None), f"PidMode {hc.get('PidMode')!r}")
+    want(hc.get("IpcMode") in ("private", "none"), f"IpcMode {hc.get('IpcMode')!r}")
+    want(hc.get("UsernsMode") in ("", None), f"UsernsMode {hc.get('UsernsMode')!r}")
+    want(not hc.get("Binds") and not hc.get("VolumesFrom"), "extra volumes")
+    want(not hc.get("Devices"), f"Devices {hc.get('Devices')}")
+    want(hc.get("Init") is True, "no init process")
+    mounts = sorted((m.get("Target"), m.get("Source"), bool(m.get("ReadOnly")))
+                    for m in hc.get("Mounts") or [])
+    expected = sorted((m["Target"], m["Source"], bool(m["ReadOnly"])) for m in config["mounts"])
+    want(mounts == expected, f"mounts {mounts}")
+    want(set(hc.get("Tmpfs") or {}) == set(config["tmpfs"]), "tmpfs mounts")
+    want(cfg.get("User") == config["user"], f"User {cfg.get('User')!r}")
+    return problems
+
+
+def create_hardened_container(client, **spec: Any):
+    """Create (not start) one sandbox container; the only way this code makes one.
+
+    `spec` is what `hardened_config` accepts. The created container is inspected and
+    removed again if the engine did not apply every part of the profile.
+    """
+    docker = _docker()
+    config = hardened_config(**spec)
+    try:
+        container = client.containers.create(**config)
+    except docker.errors.ImageNotFound:
+        raise SandboxError(f"the sandbox image {config['image']} is missing") from None
+    except docker.errors.APIError as e:
+        raise SandboxError(f"the engine refused the sandbox container: {e}") from None
+    try:
+        problems = check_profile(client.api.inspect_container(container.id), config)
+    except BaseException:
+        _remove(container)
+        raise
+    if problems:
+        _remove(container)
+        raise HardeningError("the engine did not apply the hardened profile: "
+                             + "; ".join(problems))
+    return container
+
+
+def _remove(container) -> None:
+    """Remove a container whatever its state; retry while the engine is busy with it."""
+    docker = _docker()
+    for attempt in range(5):
+        try:
+            container.remove(force=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as e:   # e.g. "removal already in progress"
+            if attempt == 4:
+                log.error("could not remove sandbox container %s: %s", container.short_id, e)
+                return
+            time.sleep(0.2 * (attempt + 1))
+
+
+def dir_usage(path: Path, max_entries: int = MAX_OUT_ENTRIES) -> tuple[int, int]:
+    """(bytes on disk, entries) under `path`, without following links; stops counting
+    entries past `max_entries` (the caller treats that as over the limit anyway)."""
+    total, entries = 0, 0
+    stack = [str(path)]
+    while stack and entries <= max_entries:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                entries += 1
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512   # real usage: sparse files cost nothing
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(e.path)
+    return total, entries
+
+
+# --------------------------------------------------------------------------- the backend
+
+class DockerBackend:
+    """Run each job in a fresh hardened container (same interface as ProcessBackend)."""
+
+    name = "docker"
+
+    def __init__(self, image: str = DEFAULT_IMAGE, workroot: Path | str | None = None,
+                 runtime: str | None = None, gpus: str | None = None, client=None,
+                 owner: str | None = None, keep_jobdirs: bool = False):
+        self.image = image
+        # The engine resolves bind-mount sources on *its* host: a worker that runs in a
+        # container must have the workroot at the same path as on the host.
+        self.workroot = (Path(workroot) if workroot
+                         else Path(tempfile.gettempdir()) / "selfprog-docker-jobs").absolute()
+        self.runtime = runtime or None
+        self.gpus = (gpus or "").strip()
+        # Stable across restarts of the same worker, so reaping at start finds what this
+        # worker's previous life left and leaves other workers' jobs alone.
+        self.owner = owner or socket.gethostname()
+        self.keep_jobdirs = keep_jobdirs
+        self.client = client or connect()
+        self.user = image_user(self.client, image)
+        self._gpu_slot = itertools.count()
+        self._lock = threading.Lock()
+        reap_orphans(self.client, owner=self.owner)
+
+    def execute(self, job: Job, out_dir: Path) -> Result:
+        """Run one job to completion and return its Result (never the candidate's exception).
+
+        Raises SandboxError only when the sandbox itself cannot be made (engine or image
+        missing, profile refused): that is not the candidate's doing.
+        """
+        docker = _docker()
+        import requests
+
+        job.validate()
+        lim = job.limits
+        root = os.geteuid() == 0
+        uid, gid = self.user
+        jobdir = stage(job, self.workroot, uid=uid if root else None, gid=gid if root else None)
+        if not root:
+            # Without root we cannot hand out/ to the sandbox uid; let it write there.
+            # The workroot is 0711, so other host users cannot find the directory.
+            os.chmod(jobdir / "out", 0o777)
+        device_requests = []
+        if lim.gpus > 0:
+            if self.gpus:
+                with self._lock:
+                    slot = next(self._gpu_slot) * lim.gpus
+                device_requests = gpu_device_requests(self.gpus, lim.gpus, slot)
+            else:
+                log.warning("job %s asks for %d GPU(s) but this worker has none configured "
+                            "(SELFPROG_SANDBOX_GPUS); it runs without", job.job_id, lim.gpus)
+        threads = int(job.params.get("num_threads", 1))
+        container = None
+        exit_code: int | None = None
+        timed_out = oom_killed = False
+        over_output = ""
+        out_path = jobdir / "out"
+        try:
+            container = create_hardened_container(
+                self.client, image=self.image, jobdir=jobdir, workroot=self.workroot,
+                job_id=job.job_id, owner=self.owner, user=self.user,
+                memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids,
+                output_mb=lim.output_mb, env=sandbox_env(threads), runtime=self.runtime,
+                device_requests=device_requests)
+            started = time.monotonic()
+            try:
+                container.start()
+            except docker.errors.APIError as e:
+                raise SandboxError(f"the sandbox container did not start: {e}") from None
+            deadline = started + lim.timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                try:
+                    status = container.wait(timeout=max(0.05, min(POLL_S, remaining)))
+                    exit_code = _exit_code(status)
+                    break
+                except requests.exceptions.RequestException:
+                    pass   # still running: the wait timed out
+                used, entries = dir_usage(out_path)
+                if used > lim.output_mb * 1024 * 1024 or entries > MAX_OUT_ENTRIES:
+                    over_output = (f"out/ grew past the {lim.output_mb} MB output limit"
+                                   if entries <= MAX_OUT_ENTRIES else
+                                   f"out/ holds more than {MAX_OUT_ENTRIES} entries")
+                    break
+            duration = time.monotonic() - started
+            if exit_code is None:   # deadline or output bound: kill the whole container
+                try:
+                    container.kill()
+                except docker.errors.APIError:
+                    pass   # it exited on its own in the meantime
+                try:
+                    container.wait(timeout=KILL_WAIT_S)
+                except requests.exceptions.RequestException:
+                    raise SandboxError(f"sandbox {container.short_id} survives SIGKILL") from None
+            state = self.client.api.inspect_container(container.id)["State"]
+            oom_killed = bool(state.get("OOMKilled")) and not timed_out
+            if exit_code is None and not timed_out and not over_output:
+                exit_code = _exit_code({"StatusCode": state.get("ExitCode")})
+            stdout = _tail(container, stdout=True)
+            stderr = _tail(container, stdout=False)
+            if over_output:
+                return Result.failure(job, "crashed", over_output, duration_s=round(duration, 3),
+                                      logs=format_logs(stdout, stderr))
+            return collect(job, jobdir, Path(out_dir), exit_code=exit_code, timed_out=timed_out,
+                           oom_killed=oom_killed, stdout_tail=stdout, stderr_tail=stderr,
+                           duration_s=duration)
+        finally:
+            if container is not None:
+                _remove(container)
+            if not self.keep_jobdirs:
+                cleanup(jobdir)
+
+
+def _exit_code(status: dict) -> int | None:
+    """Docker's exit status in subprocess terms: 128+N (docker-init's way of saying
+    'killed by signal N') becomes -N; an engine error gives None."""
+    code = status.get("StatusCode")
+    if not isinstance(code, int) or code < 0:
+        return None
+    if 128 < code < 128 + 65:
+        return -(code - 128)
+    return code
+
+
+def _tail(container, *, stdout: bool) -> bytes:
+    docker = _docker()
+    try:
+        data = container.logs(stdout=stdout, stderr=not stdout, tail=LOG_TAIL_LINES)
+    except docker.errors.APIError:
+        return b""
+    return data[-LOG_TAIL_BYTES:]
