@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -220,6 +221,10 @@ def make_engine(url: str) -> Engine:
     except ArgumentError:
         raise StoreError(f"bad database URL {url!r} (expected e.g. sqlite:///selfprog.db "
                          "or postgresql+psycopg2://user@host/db)") from None
+    if parsed.drivername == "postgresql" and not _importable("psycopg"):
+        # SQLAlchemy 2.1 picks psycopg (3) for a bare postgresql:// URL; this project
+        # ships psycopg2, so let the common short form work.
+        parsed = parsed.set(drivername="postgresql+psycopg2")
     shown = parsed.render_as_string(hide_password=True)
     kwargs: dict[str, Any] = {}
     path = _sqlite_file(parsed)
@@ -246,6 +251,10 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_foreign_keys)
     return engine
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,472 @@
+"""`selfprog-cli`: launch self-programming runs and query the lineage database.
+
+Query commands print a human table by default and JSON with `--json`. Anything the
+user got wrong (an unknown run, a bad URL, an unknown preset, an unwritable path) ends
+as one `Error: ...` line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from pipeline.settings import ConfigError, Settings, preset as build_preset
+from pipeline.store import (CANDIDATE_STATUSES, CandidateView, IterationView, LineageStore,
+                            StoreError)
+from pipeline.store.models import ARMS
+
+# Short names for the transformer design parameters in tables; other keys print as is.
+_SHORT = {"num_layers": "enc", "num_decoder_layers": "dec", "num_heads": "heads"}
+_CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
+                   "dataset_size", "d_model", "lm_epochs", "temperature")
+
+
+# ------------------------------------------------------------------ plumbing
+
+@dataclasses.dataclass
+class Context:
+    settings: Settings
+
+    def open_store(self, *, create: bool = False) -> LineageStore:
+        """Open the lineage store; query commands refuse to create a new SQLite file,
+        so a mistyped path says so instead of showing an empty database."""
+        if not create:
+            path = _sqlite_path(self.settings.database_url)
+            if path is not None and not path.exists():
+                raise StoreError(f"no lineage database at {str(path)!r} "
+                                 "(launch a run first, or pass --database-url)")
+        return LineageStore(self.settings.database_url)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None       # LineageStore reports the bad URL
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.database.startswith("file:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can cause into one `Error:` line and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StoreError, ConfigError) as exc:
+            raise click.ClickException(_first_line(exc)) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{exc.strerror or _first_line(exc)}{where}") from None
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"database error: {_first_line(exc)}") from None
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt_score(score: float | None) -> str:
+    if score is None:
+        return "-"
+    return f"{score:.4f}" if abs(score) < 1e4 else f"{score:.4g}"
+
+
+def fmt_time(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_design(design: dict[str, Any] | None) -> str:
+    if not design:
+        return "-"
+    parts = []
+    for key, value in design.items():
+        if isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{_SHORT.get(key, key)}={value}")
+    return " ".join(parts)
+
+
+def shorten(text: str, width: int = 60) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# ---------------------------------------------------------- run summaries
+
+def lower_is_better(task: str) -> bool:
+    # Self-programming scores are few-shot training losses; vision tasks score accuracy.
+    return task == "self"
+
+
+def iteration_rows(iterations: Sequence[IterationView],
+                   candidates: Sequence[CandidateView]) -> list[dict[str, Any]]:
+    """One summary per iteration: the selected source, its score, the incumbent's, the fate."""
+    by_id = {c.id: c for c in candidates}
+    rows = []
+    for it in iterations:
+        selected = by_id.get(it.selected_id)
+        incumbent = by_id.get(it.incumbent_id)
+        generated = [c for c in candidates if c.arm == it.arm and c.iteration == it.index
+                     and c.role == "candidate"]
+        rows.append({
+            "index": it.index,
+            "arm": it.arm,
+            "stage": it.stage,
+            "selected_id": it.selected_id,
+            "design": selected.design if selected else None,
+            "score": selected.score if selected else None,
+            "incumbent_id": it.incumbent_id,
+            "incumbent_score": incumbent.score if incumbent else None,
+            "decision": it.decision,
+            "evaluated": sum(c.status == "evaluated" for c in generated),
+            "total": len(generated),
+        })
+    return rows
+
+
+def iteration_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        ["it", "arm", "stage", "selected design", "score", "incumbent", "decision", "evaluated"],
+        [[r["index"], r["arm"], r["stage"], fmt_design(r["design"]), fmt_score(r["score"]),
+          fmt_score(r["incumbent_score"]), r["decision"] or "-",
+          f"{r['evaluated']}/{r['total']}"] for r in rows])
+
+
+def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
+    run = store.get_run(run_id)
+    iterations = store.iterations(run.id)
+    done = [it for it in iterations if it.arm == "lm" and it.stage == "done"]
+    selected_ids = {it.selected_id for it in iterations if it.arm == "lm" and it.selected_id}
+    scores = [c.score for c in store.candidates(run.id, arm="lm")
+              if c.id in selected_ids and c.score is not None]
+    best = None
+    if scores:
+        best = min(scores) if lower_is_better(run.task) else max(scores)
+    return {**dataclasses.asdict(run), "iterations_done": len(done), "best_score": best}
+
+
+# ------------------------------------------------------------------ commands
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--database-url", envvar="SELFPROG_DATABASE_URL", metavar="URL",
+              help="Lineage database (SQLAlchemy URL), e.g. sqlite:///selfprog.db or "
+                   "postgresql+psycopg2://user@host/db. Default: $SELFPROG_DATABASE_URL, "
+                   "else selfprog.db in the working directory.")
+@click.option("--artifact-dir", metavar="DIR",
+              help="Where runs keep tokenizers, weights and plots. "
+                   "Default: $SELFPROG_ARTIFACT_DIR, else ./selfprog-artifacts.")
+@click.pass_context
+def main(ctx: click.Context, database_url: str | None, artifact_dir: str | None) -> None:
+    """Self-programming AI: launch runs and inspect every candidate they produced.
+
+    A run trains a code-generating T5 model, lets it rewrite its own source, evaluates
+    each rewrite in a sandbox and keeps the best. Every candidate is stored with its
+    parent, score and fate; the query commands below read that lineage.
+    """
+    try:
+        settings = Settings.from_env(database_url=database_url, artifact_dir=artifact_dir)
+    except ConfigError as exc:
+        raise click.ClickException(_first_line(exc)) from None
+    ctx.obj = Context(settings)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print machine-readable JSON on stdout instead of a table.")
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Show at most this many runs, newest first.")
+@json_option
+@pass_ctx
+@handle_errors
+def runs(obj: Context, limit: int, as_json: bool) -> None:
+    """List runs, newest first.
+
+    Columns: id, task, preset, status, iterations done, best score, creation time.
+    The best score is the best selected source over the finished iterations (lowest
+    few-shot loss for self-programming, highest accuracy for vision tasks).
+    """
+    with obj.open_store() as store:
+        summaries = [run_summary(store, r.id) for r in store.list_runs(limit)]
+    if as_json:
+        emit_json(summaries)
+        return
+    if not summaries:
+        click.echo("no runs yet (start one with: selfprog-cli launch)")
+        return
+    click.echo(table(
+        ["id", "task", "preset", "status", "iterations", "best score", "created (UTC)"],
+        [[s["id"], s["task"], s["preset"], s["status"], s["iterations_done"],
+          fmt_score(s["best_score"]), fmt_time(s["created_at"])] for s in summaries]))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@json_option
+@pass_ctx
+@handle_errors
+def show(obj: Context, run_id: str, as_json: bool) -> None:
+    """Show one run: its configuration and a row per iteration.
+
+    RUN is a run id or a unique prefix of it (at least 4 characters). Each row gives the
+    selected source's design parameters and score, the incumbent's score (the current
+    source scored the same way), whether the source was kept or replaced, and how many
+    generated candidates were evaluated.
+    """
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        rows = iteration_rows(store.iterations(run.id), store.candidates(run.id))
+    if as_json:
+        emit_json({**dataclasses.asdict(run), "iterations": rows})
+        return
+    click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
+               f"status={run.status}")
+    click.echo(f"created {fmt_time(run.created_at)} UTC   finished {fmt_time(run.finished_at)}")
+    summary = " ".join(f"{k}={run.config[k]}" for k in _CONFIG_SUMMARY if k in run.config)
+    if summary:
+        click.echo(f"config: {summary}   (--json for all of it)")
+    if run.error:
+        click.echo(f"error: {shorten(run.error, 200)}")
+    click.echo("")
+    click.echo(iteration_table(rows) if rows else "no iterations yet")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--status", type=click.Choice(CANDIDATE_STATUSES),
+              help="Only candidates in this state.")
+@click.option("--iteration", type=int, help="Only candidates of this iteration.")
+@click.option("--arm", type=click.Choice(ARMS),
+              help="Only this arm: 'lm' (written by the LM) or 'random' (the baseline).")
+@json_option
+@pass_ctx
+@handle_errors
+def candidates(obj: Context, run_id: str, status: str | None, iteration: int | None,
+               arm: str | None, as_json: bool) -> None:
+    """List the candidates of a run with their fate.
+
+    RUN is a run id or a unique prefix of it. Index 0 of each iteration is the
+    incumbent (the current source, scored the same way); 1..n were generated.
+    --json prints every column, sources and logs included.
+    """
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        rows = store.candidates(run.id, status=status, iteration=iteration, arm=arm)
+    if as_json:
+        emit_json([dataclasses.asdict(c) for c in rows])
+        return
+    if not rows:
+        click.echo("no candidates match")
+        return
+    click.echo(table(
+        ["id", "arm", "it", "idx", "role", "status", "score", "params", "reason"],
+        [[c.id, c.arm, c.iteration, c.index, c.role, c.status, fmt_score(c.score),
+          "-" if c.param_count is None else f"{c.param_count:,}", shorten(c.reason)]
+         for c in rows]))
+
+
+@main.command()
+@click.argument("candidate_id", metavar="CANDIDATE", type=int)
+@json_option
+@pass_ctx
+@handle_errors
+def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
+    """Show the ancestry of a candidate, from the seed source to it.
+
+    CANDIDATE is a candidate id (see `candidates RUN`). Each step shows the candidate,
+    its iteration, score and design, and a unified diff of its source against the
+    previous step. Steps whose source is unchanged (an incumbent copying the previous
+    winner) show no diff.
+    """
+    with obj.open_store() as store:
+        chain = store.lineage(candidate_id)
+    steps = []
+    previous: CandidateView | None = None
+    for c in chain:
+        diff = ""
+        if previous is not None and previous.source != c.source:
+            diff = "".join(difflib.unified_diff(
+                previous.source.splitlines(keepends=True), c.source.splitlines(keepends=True),
+                fromfile=f"candidate {previous.id}", tofile=f"candidate {c.id}"))
+        steps.append((c, diff))
+        previous = c
+    if as_json:
+        emit_json([{"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
+                    "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
+                    "score": c.score, "design": c.design, "sha256": c.sha256, "diff": diff}
+                   for c, diff in steps])
+        return
+    click.echo(f"lineage of candidate {candidate_id}: {len(steps)} step(s), seed first")
+    for number, (c, diff) in enumerate(steps, 1):
+        click.echo("")
+        click.echo(f"[{number}] candidate {c.id}  run {c.run_id}  iteration {c.iteration}  "
+                   f"index {c.index} ({c.role}, {c.arm})  {c.status}  score {fmt_score(c.score)}")
+        click.echo(f"    design: {fmt_design(c.design)}")
+        if diff:
+            click.echo(diff.rstrip("\n"))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the PNG files (created if missing). "
+                   "Default: <artifact-dir>/<run id>/plots.")
+@json_option
+@pass_ctx
+@handle_errors
+def plot(obj: Context, run_id: str, out_dir: Path | None, as_json: bool) -> None:
+    """Draw a run's figures as PNG files and print their paths.
+
+    lm_loss.png: the LM's training loss per step, one line per iteration (the paper's
+    Figure 2). score.png: the selected source's score and the incumbent's score per
+    iteration.
+    """
+    from pipeline import plots   # matplotlib is slow to import; only this command needs it
+
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        its, cands, curves = (store.iterations(run.id), store.candidates(run.id),
+                              store.curves(run.id))
+    out = out_dir if out_dir is not None else obj.settings.artifacts / run.id / "plots"
+    try:
+        paths = plots.plot_run(run, its, cands, curves, out)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot write plots to {str(out)!r}: {exc.strerror or _first_line(exc)}") from None
+    if as_json:
+        emit_json({"run_id": run.id, "files": [str(p) for p in paths]})
+    else:
+        for p in paths:
+            click.echo(str(p))
+
+
+def parse_sets(values: Sequence[str]) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = value.strip()
+    return overrides
+
+
+def print_progress(event: str, info: dict[str, Any]) -> None:
+    """One concise line per loop event, on stderr (stdout stays for results)."""
+    it = info.get("iteration")
+    where = f"[iteration {it}]" if it is not None else "[run]"
+    if event == "stage":
+        line = f"{where} {info.get('stage', '?')}"
+    elif event == "candidate":
+        line = f"{where} candidate {info.get('index', '?')}: {info.get('status', '?')}"
+        if info.get("score") is not None:
+            line += f"  score {fmt_score(info['score'])}"
+    elif event == "iteration":
+        line = (f"{where} {info.get('decision') or 'done'}: score {fmt_score(info.get('score'))}"
+                f"  {fmt_design(info.get('design'))}")
+    else:
+        details = " ".join(f"{k}={v}" for k, v in info.items() if k != "iteration")
+        line = f"{where} {event} {details}".rstrip()
+    click.echo(line, err=True)
+
+
+@main.command()
+@click.option("--preset", "preset_name", default="quick", show_default=True,
+              help="Starting configuration: 'quick' (tiny sizes, minutes on a CPU) or "
+                   "'paper' (the paper's section 4.1 setting).")
+@click.option("--task", default="self", show_default=True,
+              help="'self': the LM programs itself; or a vision task name for "
+                   "programming other AI.")
+@click.option("--seed", type=int, help="Random seed (datasets, sampling, training).")
+@click.option("--iterations", type=int, help="Number of reprogramming iterations.")
+@click.option("--candidates", type=int, help="Candidates sampled per iteration (n).")
+@click.option("--fewshot-samples", type=int,
+              help="Samples for the extended few-shot evaluation of each candidate.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any run setting (a RunConfig field), e.g. --set lm_epochs=2. "
+                   "Repeatable; the dedicated options above win over --set.")
+@click.option("--backend", type=click.Choice(["auto", "docker", "process"]),
+              help="Sandbox backend for generated code (default: $SELFPROG_SANDBOX_BACKEND, "
+                   "else auto: Docker when available, else local processes).")
+@json_option
+@pass_ctx
+@handle_errors
+def launch(obj: Context, preset_name: str, task: str, seed: int | None,
+           iterations: int | None, candidates: int | None, fewshot_samples: int | None,
+           sets: tuple[str, ...], backend: str | None, as_json: bool) -> None:
+    """Start a self-programming run and wait for it to finish.
+
+    Progress goes to stderr, one line per event. At the end the run id and a summary
+    per iteration (the selected source's design, its score, kept or replaced) are
+    printed; with --json, one JSON object.
+    """
+    overrides: dict[str, Any] = parse_sets(sets)
+    overrides.update({k: v for k, v in dict(task=task, seed=seed, iterations=iterations,
+                                            candidates=candidates,
+                                            fewshot_samples=fewshot_samples).items()
+                      if v is not None})
+    config = build_preset(preset_name, **overrides)
+    settings = obj.settings
+    if backend is not None:
+        settings = dataclasses.replace(settings, sandbox_backend=backend)
+    # Open (and create or migrate) the database before the long part starts, so a bad
+    # URL fails in a second, not after the first training stage.
+    obj.open_store(create=True).close()
+
+    from pipeline.loop import launch as launch_run   # heavy (torch); only this command
+
+    run_id = launch_run(settings, config, progress=print_progress)
+
+    with LineageStore(settings.database_url) as store:
+        run = store.get_run(run_id)
+        rows = iteration_rows(store.iterations(run.id), store.candidates(run.id))
+    if as_json:
+        emit_json({"run_id": run.id, "status": run.status, "error": run.error,
+                   "iterations": rows})
+        return
+    click.echo(f"run {run.id}: {run.status}" + (f" ({shorten(run.error, 200)})"
+                                                 if run.error else ""))
+    click.echo(iteration_table(rows) if rows else "no iterations")
+    click.echo(f"\nnext: selfprog-cli show {run.id} | selfprog-cli plot {run.id}")
+
+
+if __name__ == "__main__":   # python -m pipeline.cli
+    sys.exit(main())

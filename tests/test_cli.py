@@ -1,0 +1,311 @@
+"""selfprog-cli query commands against a lineage store filled through its API.
+
+The store is real (SQLite file and PostgreSQL, via `database_url`); the loop is not run
+here (`launch` end to end is tested with the loop), only launch's input errors.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main, print_progress
+from pipeline.store import LineageStore
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def design(d_ff: int, layers: int = 2) -> dict:
+    return {"num_layers": layers, "num_decoder_layers": 2, "d_ff": d_ff, "num_heads": 8}
+
+
+def source(d_ff: int, layers: int = 2) -> str:
+    return ("from transformers import T5Config\n"
+            f"NUM_LAYERS = {layers}\n"
+            f"D_FF = {d_ff}\n"
+            "NUM_HEADS = 8\n")
+
+
+@pytest.fixture
+def populated(database_url):
+    """Two iterations of a self-programming run: iteration 0 replaces the seed,
+    iteration 1 keeps it. Returns the URL and the ids the tests look at."""
+    with LineageStore(database_url) as s:
+        run_id = s.create_run(config={"iterations": 2, "candidates": 2, "d_model": 32},
+                              task="self", preset="quick", seed=3)
+        s.set_run_status(run_id, "running")
+        # iteration 0: the seed (score 3.0) is beaten by candidate 1 (score 2.0)
+        s.ensure_iteration(run_id, 0, source_in=source(1024))
+        seed = s.ensure_candidate(run_id, 0, 0, role="incumbent", source=source(1024),
+                                  parent_id=None, design=design(1024))
+        good = s.ensure_candidate(run_id, 0, 1, role="candidate", source=source(900),
+                                  parent_id=seed.id, design=design(900))
+        bad = s.ensure_candidate(run_id, 0, 2, role="candidate", source="import os\n",
+                                 parent_id=seed.id, design=None, status="rejected",
+                                 reason="import of 'os' is not allowed by the policy " * 4)
+        s.mark_running([seed.id, good.id])
+        s.record_result(seed.id, status="evaluated", score=3.0, param_count=1_000_000,
+                        losses=[3.5, 3.0])
+        s.record_result(good.id, status="evaluated", score=2.0, param_count=900_000)
+        s.update_iteration(run_id, 0, stage="done", incumbent_id=seed.id, selected_id=good.id,
+                           decision="replaced", lm_losses=[4.0, 3.0, 2.5, 2.2])
+        # iteration 1: the incumbent copies the winner; its only rival times out
+        s.ensure_iteration(run_id, 1, source_in=source(900))
+        inc = s.ensure_candidate(run_id, 1, 0, role="incumbent", source=source(900),
+                                 parent_id=good.id, design=design(900))
+        slow = s.ensure_candidate(run_id, 1, 1, role="candidate", source=source(900, layers=3),
+                                  parent_id=inc.id, design=design(900, layers=3))
+        s.record_result(inc.id, status="evaluated", score=1.9)
+        s.record_result(slow.id, status="timeout", reason="deadline of 120 s exceeded")
+        s.update_iteration(run_id, 1, stage="done", incumbent_id=inc.id, selected_id=inc.id,
+                           decision="kept", lm_losses=[2.4, 2.0, 1.7])
+        s.set_run_status(run_id, "completed")
+        other = s.create_run(config={}, task="mnist", preset="quick", seed=0)
+        yield {"url": database_url, "run": run_id, "other": other, "seed": seed.id,
+               "good": good.id, "bad": bad.id, "inc": inc.id, "slow": slow.id}
+
+
+def cli(url: str | None, *args: str, env: dict | None = None):
+    prefix = ["--database-url", url] if url else []
+    result = CliRunner().invoke(main, [*prefix, *args], env=env)
+    return result
+
+
+def ok(result):
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def clean_error(result, fragment: str):
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception,
+                                                                     SystemExit)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0], errors[0]
+    assert result.stdout == ""
+
+
+# ------------------------------------------------------------------- runs
+
+def test_runs_table_and_json(populated):
+    out = ok(cli(populated["url"], "runs")).stdout
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["id", "task", "preset", "status"]
+    # newest first: the mnist run was created last
+    assert lines[2].startswith(populated["other"]) and lines[3].startswith(populated["run"])
+    assert "completed" in lines[3] and "1.9000" in lines[3]
+
+    data = json.loads(ok(cli(populated["url"], "runs", "--json")).stdout)
+    assert [r["id"] for r in data] == [populated["other"], populated["run"]]
+    mine = data[1]
+    assert mine["iterations_done"] == 2
+    assert mine["best_score"] == 1.9           # lowest selected loss
+    assert mine["config"]["d_model"] == 32 and mine["finished_at"]
+    assert data[0]["best_score"] is None and data[0]["iterations_done"] == 0
+
+
+def test_runs_uses_environment_url(populated):
+    result = ok(cli(None, "runs", "--json", env={"SELFPROG_DATABASE_URL": populated["url"]}))
+    assert len(json.loads(result.stdout)) == 2
+
+
+def test_runs_empty(sqlite_url):
+    LineageStore(sqlite_url).close()
+    assert "no runs yet" in ok(cli(sqlite_url, "runs")).stdout
+    assert json.loads(ok(cli(sqlite_url, "runs", "--json")).stdout) == []
+
+
+# ------------------------------------------------------------------- show
+
+def test_show(populated):
+    out = ok(cli(populated["url"], "show", populated["run"][:6])).stdout
+    assert f"run {populated['run']}" in out and "status=completed" in out
+    assert "iterations=2" in out and "d_model=32" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith(("0 ", "1 "))]
+    assert len(rows) == 2
+    assert "d_ff=900" in rows[0] and "2.0000" in rows[0] and "3.0000" in rows[0]
+    assert "replaced" in rows[0] and "1/2" in rows[0]
+    assert "kept" in rows[1] and "1.9000" in rows[1] and "0/1" in rows[1]
+
+
+def test_show_json(populated):
+    data = json.loads(ok(cli(populated["url"], "show", populated["run"], "--json")).stdout)
+    assert data["id"] == populated["run"] and data["config"]["candidates"] == 2
+    first, second = data["iterations"]
+    assert first == {"index": 0, "arm": "lm", "stage": "done", "selected_id": populated["good"],
+                     "design": design(900), "score": 2.0, "incumbent_id": populated["seed"],
+                     "incumbent_score": 3.0, "decision": "replaced", "evaluated": 1, "total": 2}
+    assert (second["decision"], second["score"], second["evaluated"], second["total"]) == (
+        "kept", 1.9, 0, 1)
+
+
+def test_show_without_iterations(populated):
+    assert "no iterations yet" in ok(cli(populated["url"], "show", populated["other"])).stdout
+
+
+# ------------------------------------------------------------- candidates
+
+def test_candidates(populated):
+    out = ok(cli(populated["url"], "candidates", populated["run"])).stdout
+    lines = out.splitlines()
+    assert len(lines) == 2 + 5
+    rejected = next(ln for ln in lines if ln.startswith(f"{populated['bad']} "))
+    assert "rejected" in rejected and "import of 'os'" in rejected
+    assert len(rejected) < 140                 # the long reason is shortened
+    assert "1,000,000" in out
+
+
+def test_candidates_filters(populated):
+    url, run = populated["url"], populated["run"]
+    data = json.loads(ok(cli(url, "candidates", run, "--status", "evaluated", "--json")).stdout)
+    assert [c["id"] for c in data] == [populated["seed"], populated["good"], populated["inc"]]
+    assert data[0]["source"].startswith("from transformers") and data[0]["sha256"]
+    data = json.loads(ok(cli(url, "candidates", run, "--iteration", "1", "--json")).stdout)
+    assert [c["status"] for c in data] == ["evaluated", "timeout"]
+    data = json.loads(ok(cli(url, "candidates", run, "--arm", "random", "--json")).stdout)
+    assert data == []
+    assert "no candidates match" in ok(cli(url, "candidates", run, "--arm", "random")).stdout
+    result = cli(url, "candidates", run, "--status", "exploded")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- lineage
+
+def test_lineage(populated):
+    out = ok(cli(populated["url"], "lineage", str(populated["slow"]))).stdout
+    steps = [ln for ln in out.splitlines() if ln.startswith("[")]
+    ids = [int(ln.split()[2]) for ln in steps]
+    assert ids == [populated["seed"], populated["good"], populated["inc"], populated["slow"]]
+    assert "-D_FF = 1024" in out and "+D_FF = 900" in out
+    assert "-NUM_LAYERS = 2" in out and "+NUM_LAYERS = 3" in out
+    # the incumbent copy has the same source as its parent: no diff between them
+    assert out.count("--- candidate") == 2
+    assert f"+++ candidate {populated['inc']}" not in out
+
+
+def test_lineage_json(populated):
+    data = json.loads(ok(cli(populated["url"], "lineage", str(populated["good"]),
+                             "--json")).stdout)
+    assert [s["id"] for s in data] == [populated["seed"], populated["good"]]
+    assert data[0]["diff"] == "" and data[0]["parent_id"] is None
+    assert "+D_FF = 900" in data[1]["diff"]
+    assert data[1]["score"] == 2.0 and data[1]["design"] == design(900)
+
+
+# ------------------------------------------------------------------- plot
+
+def test_plot(populated, tmp_path):
+    out_dir = tmp_path / "figs" / "nested"
+    result = ok(cli(populated["url"], "plot", populated["run"], "--out", str(out_dir)))
+    paths = result.stdout.split()
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["lm_loss.png", "score.png"]
+    for p in paths:
+        data = open(p, "rb").read()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_plot_default_dir_and_json(populated, tmp_path):
+    art = tmp_path / "artifacts"
+    result = ok(cli(populated["url"], "--artifact-dir", str(art), "plot", populated["other"],
+                    "--json"))
+    data = json.loads(result.stdout)
+    assert data["run_id"] == populated["other"]
+    for p in data["files"]:
+        assert p.startswith(str(art / populated["other"] / "plots"))
+        assert open(p, "rb").read(8) == PNG_SIGNATURE   # an empty run still plots
+
+
+def test_plot_unwritable_out(populated, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    clean_error(cli(populated["url"], "plot", populated["run"], "--out",
+                    str(blocker / "sub")), "cannot write plots")
+
+
+# ----------------------------------------------------------------- errors
+
+def test_unknown_run(populated):
+    for command in ("show", "candidates", "plot"):
+        clean_error(cli(populated["url"], command, "ffffffffffff"), "unknown run")
+
+
+def test_unknown_candidate(populated):
+    clean_error(cli(populated["url"], "lineage", "987654"), "unknown candidate 987654")
+    result = cli(populated["url"], "lineage", "abc")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("definitely not a url", "bad database URL"),
+    ("postgresql+psycopg2://postgres@127.0.0.1:1/test", "cannot open database"),
+    ("nosuchdialect://x/y", "unsupported database URL"),
+])
+def test_bad_database_url(url, fragment):
+    clean_error(cli(url, "runs"), fragment)
+
+
+def test_missing_sqlite_file_is_not_created(tmp_path):
+    path = tmp_path / "typo.db"
+    clean_error(cli(f"sqlite:///{path}", "runs"), "no lineage database")
+    assert not path.exists()
+
+
+def test_launch_unknown_preset(sqlite_url):
+    clean_error(cli(sqlite_url, "launch", "--preset", "nope"), "unknown preset 'nope'")
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("iterations", "expects KEY=VALUE"),
+    ("=3", "expects KEY=VALUE"),
+    ("no_such_field=1", "unknown run setting 'no_such_field'"),
+    ("iterations=many", "not a valid int"),
+    ("candidates=0", "candidates must be at least 1"),
+])
+def test_launch_bad_set(sqlite_url, setting, fragment):
+    clean_error(cli(sqlite_url, "launch", "--set", setting), fragment)
+
+
+def test_launch_bad_backend(sqlite_url):
+    result = cli(sqlite_url, "launch", "--backend", "vm")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_help_everywhere():
+    import click
+
+    for args in ([], ["runs"], ["show"], ["candidates"], ["lineage"], ["plot"], ["launch"]):
+        assert "Usage:" in ok(CliRunner().invoke(main, [*args, "--help"])).stdout
+    # every command and every option explains itself
+    commands = [main, *main.commands.values()]
+    assert {c.name for c in commands[1:]} == {"runs", "show", "candidates", "lineage",
+                                              "plot", "launch"}
+    for command in commands:
+        assert command.help and len(command.help) > 20, command.name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.opts}"
+
+
+# --------------------------------------------------------------- progress
+
+def test_progress_lines(capsys):
+    print_progress("stage", {"iteration": 0, "stage": "training"})
+    print_progress("candidate", {"iteration": 0, "index": 2, "status": "evaluated",
+                                 "score": 1.23456})
+    print_progress("candidate", {"iteration": 0, "index": 3, "status": "timeout",
+                                 "score": None})
+    print_progress("iteration", {"iteration": 0, "decision": "replaced", "score": 1.2,
+                                 "design": design(900)})
+    print_progress("resumed", {"from_iteration": 2})
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "[iteration 0] training",
+        "[iteration 0] candidate 2: evaluated  score 1.2346",
+        "[iteration 0] candidate 3: timeout",
+        "[iteration 0] replaced: score 1.2000  enc=2 dec=2 d_ff=900 heads=8",
+        "[run] resumed from_iteration=2",
+    ]
