@@ -1,0 +1,174 @@
+"""One place for configuration.
+
+`Settings` is how this installation runs (database, broker, sandbox backend, limits);
+it comes from `SELFPROG_*` environment variables, with CLI overrides on top.
+`RunConfig` is what one experiment does (iterations, candidates, sizes); a preset
+gives the defaults, the CLI overrides fields, and the whole of it is stored with the run
+so a run can be resumed or repeated exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message is meant for the user, one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///selfprog.db"
+    broker_url: str = ""                      # empty: embedded (in-process, no broker)
+    result_backend: str = ""                  # defaults to the broker URL
+    artifact_dir: str = "selfprog-artifacts"
+    sandbox_backend: str = "auto"             # auto | docker | process
+    sandbox_image: str = "selfprog-sandbox:latest"
+    sandbox_runtime: str = ""                 # e.g. runsc (gVisor) for the docker backend
+    sandbox_gpus: str = ""                    # "" none, "all", or "0,1": device ids
+    sandbox_memory_mb: int = 4096
+    sandbox_cpus: float = 1.0
+    sandbox_pids: int = 256
+    allow_unconfined: bool = False            # run candidates even if the canary escapes
+    device: str = "auto"                      # where the harness trains: cpu | cuda | auto
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get("SELFPROG_" + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw, "SELFPROG_" + f.name.upper())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        if s.sandbox_backend not in ("auto", "docker", "process"):
+            raise ConfigError(f"unknown sandbox backend {s.sandbox_backend!r} "
+                              "(choose auto, docker or process)")
+        if s.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"unknown device {s.device!r} (choose auto, cpu or cuda)")
+        return s
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def artifacts(self) -> Path:
+        return Path(self.artifact_dir)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run of the loop does. Stored with the run, as JSON."""
+    preset: str = "quick"
+    task: str = "self"                 # "self": the LM programs itself; else a vision task
+    seed: int = 0
+    iterations: int = 10
+    candidates: int = 8
+    # refinement dataset and tokenizer
+    dataset_size: int = 4096
+    vocab_size: int = 1024
+    # the seed LM (paper: 2 encoder / 2 decoder layers, 8 heads, d_ff 1024, d_model 512)
+    d_model: int = 512
+    seed_layers: int = 2
+    seed_decoder_layers: int = 2
+    seed_heads: int = 8
+    seed_d_ff: int = 1024
+    lm_lr: float = 1e-3
+    lm_batch_size: int = 16
+    # training stage
+    lm_epochs: int = 3
+    lm_max_steps: int = 0              # 0: no cap
+    # reprogramming stage (sampling)
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    # evaluation ("extended few-shot")
+    fewshot_samples: int = 1024
+    fewshot_epochs: int = 1
+    # programming other AI: training and evaluation subsets of the task
+    train_samples: int = 10_000
+    eval_samples: int = 2_000
+    # sandbox bounds per job kind
+    train_timeout_s: float = 3600.0
+    eval_timeout_s: float = 900.0
+    num_threads: int = 1
+    max_candidate_params: int = 500_000_000
+
+    def with_overrides(self, **overrides: Any) -> "RunConfig":
+        known = {f.name: f for f in fields(self)}
+        clean: dict[str, Any] = {}
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k not in known:
+                raise ConfigError(f"unknown run setting {k!r}")
+            clean[k] = _parse(known[k], v, k) if isinstance(v, str) and known[k].type != "str" else v
+        return dataclasses.replace(self, **clean).validate()
+
+    def validate(self) -> "RunConfig":
+        positive = ("iterations", "candidates", "dataset_size", "vocab_size", "d_model",
+                    "lm_batch_size", "lm_epochs", "max_new_tokens", "fewshot_samples",
+                    "fewshot_epochs", "train_samples", "eval_samples", "num_threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.candidates > 64:
+            raise ConfigError("candidates must be at most 64 per iteration")
+        if self.fewshot_samples > self.dataset_size:
+            raise ConfigError("fewshot_samples cannot exceed dataset_size")
+        if self.d_model % self.seed_heads:
+            raise ConfigError("d_model must be divisible by seed_heads")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise ConfigError("top_p must be in (0, 1] and temperature positive")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, RunConfig] = {
+    # The paper's section 4.1 setting.
+    "paper": RunConfig(preset="paper"),
+    # Tiny sizes: a whole run finishes in minutes on a 2-core CPU machine.
+    "quick": RunConfig(
+        preset="quick", iterations=3, candidates=4, dataset_size=384, vocab_size=160,
+        d_model=32, lm_lr=3e-3, lm_batch_size=16, lm_epochs=6, lm_max_steps=0,
+        max_new_tokens=320, fewshot_samples=32, train_samples=1000, eval_samples=300,
+        train_timeout_s=300.0, eval_timeout_s=120.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (choose {', '.join(sorted(PRESETS))})")
+    return PRESETS[name].with_overrides(**overrides)
+
+
+def _parse(f: dataclasses.Field, raw: str, where: str) -> Any:
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if typ == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if typ == "int":
+            return int(raw)
+        if typ == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is not a valid {typ}") from None
+    return raw

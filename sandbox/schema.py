@@ -1,0 +1,293 @@
+"""The wire format of a sandbox job and its result: one schema, validated on both sides.
+
+A job goes from trusted code into a sandbox as `job.json`; the harness inside writes
+`result.json`; the backend reads it back and validates it here before anything trusted
+looks at it. Everything is bounded (string and list sizes) and every number finite,
+so a hostile candidate cannot smuggle megabytes, NaNs or odd types across.
+Pure standard library: this module also runs inside the sandbox image.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+JOB_KINDS = ("train_lm", "generate", "evaluate")
+MODEL_KINDS = ("t5", "cnn")
+SCORE_KINDS = {"loss": "min", "accuracy": "max"}  # score kind -> direction (better is ...)
+
+# What a sandbox run can end as. The harness writes ok/invalid/oom itself; the backend
+# adds the ones the harness cannot report (it was killed, or never started).
+RESULT_STATUSES = ("ok", "invalid", "timeout", "oom", "rejected", "crashed")
+
+MAX_SOURCE_BYTES = 64 * 1024
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+MAX_LOG_CHARS = 16 * 1024
+MAX_REASON_CHARS = 2000
+MAX_CURVE = 20_000          # points in a loss curve
+MAX_SAMPLES = 64            # sequences one generate job may return
+MAX_SAMPLE_TOKENS = 4096
+MAX_PROMPT_TOKENS = 4096
+MAX_NUMBER = 1e15
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
+_INPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_OUTPUT_FILE = re.compile(r"^[a-z][a-z0-9_]{0,31}\.safetensors$")
+
+# Parameters a job may carry, with their type and bounds: anything else is refused.
+JOB_PARAMS: dict[str, tuple[type, float, float]] = {
+    "seed": (int, 0, 2**31 - 1),
+    "epochs": (int, 1, 1000),
+    "max_steps": (int, 0, 10_000_000),      # 0: no cap
+    "vocab_size": (int, 8, 1_000_000),
+    "num_classes": (int, 2, 10_000),
+    "n": (int, 1, MAX_SAMPLES),
+    "max_new_tokens": (int, 1, MAX_SAMPLE_TOKENS),
+    "temperature": (float, 1e-3, 100.0),
+    "top_k": (int, 0, 1_000_000),
+    "top_p": (float, 0.0, 1.0),
+    "num_threads": (int, 1, 256),
+    "max_batch_size": (int, 1, 65536),
+    "max_params": (int, 1, 10**11),
+}
+JOB_TEXT_PARAMS = {"score": tuple(SCORE_KINDS), "device": ("cpu", "cuda", "auto")}
+JOB_LIST_PARAMS = {"prompt_ids": MAX_PROMPT_TOKENS, "input_shape": 4}
+
+
+class SchemaError(ValueError):
+    """A job or result does not follow the schema."""
+
+
+def _finite(x: Any, what: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise SchemaError(f"{what}: expected a number, got {type(x).__name__}")
+    if not math.isfinite(x) or abs(x) > MAX_NUMBER:
+        raise SchemaError(f"{what}: number {x!r} is not finite or out of range")
+    return x
+
+
+def _text(x: Any, what: str, limit: int) -> str:
+    if not isinstance(x, str):
+        raise SchemaError(f"{what}: expected text")
+    if len(x) > limit:
+        raise SchemaError(f"{what}: {len(x)} characters, more than {limit}")
+    if "\x00" in x:
+        raise SchemaError(f"{what}: contains a NUL byte")
+    return x
+
+
+def _curve(xs: Any, what: str) -> list[float]:
+    if not isinstance(xs, list) or len(xs) > MAX_CURVE:
+        raise SchemaError(f"{what}: expected a list of at most {MAX_CURVE} numbers")
+    return [float(_finite(x, what)) for x in xs]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resources one sandbox run may use."""
+    timeout_s: float = 300.0
+    memory_mb: int = 4096
+    cpus: float = 1.0
+    pids: int = 256
+    output_mb: int = 1024
+    gpus: int = 0
+
+    def validate(self) -> "Limits":
+        _finite(self.timeout_s, "limits.timeout_s")
+        if not 0 < self.timeout_s <= 86_400:
+            raise SchemaError("limits.timeout_s must be in (0, 86400]")
+        for name, lo, hi in (("memory_mb", 64, 1 << 20), ("pids", 8, 100_000),
+                             ("output_mb", 1, 1 << 20), ("gpus", 0, 64)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SchemaError(f"limits.{name} must be an integer in [{lo}, {hi}]")
+        _finite(self.cpus, "limits.cpus")
+        if not 0 < self.cpus <= 256:
+            raise SchemaError("limits.cpus must be in (0, 256]")
+        return self
+
+
+@dataclass
+class Job:
+    """One unit of sandboxed work: a source, the tensors it may see, and bounds.
+
+    `inputs` maps a logical name (``data``, ``weights``, ...) to a file. On the trusted
+    side it is a host path; the backend stages each file read-only into the sandbox as
+    ``in/<name>.safetensors`` and the harness only ever sees that.
+    """
+    job_id: str
+    kind: str
+    source: str
+    model_kind: str = "t5"
+    inputs: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+
+    def validate(self) -> "Job":
+        if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
+            raise SchemaError("job_id must match [A-Za-z0-9_.-]{1,96}")
+        if self.kind not in JOB_KINDS:
+            raise SchemaError(f"kind must be one of {JOB_KINDS}, got {self.kind!r}")
+        if self.model_kind not in MODEL_KINDS:
+            raise SchemaError(f"model_kind must be one of {MODEL_KINDS}")
+        if len(_text(self.source, "source", MAX_SOURCE_BYTES).encode()) > MAX_SOURCE_BYTES:
+            raise SchemaError(f"source is larger than {MAX_SOURCE_BYTES} bytes")
+        if not isinstance(self.inputs, dict) or len(self.inputs) > 8:
+            raise SchemaError("inputs must be a mapping of at most 8 files")
+        for name, path in self.inputs.items():
+            if not isinstance(name, str) or not _INPUT_NAME.match(name):
+                raise SchemaError(f"input name {name!r} is not allowed")
+            _text(path, f"inputs.{name}", 4096)
+        if not isinstance(self.params, dict):
+            raise SchemaError("params must be a mapping")
+        for key, value in self.params.items():
+            if key in JOB_PARAMS:
+                typ, lo, hi = JOB_PARAMS[key]
+                _finite(value, f"params.{key}")
+                if typ is int and not isinstance(value, int):
+                    raise SchemaError(f"params.{key} must be an integer")
+                if not lo <= value <= hi:
+                    raise SchemaError(f"params.{key}={value} outside [{lo}, {hi}]")
+            elif key in JOB_TEXT_PARAMS:
+                if value not in JOB_TEXT_PARAMS[key]:
+                    raise SchemaError(f"params.{key} must be one of {JOB_TEXT_PARAMS[key]}")
+            elif key in JOB_LIST_PARAMS:
+                if not isinstance(value, list) or len(value) > JOB_LIST_PARAMS[key]:
+                    raise SchemaError(f"params.{key} must be a list of at most "
+                                      f"{JOB_LIST_PARAMS[key]} integers")
+                for v in value:
+                    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+                        raise SchemaError(f"params.{key} holds a bad integer {v!r}")
+            else:
+                raise SchemaError(f"unknown job parameter {key!r}")
+        if self.kind == "evaluate" and self.params.get("score", "loss") not in SCORE_KINDS:
+            raise SchemaError("evaluate jobs need a score kind")
+        if not isinstance(self.limits, Limits):
+            raise SchemaError("limits must be a Limits")
+        self.limits.validate()
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Job":
+        if not isinstance(d, dict):
+            raise SchemaError("a job must be a JSON object")
+        unknown = set(d) - {"job_id", "kind", "source", "model_kind", "inputs", "params", "limits"}
+        if unknown:
+            raise SchemaError(f"unknown job fields: {sorted(unknown)}")
+        limits = d.get("limits") or {}
+        if not isinstance(limits, dict) or set(limits) - set(Limits.__dataclass_fields__):
+            raise SchemaError("bad limits")
+        try:
+            job = cls(job_id=d.get("job_id"), kind=d.get("kind"), source=d.get("source"),
+                      model_kind=d.get("model_kind", "t5"), inputs=d.get("inputs") or {},
+                      params=d.get("params") or {}, limits=Limits(**limits))
+        except TypeError as e:
+            raise SchemaError(str(e)) from None
+        return job.validate()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Job":
+        return cls.from_dict(_load(text))
+
+
+@dataclass
+class Result:
+    """What comes back from a sandbox run. Data only; the score is the harness's own."""
+    job_id: str
+    kind: str
+    status: str
+    reason: str = ""
+    score: float | None = None
+    param_count: int | None = None
+    losses: list[float] = field(default_factory=list)       # per training step
+    eval_curve: list[float] = field(default_factory=list)   # per epoch, where there is one
+    samples: list[list[int]] = field(default_factory=list)  # generate: token ids
+    outputs: list[str] = field(default_factory=list)        # files written under out/
+    duration_s: float = 0.0
+    logs: str = ""                                          # bounded tail, added by the backend
+
+    def validate(self) -> "Result":
+        if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
+            raise SchemaError("result job_id is malformed")
+        if self.kind not in JOB_KINDS:
+            raise SchemaError("result kind is unknown")
+        if self.status not in RESULT_STATUSES:
+            raise SchemaError(f"result status {self.status!r} is unknown")
+        _text(self.reason, "reason", MAX_REASON_CHARS)
+        _text(self.logs, "logs", MAX_LOG_CHARS)
+        if self.score is not None:
+            _finite(self.score, "score")
+        if self.param_count is not None:
+            if isinstance(self.param_count, bool) or not isinstance(self.param_count, int) \
+                    or not 0 <= self.param_count < 10**13:
+                raise SchemaError("param_count must be a non-negative integer")
+        self.losses = _curve(self.losses, "losses")
+        self.eval_curve = _curve(self.eval_curve, "eval_curve")
+        if not isinstance(self.samples, list) or len(self.samples) > MAX_SAMPLES:
+            raise SchemaError(f"at most {MAX_SAMPLES} samples")
+        for s in self.samples:
+            if not isinstance(s, list) or len(s) > MAX_SAMPLE_TOKENS:
+                raise SchemaError("a sample must be a list of token ids")
+            for t in s:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
+                    raise SchemaError("token ids must be non-negative integers")
+        if not isinstance(self.outputs, list) or len(self.outputs) > 4:
+            raise SchemaError("at most 4 output files")
+        for name in self.outputs:
+            if not isinstance(name, str) or not _OUTPUT_FILE.match(name):
+                raise SchemaError(f"output file name {name!r} is not allowed")
+        _finite(self.duration_s, "duration_s")
+        if self.status == "ok" and self.kind == "evaluate" and self.score is None:
+            raise SchemaError("an ok evaluation must carry a score")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Result":
+        if not isinstance(d, dict):
+            raise SchemaError("a result must be a JSON object")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SchemaError(f"unknown result fields: {sorted(unknown)}")
+        try:
+            return cls(**d).validate()
+        except TypeError as e:
+            raise SchemaError(str(e)) from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Result":
+        return cls.from_dict(_load(text))
+
+    @classmethod
+    def failure(cls, job: Job, status: str, reason: str, **kw: Any) -> "Result":
+        return cls(job_id=job.job_id, kind=job.kind, status=status,
+                   reason=reason[:MAX_REASON_CHARS], **kw).validate()
+
+
+def _load(text: str | bytes) -> Any:
+    if isinstance(text, bytes):
+        if len(text) > MAX_RESULT_BYTES:
+            raise SchemaError(f"document larger than {MAX_RESULT_BYTES} bytes")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SchemaError("document is not valid UTF-8") from None
+    if len(text) > MAX_RESULT_BYTES:
+        raise SchemaError(f"document larger than {MAX_RESULT_BYTES} bytes")
+
+    def no_constants(name: str) -> Any:  # NaN / Infinity are not JSON
+        raise SchemaError(f"non-finite number {name} in document")
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"not JSON: {e.msg}") from None
