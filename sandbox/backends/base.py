@@ -90,6 +90,13 @@ def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None =
         sources[name] = p
 
     workroot.mkdir(parents=True, exist_ok=True)
+    if uid is not None:
+        # The child starts in its job dir (cwd is set while still root), but anything
+        # that resolves an absolute path (safetensors does) must traverse every parent.
+        for parent in workroot.resolve().parents:
+            if not os.stat(parent).st_mode & 0o001:
+                raise SandboxError(f"workroot {workroot} is under {parent}, which other users "
+                                   "cannot enter; the sandbox uid could not reach its job dir")
     if os.geteuid() == 0:
         os.chown(workroot, 0, 0)
     os.chmod(workroot, 0o711)
