@@ -439,7 +439,7 @@ class DockerBackend:
         # The engine resolves bind-mount sources on *its* host: a worker that runs in a
         # container must have the workroot at the same path as on the host.
         self.workroot = (Path(workroot) if workroot
-                         else Path(tempfile.gettempdir()) / "selfprog-docker-jobs").absolute()
+                         else Path(tempfile.gettempdir()) / "selfprog-docker-jobs").resolve()
         self.runtime = runtime or None
         self.gpus = (gpus or "").strip()
         # Stable across restarts of the same worker, so reaping at start finds what this
@@ -465,11 +465,19 @@ class DockerBackend:
         lim = job.limits
         root = os.geteuid() == 0
         uid, gid = self.user
-        jobdir = stage(job, self.workroot, uid=uid if root else None, gid=gid if root else None)
-        if not root:
-            # Without root we cannot hand out/ to the sandbox uid; let it write there.
-            # The workroot is 0711, so other host users cannot find the directory.
-            os.chmod(jobdir / "out", 0o777)
+        # No uid for stage(): its check that every parent of the workroot is
+        # traversable is for the process backend; a bind mount needs no path to /job.
+        jobdir = stage(job, self.workroot)
+        try:
+            if root:
+                os.chown(jobdir / "out", uid, gid)
+            else:
+                # Without root out/ cannot be handed to the sandbox uid; let it write
+                # there. The workroot is 0711: other host users cannot find the dir.
+                os.chmod(jobdir / "out", 0o777)
+        except BaseException:
+            cleanup(jobdir)
+            raise
         device_requests = []
         if lim.gpus > 0:
             if self.gpus:

@@ -1,0 +1,463 @@
+"""The Docker sandbox backend against a real engine and the real sandbox image.
+
+The hardening is checked twice: by `docker inspect` of a live sandbox (what the engine
+was told) and by behaviour (what a candidate can actually do). Candidates here are run
+with the policy gate bypassed (`backend.execute` directly), so the container itself is
+what is tested. A probe candidate reports what it saw by raising
+`RuntimeError("PROBE {json}")`; the harness turns that into an `invalid` result whose
+reason carries the JSON back.
+
+Without an engine or the image these tests skip with the reason; with
+SELFPROG_REQUIRE_DOCKER=1 (CI) they fail instead. Set up the engine and image with
+scripts/ci-docker.sh. The refusal tests of the profile function and the GPU
+DeviceRequest tests need no engine: there is no GPU inside Docker on the build machines,
+so for GPUs only the request that would be sent is checked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+docker = pytest.importorskip("docker")
+
+from sandbox.backends import base                                        # noqa: E402
+from sandbox.backends.docker import (ALLOWED_ENV, LABEL_JOB, LABEL_OWNER, DockerBackend,  # noqa: E402
+                                     HardeningError, check_profile, create_hardened_container,
+                                     docker_available, gpu_device_requests, hardened_config,
+                                     reap_orphans)
+from sandbox.schema import Job, Limits                                    # noqa: E402
+
+IMAGE = os.environ.get("SELFPROG_SANDBOX_IMAGE", "selfprog-sandbox:latest")
+SANDBOX_UID = 10001
+# Every container these tests make carries this owner label, so reaping and the
+# "nothing left behind" checks never touch containers of other test runs on the engine.
+OWNER = f"selfprog-test-{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def client():
+    ok, why = docker_available(IMAGE)
+    if not ok:
+        if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"SELFPROG_REQUIRE_DOCKER=1 but the Docker backend cannot run: {why}")
+        pytest.skip(f"Docker backend unavailable ({why}); run scripts/ci-docker.sh")
+    c = docker.from_env(timeout=120)
+    yield c
+    reap_orphans(c, owner=OWNER)
+    c.close()
+
+
+@pytest.fixture
+def backend(client, tmp_path):
+    b = DockerBackend(image=IMAGE, workroot=tmp_path / "work", client=client, owner=OWNER)
+    yield b
+    # Whatever the test did, no container of ours may be left, and no job directory.
+    left = client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={OWNER}"})
+    assert not left, f"containers left behind: {[c.name for c in left]}"
+    assert not any((tmp_path / "work").iterdir()), "job directories left behind"
+
+
+def _job(source: str, *, kind: str = "evaluate", limits: Limits | None = None,
+         **params) -> Job:
+    return Job(job_id=f"t-{uuid.uuid4().hex[:12]}", kind=kind, source=source,
+               model_kind="cnn", params=params,
+               limits=limits or Limits(timeout_s=120, memory_mb=2048)).validate()
+
+
+def _probe(backend, body: str, tmp_path: Path, limits: Limits | None = None) -> dict:
+    """Run `body` as a candidate; it fills `report` (a dict). Returns the report."""
+    source = "report = {}\n" + body + "\nimport json\nraise RuntimeError('PROBE ' + json.dumps(report))\n"
+    result = backend.execute(_job(source, limits=limits), tmp_path / "out")
+    assert result.status == "invalid" and "PROBE " in result.reason, (result.status, result.reason,
+                                                                       result.logs)
+    text = result.reason.split("PROBE ", 1)[1]
+    return json.loads(text[:text.rindex("}") + 1])
+
+
+def _ours(client, job_id: str) -> list:
+    return client.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"})
+
+
+# --------------------------------------------------------------------------- inspect a live sandbox
+
+@pytest.mark.docker
+def test_live_sandbox_has_the_hardened_profile(backend, client, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFPROG_TEST_HOST_SECRET", "do-not-leak")
+    job = _job("import time\ntime.sleep(60)\n",
+               limits=Limits(timeout_s=120, memory_mb=1536, cpus=0.5, pids=77))
+    results = []
+    runner = threading.Thread(target=lambda: results.append(backend.execute(job, tmp_path / "out")))
+    runner.start()
+    try:
+        attrs = None
+        for _ in range(600):
+            found = _ours(client, job.job_id)
+            if found:
+                attrs = client.api.inspect_container(found[0].id)
+                if attrs["State"]["Running"]:
+                    break
+            time.sleep(0.1)
+        assert attrs and attrs["State"]["Running"], "the sandbox never ran"
+        hc, cfg = attrs["HostConfig"], attrs["Config"]
+        assert hc["NetworkMode"] == "none"
+        assert hc["ReadonlyRootfs"] is True
+        assert hc["CapDrop"] in (["ALL"], ["CAP_ALL"]) and not hc["CapAdd"]
+        assert any(s.startswith("no-new-privileges") for s in hc["SecurityOpt"])
+        assert not hc["Privileged"]
+        assert cfg["User"] == f"{SANDBOX_UID}:{SANDBOX_UID}"
+        assert hc["Memory"] == hc["MemorySwap"] == 1536 * 1024 * 1024
+        assert hc["PidsLimit"] == 77
+        assert hc["NanoCpus"] == 500_000_000
+        assert hc["Init"] is True
+        assert hc["LogConfig"]["Type"] == "json-file" and hc["LogConfig"]["Config"]["max-size"]
+        assert cfg["Labels"]["selfprog.sandbox"] == "1"
+        assert cfg["Labels"][LABEL_JOB] == job.job_id
+        assert cfg["Labels"][LABEL_OWNER] == OWNER
+        assert cfg["WorkingDir"] == "/job"
+        mounts = {m["Target"]: m for m in hc["Mounts"]}
+        assert set(mounts) == {"/job", "/job/out"}
+        assert mounts["/job"]["ReadOnly"] is True and not mounts["/job/out"].get("ReadOnly")
+        assert set(hc["Tmpfs"]) == {"/job/tmp", "/tmp"}
+        assert not hc.get("Binds") and not hc.get("Devices")
+        env_names = {e.split("=", 1)[0] for e in cfg["Env"]}
+        assert "SELFPROG_TEST_HOST_SECRET" not in env_names
+        assert env_names <= ALLOWED_ENV | {"PATH", "HOSTNAME"}, env_names
+        # The process really is the unprivileged uid, as the kernel sees it.
+        top = client.api.top(attrs["Id"], ps_args="-o pid,uid,comm")
+        uids = {int(row[1]) for row in top["Processes"]}
+        assert uids == {SANDBOX_UID}, top
+    finally:
+        for c in _ours(client, job.job_id):
+            c.kill()
+        runner.join(timeout=120)
+    assert results and results[0].status == "crashed"   # killed from outside: signal 9
+    assert not _ours(client, job.job_id)
+
+
+# --------------------------------------------------------------------------- behaviour
+
+@pytest.mark.docker
+def test_no_network_not_even_to_the_host(backend, tmp_path):
+    # A server on this host, on every interface: the sandbox must reach none of them.
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("0.0.0.0", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    addresses = {"127.0.0.1"}
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))   # no packet is sent; this only picks a route
+        addresses.add(probe.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    accepted = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+                accepted.append(peer)
+                conn.close()
+            except OSError:
+                pass
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        report = _probe(backend, f"""
+import socket
+for host in {sorted(addresses)!r}:
+    try:
+        socket.create_connection((host, {port}), timeout=3).close()
+        report[host] = "connected"
+    except OSError as e:
+        report[host] = type(e).__name__
+try:
+    report["dns"] = str(socket.getaddrinfo("pypi.org", 443)[0][4])
+except OSError as e:
+    report["dns"] = "failed: " + type(e).__name__
+report["ifaces"] = [n for _, n in socket.if_nameindex()]
+""", tmp_path)
+    finally:
+        stop.set()
+        t.join()
+        server.close()
+    assert not accepted, f"the sandbox reached the host server: {accepted}"
+    for host in addresses:
+        assert report[host] != "connected", report
+    assert report["dns"].startswith("failed"), report
+    assert report["ifaces"] == ["lo"], report
+
+
+@pytest.mark.docker
+def test_root_filesystem_and_inputs_are_read_only(backend, tmp_path):
+    report = _probe(backend, """
+import os
+for path in ("/etc/selfprog-owned", "/opt/venv/owned", "/job/owned", "/job/in/owned",
+             "/job/lib/sandbox/harness.py", "/job/job.json", "/job/out/ok", "/job/tmp/ok",
+             "/tmp/ok"):
+    try:
+        with open(path, "a") as f:
+            f.write("x")
+        report[path] = "written"
+    except OSError as e:
+        report[path] = type(e).__name__
+report["uid"] = os.getuid()
+""", tmp_path)
+    for path in ("/etc/selfprog-owned", "/opt/venv/owned", "/job/owned", "/job/in/owned",
+                 "/job/lib/sandbox/harness.py", "/job/job.json"):
+        assert report[path] != "written", (path, report)
+    for path in ("/job/out/ok", "/job/tmp/ok", "/tmp/ok"):   # the writable places
+        assert report[path] == "written", (path, report)
+    assert report["uid"] == SANDBOX_UID
+
+
+@pytest.mark.docker
+def test_memory_limit_kills(backend, tmp_path):
+    # Touch every page (b"\\x01" * n), so the memory is really used, not just reserved.
+    source = "chunks = []\nwhile True:\n    chunks.append(b'\\x01' * (64 * 1024 * 1024))\n"
+    result = backend.execute(_job(source, limits=Limits(timeout_s=120, memory_mb=768)),
+                             tmp_path / "out")
+    assert result.status == "oom", (result.status, result.reason, result.logs)
+
+
+@pytest.mark.docker
+def test_pids_limit_holds_against_a_fork_bomb(backend, tmp_path):
+    report = _probe(backend, """
+import os, time
+report["forked"] = 0
+for i in range(500):
+    try:
+        pid = os.fork()
+    except OSError as e:
+        report["error"] = type(e).__name__
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    report["forked"] += 1
+""", tmp_path, limits=Limits(timeout_s=120, memory_mb=2048, pids=48))
+    assert report.get("error"), report
+    assert report["forked"] < 48, report
+
+
+@pytest.mark.docker
+def test_deadline_kills_a_process_that_ignores_sigterm(backend, client, tmp_path):
+    source = ("import signal\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "while True:\n    pass\n")
+    job = _job(source, limits=Limits(timeout_s=8, memory_mb=2048))
+    result = backend.execute(job, tmp_path / "out")
+    assert result.status == "timeout", (result.status, result.reason)
+    assert not _ours(client, job.job_id), "the container outlived its deadline"
+
+
+@pytest.mark.docker
+def test_output_directory_is_bounded(backend, tmp_path):
+    # One file over the limit: RLIMIT_FSIZE stops the write itself.
+    report = _probe(backend, """
+try:
+    with open("/job/out/big.safetensors", "wb") as f:
+        f.write(b"\\0" * (3 * 1024 * 1024))
+    report["big"] = "written"
+except OSError as e:
+    report["big"] = type(e).__name__
+""", tmp_path, limits=Limits(timeout_s=60, memory_mb=2048, output_mb=2))
+    assert report["big"] != "written", report
+    # Many files under the per-file limit: the backend's watch kills the container.
+    source = ("import os, time\n"
+              "for i in range(8):\n"
+              "    with open(f'/job/out/f{i}', 'wb') as f:\n"
+              "        f.write(os.urandom(1024 * 1024))\n"
+              "time.sleep(60)\n")
+    result = backend.execute(_job(source, limits=Limits(timeout_s=60, memory_mb=2048, output_mb=2)),
+                             tmp_path / "out")
+    assert result.status == "crashed" and "output limit" in result.reason, result
+
+
+@pytest.mark.docker
+def test_container_is_removed_whatever_happens(backend, client, tmp_path):
+    cases = {
+        "raises": "raise ValueError('candidate bug')\n",
+        "exits 0 early": "import os\nos._exit(0)\n",
+        "killed by a signal": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    }
+    expected = {"raises": "invalid", "exits 0 early": "crashed", "killed by a signal": "crashed"}
+    for name, source in cases.items():
+        job = _job(source)
+        result = backend.execute(job, tmp_path / "out")
+        assert result.status == expected[name], (name, result.status, result.reason)
+        assert not _ours(client, job.job_id), name
+
+
+@pytest.mark.docker
+def test_orphans_are_reaped_by_owner(client, tmp_path):
+    workroot = tmp_path / "work"
+    uid_gid = (SANDBOX_UID, SANDBOX_UID)
+    made = {}
+    for owner in (OWNER + "-dead", OWNER + "-alive"):
+        job = _job("pass\n")
+        jobdir = base.stage(job, workroot)
+        c = create_hardened_container(client, image=IMAGE, jobdir=jobdir, workroot=workroot,
+                                      job_id=job.job_id, owner=owner, user=uid_gid,
+                                      memory_mb=256, cpus=0.5, pids=16, output_mb=1,
+                                      command=["sleep", "300"])
+        c.start()
+        made[owner] = c
+    try:
+        # A worker restarting as OWNER-dead removes what its previous life left...
+        DockerBackend(image=IMAGE, workroot=workroot, client=client, owner=OWNER + "-dead")
+        with pytest.raises(docker.errors.NotFound):
+            made[OWNER + "-dead"].reload()
+        # ...and leaves another worker's running job alone.
+        made[OWNER + "-alive"].reload()
+        assert made[OWNER + "-alive"].status == "running"
+        assert reap_orphans(client, owner=OWNER + "-alive") == 1
+    finally:
+        for c in made.values():
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+
+@pytest.mark.docker
+def test_tiny_evaluation_through_the_real_harness(backend, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    data = tmp_path / "data.safetensors"
+    save_file({"train_x": x[:64].contiguous(), "train_y": y[:64].contiguous(),
+               "eval_x": x[64:].contiguous(), "eval_y": y[64:].contiguous()}, str(data))
+    source = (
+        "import torch\n"
+        "from torch import nn\n\n"
+        "def build_model(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n\n"
+        "def train(model):\n"
+        "    return torch.optim.SGD(model.parameters(), lr=0.1), 16\n"
+    )
+    job = Job(job_id=f"t-{uuid.uuid4().hex[:12]}", kind="evaluate", source=source,
+              model_kind="cnn", inputs={"data": str(data)},
+              params={"score": "accuracy", "num_classes": 2, "input_shape": [1, 8, 8],
+                      "epochs": 2, "seed": 0},
+              limits=Limits(timeout_s=120, memory_mb=2048)).validate()
+    result = backend.execute(job, tmp_path / "out")
+    assert result.status == "ok", (result.reason, result.logs)
+    assert result.score is not None and math.isfinite(result.score) and 0 <= result.score <= 1
+    assert len(result.losses) == 8 and all(math.isfinite(v) for v in result.losses)
+    assert result.param_count == 64 * 16 + 16 + 16 * 2 + 2
+    print(f"container start-to-exit for a tiny evaluation: {result.duration_s:.2f} s")
+
+
+@pytest.mark.docker
+def test_docker_available_names_what_is_missing(client):
+    assert docker_available(IMAGE)[0]
+    ok, why = docker_available("selfprog-no-such-image:never")
+    assert not ok and "missing" in why
+
+
+# --------------------------------------------------------------------------- the profile function
+# These need no engine: the refusals happen before anything is sent to it.
+
+@pytest.fixture
+def staged(tmp_path):
+    job = _job("pass\n")
+    workroot = tmp_path / "work"
+    jobdir = base.stage(job, workroot)
+    spec = dict(image=IMAGE, jobdir=jobdir, workroot=workroot, job_id=job.job_id, owner=OWNER,
+                user=(SANDBOX_UID, SANDBOX_UID), memory_mb=512, cpus=1.0, pids=64, output_mb=8)
+    return spec
+
+
+@pytest.mark.parametrize("extra", [
+    {"privileged": True},
+    {"cap_add": ["SYS_ADMIN"]},
+    {"network_mode": "host"},
+    {"pid_mode": "host"},
+    {"ipc_mode": "host"},
+    {"userns_mode": "host"},
+    {"volumes": {"/": {"bind": "/host", "mode": "rw"}}},
+    {"mounts": [{"Target": "/host", "Source": "/", "Type": "bind"}]},
+    {"devices": ["/dev/kmsg:/dev/kmsg"]},
+    {"security_opt": ["seccomp=unconfined"]},
+    {"read_only": False},
+    {"oom_kill_disable": True},
+])
+def test_profile_refuses_anything_outside_it(staged, extra):
+    class NoEngine:   # any call to the engine would be a failure of the refusal
+        def __getattr__(self, name):
+            raise AssertionError(f"the engine was called ({name}) for a refused container")
+    with pytest.raises(HardeningError):
+        create_hardened_container(NoEngine(), **staged, **extra)
+
+
+def test_profile_refuses_bad_values(staged, tmp_path):
+    bad = [
+        dict(jobdir=Path("/etc")),                       # a host directory, not a job dir
+        dict(jobdir=staged["workroot"]),                 # the workroot itself
+        dict(user=(0, 0)),
+        dict(env={"SELFPROG_DATABASE_URL": "postgresql://..."}),
+        dict(runtime="runsc --debug"),
+        dict(device_requests=[docker.types.DeviceRequest(count=1, capabilities=[["compute", "utility"]])]),
+    ]
+    for change in bad:
+        with pytest.raises(HardeningError):
+            hardened_config(**{**staged, **change})
+    link = tmp_path / "work" / "link"
+    link.symlink_to(staged["jobdir"])
+    with pytest.raises(HardeningError):
+        hardened_config(**{**staged, "jobdir": link})
+
+
+def test_profile_as_built(staged):
+    cfg = hardened_config(**staged)
+    assert cfg["network_mode"] == "none" and cfg["read_only"] and cfg["init"]
+    assert cfg["cap_drop"] == ["ALL"] and cfg["security_opt"] == ["no-new-privileges:true"]
+    assert cfg["mem_limit"] == cfg["memswap_limit"] == "512m"
+    assert not cfg["privileged"] and "device_requests" not in cfg and "runtime" not in cfg
+    assert hardened_config(**staged, runtime="runsc")["runtime"] == "runsc"
+    # check_profile catches an engine that dropped part of the profile
+    attrs = {"HostConfig": {"NetworkMode": "host", "Privileged": True, "CapDrop": [],
+                            "ReadonlyRootfs": False, "Mounts": []},
+             "Config": {"User": ""}}
+    problems = " ".join(check_profile(attrs, cfg))
+    for word in ("NetworkMode", "privileged", "CapDrop", "read-only", "User", "mounts"):
+        assert word in problems
+
+
+def test_gpu_device_requests():
+    # No GPU inside Docker here: this checks the request that would be sent to the engine.
+    assert gpu_device_requests("", 1) == [] and gpu_device_requests("all", 0) == []
+    (every,) = gpu_device_requests("all", 1)
+    assert every["Count"] == -1 and every["Capabilities"] == [["gpu"]]
+    assert [r["DeviceIDs"] for r in (gpu_device_requests("0,1", 1, slot=s)[0] for s in range(3))] \
+        == [["0"], ["1"], ["0"]]
+    assert gpu_device_requests("0,1,2,3", 2, slot=2)[0]["DeviceIDs"] == ["2", "3"]
+    assert gpu_device_requests("0", 4)[0]["DeviceIDs"] == ["0"]   # never more than the worker has
+    with pytest.raises(Exception):
+        gpu_device_requests("0;rm -rf /", 1)
+
+
+def test_gpu_requests_reach_the_container_config(staged):
+    cfg = hardened_config(**staged, device_requests=gpu_device_requests("1", 1))
+    (req,) = cfg["device_requests"]
+    assert req["DeviceIDs"] == ["1"] and req["Capabilities"] == [["gpu"]]
+    assert "devices" not in cfg
