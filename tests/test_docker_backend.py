@@ -461,3 +461,18 @@ def test_gpu_requests_reach_the_container_config(staged):
     (req,) = cfg["device_requests"]
     assert req["DeviceIDs"] == ["1"] and req["Capabilities"] == [["gpu"]]
     assert "devices" not in cfg
+
+
+@pytest.mark.docker
+def test_make_backend_docker_and_auto(client, tmp_path, caplog):
+    from sandbox.backends import make_backend
+    from sandbox.backends.process import ProcessBackend
+
+    # Settings for either backend may be passed; each takes what it knows.
+    kw = dict(workroot=tmp_path / "work", owner=OWNER, allow_unconfined=True)
+    assert isinstance(make_backend("docker", image=IMAGE, **kw), DockerBackend)
+    assert isinstance(make_backend("auto", image=IMAGE, **kw), DockerBackend)
+    with caplog.at_level("WARNING"):
+        fallback = make_backend("auto", image="selfprog-no-such-image:never", **kw)
+    assert isinstance(fallback, ProcessBackend)
+    assert "WEAKER" in caplog.text

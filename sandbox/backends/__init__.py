@@ -7,9 +7,11 @@ harness process is started and confined.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
-BACKENDS = ("process",)   # the Docker engineer adds "docker" and "auto" here
+BACKENDS = ("process", "docker", "auto")
 
 
 def make_backend(name: str, **kw: Any):
@@ -17,6 +19,23 @@ def make_backend(name: str, **kw: Any):
     if name == "process":
         from sandbox.backends.process import ProcessBackend
         return ProcessBackend(**kw)
-    # "docker": DockerBackend(**kw); "auto": docker when an engine and the sandbox image
-    # are there, else process. Both belong here, next to "process".
+    if name in ("docker", "auto"):
+        from sandbox.backends.docker import DEFAULT_IMAGE, DockerBackend, docker_available
+        if name == "docker":
+            return DockerBackend(**_accepted(DockerBackend, kw))
+        ok, why = docker_available(kw.get("image") or DEFAULT_IMAGE)
+        if ok:
+            return DockerBackend(**_accepted(DockerBackend, kw))
+        from sandbox.backends.process import ProcessBackend
+        logging.getLogger(__name__).warning(
+            "sandbox backend 'auto': %s; using the local process backend, whose isolation "
+            "is WEAKER (no container: host files stay visible, no cgroup memory limit)", why)
+        return ProcessBackend(**_accepted(ProcessBackend, kw))
     raise ValueError(f"unknown sandbox backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+def _accepted(cls, kw: dict[str, Any]) -> dict[str, Any]:
+    # 'auto' gets the settings for either backend (image, gpus, allow_unconfined...);
+    # each constructor takes the ones it knows.
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in kw.items() if k in params}
