@@ -46,6 +46,18 @@ def parse(source: str, target: Target) -> dict | None:
     return (transformer if target.family == "transformer" else cnn).parse(source)
 
 
+def design_from_params(params: dict | None, config: RunConfig, target: Target):
+    """The design a parsed source describes (for sources we rendered ourselves)."""
+    if params is None:
+        raise ValueError("the source does not have the shape of its family")
+    if target.family == "transformer":
+        return transformer.Design(**{k: params[k] for k in transformer.PARAMS},
+                                  d_model=params.get("d_model", config.d_model),
+                                  lr=config.lm_lr, batch_size=config.lm_batch_size)
+    return cnn.Design(**{k: params[k] for k in cnn.PARAMS},
+                      lr=cnn.SEED.lr, batch_size=cnn.SEED.batch_size)
+
+
 def sample(rng: random.Random, config: RunConfig, target: Target):
     if target.family == "transformer":
         return transformer.sample(rng, config.d_model, config.lm_lr, config.lm_batch_size)
@@ -63,7 +75,7 @@ def make_pairs(config: RunConfig, target: Target, n: int, seed: int) -> list[tup
     pairs = []
     for _ in range(n):
         design = sample(rng, config, target)
-        pairs.append((render(design, target), render(refine(design, rng), target)))
+        pairs.append((render(design, target), render(refine(design, rng, target), target)))
     return pairs
 
 

@@ -25,6 +25,7 @@ class Settings:
     broker_url: str = ""                      # empty: embedded (in-process, no broker)
     result_backend: str = ""                  # defaults to the broker URL
     artifact_dir: str = "selfprog-artifacts"
+    data_dir: str = ""                        # torchvision data sets (mnist, cifar10, emnist)
     sandbox_backend: str = "auto"             # auto | docker | process
     sandbox_image: str = "selfprog-sandbox:latest"
     sandbox_runtime: str = ""                 # e.g. runsc (gVisor) for the docker backend
@@ -66,6 +67,7 @@ class RunConfig:
     """Everything one run of the loop does. Stored with the run, as JSON."""
     preset: str = "quick"
     task: str = "self"                 # "self": the LM programs itself; else a vision task
+    arms: tuple[str, ...] = ("lm",)    # add "random": the same search with random refinements
     seed: int = 0
     iterations: int = 10
     candidates: int = 8
@@ -94,6 +96,7 @@ class RunConfig:
     # programming other AI: training and evaluation subsets of the task
     train_samples: int = 10_000
     eval_samples: int = 2_000
+    task_epochs: int = 2               # paper: each candidate network trains two epochs
     # sandbox bounds per job kind
     train_timeout_s: float = 3600.0
     eval_timeout_s: float = 900.0
@@ -108,6 +111,8 @@ class RunConfig:
                 continue
             if k not in known:
                 raise ConfigError(f"unknown run setting {k!r}")
+            if k == "arms" and isinstance(v, str):
+                v = tuple(a.strip() for a in v.split(",") if a.strip())
             clean[k] = _parse(known[k], v, k) if isinstance(v, str) and known[k].type != "str" else v
         return dataclasses.replace(self, **clean).validate()
 
@@ -118,6 +123,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not self.arms or set(self.arms) - {"lm", "random"} or len(set(self.arms)) != len(self.arms):
+            raise ConfigError("arms must be 'lm', 'random' or both")
         if self.candidates > 64:
             raise ConfigError("candidates must be at most 64 per iteration")
         if self.fewshot_samples > self.dataset_size:
@@ -134,7 +141,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        if "arms" in values:
+            values["arms"] = tuple(values["arms"])
+        return cls(**values)
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -142,9 +152,9 @@ PRESETS: dict[str, RunConfig] = {
     "paper": RunConfig(preset="paper"),
     # Tiny sizes: a whole run finishes in minutes on a 2-core CPU machine.
     "quick": RunConfig(
-        preset="quick", iterations=3, candidates=4, dataset_size=384, vocab_size=160,
-        d_model=32, lm_lr=3e-3, lm_batch_size=16, lm_epochs=6, lm_max_steps=0,
-        max_new_tokens=320, fewshot_samples=32, train_samples=1000, eval_samples=300,
+        preset="quick", iterations=3, candidates=4, dataset_size=512, vocab_size=512,
+        d_model=32, lm_lr=1e-2, lm_batch_size=16, lm_epochs=8, lm_max_steps=0,
+        max_new_tokens=96, fewshot_samples=32, train_samples=1000, eval_samples=300,
         train_timeout_s=300.0, eval_timeout_s=120.0,
     ),
 }

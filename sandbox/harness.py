@@ -202,6 +202,14 @@ def generate(model, job: Job, device) -> list[list[int]]:
     import torch
 
     prompt = torch.tensor([job.params["prompt_ids"]], dtype=torch.long, device=device)
+    extra = {}
+    try:
+        # A cache that grows layer by layer: the default one is sized by the encoder's
+        # depth and breaks when a self-written LM has more decoder than encoder layers.
+        from transformers import DynamicCache, EncoderDecoderCache
+        extra["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    except ImportError:
+        pass
     model.eval()
     with torch.no_grad():
         out = model.generate(
@@ -210,7 +218,7 @@ def generate(model, job: Job, device) -> list[list[int]]:
             max_new_tokens=int(job.params["max_new_tokens"]),
             temperature=float(job.params.get("temperature", 1.0)),
             top_k=int(job.params.get("top_k", 0)), top_p=float(job.params.get("top_p", 1.0)),
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **extra,
         )
     samples = []
     for row in out.tolist():

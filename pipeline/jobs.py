@@ -1,0 +1,146 @@
+"""A run's files, and the sandbox jobs built from them.
+
+Trusted code prepares everything a sandbox may see as tensors in the run's artifact
+directory (the refinement corpus tokenized, the few-shot subset, a vision task's data),
+then describes each stage of the loop as a `sandbox.schema.Job`:
+
+    train_lm   the LM that the current source defines, on the refinement corpus
+    generate   that LM, asked to refine the current source n times
+    evaluate   one candidate (or the current source), scored the same way every time
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from pipeline import refinement
+from pipeline import tokenizer as tk
+from pipeline.refinement import Target
+from pipeline.settings import RunConfig, Settings
+from sandbox.schema import Job, Limits
+
+
+@dataclass
+class RunContext:
+    run_id: str
+    config: RunConfig
+    settings: Settings
+
+    @property
+    def dir(self) -> Path:
+        return self.settings.artifacts / self.run_id
+
+    @cached_property
+    def target(self) -> Target:
+        if self.config.task == "self":
+            return Target("transformer")
+        from pipeline.datasets import get_task
+        task = get_task(self.config.task)
+        return Target("cnn", tuple(task.input_shape), task.num_classes)
+
+    @property
+    def direction(self) -> str:
+        return "min" if self.score_kind == "loss" else "max"
+
+    @property
+    def score_kind(self) -> str:
+        return "loss" if self.config.task == "self" else "accuracy"
+
+    @cached_property
+    def tokenizer(self):
+        return tk.load(self.dir / "tokenizer.json")
+
+    # -- the sources ---------------------------------------------------------------
+    def seed_source(self) -> str:
+        """The source the run starts from: the seed LM (self) or the seed network."""
+        return refinement.render(refinement.seed_design(self.config, self.target), self.target)
+
+    def lm_source(self, current: str) -> str:
+        """The LM that does the reprogramming: the current source itself when the LM
+        programs itself, the seed LM when it programs another network."""
+        if self.config.task == "self":
+            return current
+        return refinement.render(refinement.seed_design(self.config, Target("transformer")),
+                                 Target("transformer"))
+
+    # -- preparation (trusted, once per run) -----------------------------------------
+    def prepare(self) -> None:
+        """Corpus, tokenizer and tensors. Idempotent: a resumed run reuses its files."""
+        if (self.dir / "prepared").exists():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        cfg = self.config
+        pairs = refinement.make_pairs(cfg, self.target, cfg.dataset_size, seed=cfg.seed)
+        texts = [t for p in pairs for t in p] + [self.seed_source(), self.lm_source(self.seed_source())]
+        tok = tk.train_tokenizer(texts, cfg.vocab_size)
+        tk.save(tok, self.dir / "tokenizer.json")
+        refinement.encode_pairs(tok, pairs, self.dir / "corpus.safetensors")
+        if cfg.task == "self":
+            # "extended few-shot": the first samples of the same corpus
+            refinement.encode_pairs(tok, pairs[:cfg.fewshot_samples], self.dir / "fewshot.safetensors")
+        else:
+            from pipeline.datasets import get_task, save
+            data = get_task(cfg.task).load(self.settings.data_dir or None, train_samples=cfg.train_samples,
+                                           eval_samples=cfg.eval_samples, seed=cfg.seed)
+            save(data, self.dir / "task.safetensors")
+        (self.dir / "prepared").write_text("ok\n")
+
+    # -- jobs ------------------------------------------------------------------------
+    def _job_id(self, arm: str, iteration: int, what: str) -> str:
+        return f"{self.run_id}.{arm}.i{iteration}.{what}"
+
+    def _limits(self, timeout_s: float) -> Limits:
+        s = self.settings
+        return Limits(timeout_s=timeout_s, memory_mb=s.sandbox_memory_mb, cpus=s.sandbox_cpus,
+                      pids=s.sandbox_pids, gpus=1 if s.sandbox_gpus else 0)
+
+    def lm_dir(self, iteration: int) -> Path:
+        # Programming another network: one LM for the whole run, trained once.
+        return self.dir / ("lm" if self.config.task != "self" else f"lm-i{iteration}")
+
+    def train_job(self, iteration: int, current: str) -> Job:
+        cfg = self.config
+        return Job(
+            job_id=self._job_id("lm", iteration, "train"), kind="train_lm",
+            source=self.lm_source(current), model_kind="t5",
+            inputs={"data": str(self.dir / "corpus.safetensors")},
+            params={"vocab_size": self.tokenizer.get_vocab_size(), "epochs": cfg.lm_epochs,
+                    "max_steps": cfg.lm_max_steps, "seed": cfg.seed + iteration,
+                    "num_threads": cfg.num_threads, "device": self.settings.device,
+                    "max_params": cfg.max_candidate_params},
+            limits=self._limits(cfg.train_timeout_s),
+        ).validate()
+
+    def generate_job(self, iteration: int, current: str) -> Job:
+        cfg = self.config
+        return Job(
+            job_id=self._job_id("lm", iteration, "generate"), kind="generate",
+            source=self.lm_source(current), model_kind="t5",
+            inputs={"weights": str(self.lm_dir(iteration) / "weights.safetensors")},
+            params={"vocab_size": self.tokenizer.get_vocab_size(), "n": cfg.candidates,
+                    "prompt_ids": tk.encode(self.tokenizer, current),
+                    "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                    "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed + iteration,
+                    "num_threads": cfg.num_threads, "device": self.settings.device,
+                    "max_params": cfg.max_candidate_params},
+            limits=self._limits(cfg.train_timeout_s),
+        ).validate()
+
+    def evaluate_job(self, arm: str, iteration: int, index: int, source: str) -> Job:
+        cfg = self.config
+        params = {"seed": cfg.seed, "num_threads": cfg.num_threads, "device": self.settings.device,
+                  "score": self.score_kind, "max_params": cfg.max_candidate_params}
+        if cfg.task == "self":
+            model_kind, data = "t5", self.dir / "fewshot.safetensors"
+            params.update(vocab_size=self.tokenizer.get_vocab_size(), epochs=cfg.fewshot_epochs)
+        else:
+            model_kind, data = "cnn", self.dir / "task.safetensors"
+            params.update(input_shape=list(self.target.input_shape),
+                          num_classes=self.target.num_classes, epochs=cfg.task_epochs)
+        return Job(job_id=self._job_id(arm, iteration, f"c{index}"), kind="evaluate",
+                   source=source, model_kind=model_kind, inputs={"data": str(data)},
+                   params=params, limits=self._limits(cfg.eval_timeout_s))
+
