@@ -292,8 +292,9 @@ class ProcessBackend:
     @staticmethod
     def _preexec(uid: int | None, netns: bool, rlimits: list[tuple[int, int]]):
         """The child's set-up between fork and exec, in this order: network namespace
-        (needs root, so first), no-new-privs, parent-death signal, rlimits (as root we may
-        set any value), then drop groups, gid and uid (last: nothing after needs root)."""
+        (needs root, so first), no-new-privs, rlimits (as root we may set any value),
+        drop groups, gid and uid, then the parent-death signal (a credential change
+        would clear it)."""
         root = os.geteuid() == 0
         flags = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
 
@@ -302,7 +303,6 @@ class ProcessBackend:
                 raise OSError(ctypes.get_errno(), "unshare(network namespace) failed")
             if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             os.umask(0o077)
             for res, value in rlimits:
                 resource.setrlimit(res, (value, value))
@@ -310,6 +310,8 @@ class ProcessBackend:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
                 os.setresuid(uid, uid, uid)
+            # After the uid change: changing credentials clears the parent-death signal.
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         return setup
 
     def _pick_uid(self) -> int:
