@@ -33,10 +33,11 @@ docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || {
 
 ctx=build/sandbox-context
 rm -rf "$ctx/sandbox"
-mkdir -p "$ctx/wheels"
-# Only the harness package: cp -r then drop bytecode; pipeline/ never enters this image.
-cp -r sandbox "$ctx/sandbox"
-find "$ctx/sandbox" -name '__pycache__' -prune -exec rm -rf {} +
+mkdir -p "$ctx/wheels" "$ctx/sandbox"
+# Only the harness package, top level (schema, harness, policy...): not backends/ (the
+# trusted side that starts sandboxes) and never pipeline/. The same set that
+# sandbox/backends/base.py stages into each job's lib/.
+cp sandbox/*.py "$ctx/sandbox/"
 
 wheel="${SELFPROG_TORCH_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)}"
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")

@@ -476,3 +476,42 @@ def test_make_backend_docker_and_auto(client, tmp_path, caplog):
         fallback = make_backend("auto", image="selfprog-no-such-image:never", **kw)
     assert isinstance(fallback, ProcessBackend)
     assert "WEAKER" in caplog.text
+
+
+# --------------------------------------------------------------------------- compose
+
+def test_compose_file_validates_and_keeps_the_socket_behind_the_proxy():
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":
+            pytest.fail("SELFPROG_REQUIRE_DOCKER=1 but docker-compose is not installed")
+        pytest.skip("docker-compose not installed (scripts/docker-engine.sh installs it)")
+    for profile in ([], ["--profile", "gpu"]):
+        proc = subprocess.run([compose, *profile, "config"], cwd=root, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]   # the gpu profile: every service
+    for name, svc in services.items():
+        mounts = " ".join(str(v) for v in svc.get("volumes", []))
+        assert ("docker.sock" in mounts) == (name == "docker-proxy"), name
+        env = svc.get("environment") or {}
+        if "DOCKER_HOST" in env:
+            assert env["DOCKER_HOST"] == "tcp://docker-proxy:2375"
+            assert name in ("trainer-worker", "sandbox-worker", "trainer-worker-gpu",
+                            "sandbox-worker-gpu"), name
+    assert "DOCKER_HOST" not in (services["coordinator"].get("environment") or {})
+    for name in ("coordinator", "trainer-worker", "sandbox-worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert "gpu" not in (services[name].get("profiles") or [])
+    for name in ("trainer-worker-gpu", "sandbox-worker-gpu"):
+        assert services[name]["profiles"] == ["gpu"]
+        (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert dev["capabilities"] == ["gpu"]
+    assert services["redis"]["healthcheck"] and services["postgres"]["healthcheck"]
+    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
