@@ -1,0 +1,178 @@
+"""The self-reprogramming loop end to end: real sandboxes, real SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline import loop, worker
+from pipeline.jobs import RunContext
+from pipeline.settings import RunConfig, Settings, preset
+from pipeline.store import TERMINAL_STATUSES, LineageStore
+
+
+def _settings(database_url, tmp_path, **kw) -> Settings:
+    return Settings.from_env(env={}, database_url=database_url,
+                             artifact_dir=str(tmp_path / "artifacts"),
+                             sandbox_backend="process", **kw)
+
+
+def _check_selection_rule(store: LineageStore, run_id: str, direction: str) -> None:
+    its = store.iterations(run_id)
+    for it in its:
+        rows = store.candidates(run_id, iteration=it.index)
+        incumbent = next(c for c in rows if c.role == "incumbent")
+        assert incumbent.id == it.incumbent_id and incumbent.source == it.source_in
+        winner = store.get_candidate(it.selected_id)
+        scored = [c for c in rows if c.role == "candidate" and c.status == "evaluated"]
+        if it.decision == "kept":
+            assert winner.id == incumbent.id
+            assert all(c.score >= incumbent.score for c in scored) if direction == "min" \
+                else all(c.score <= incumbent.score for c in scored)
+        else:
+            assert winner.role == "candidate" and winner.status == "evaluated"
+            assert winner.score < incumbent.score if direction == "min" else winner.score > incumbent.score
+            assert all(winner.score <= c.score for c in scored)
+    # the next iteration starts from the selected source
+    for prev, nxt in zip(its, its[1:]):
+        assert nxt.source_in == store.get_candidate(prev.selected_id).source
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(database_url, tmp_path):
+    settings = _settings(database_url, tmp_path)
+    config = preset("quick", iterations=2, candidates=3)
+    events = []
+    run_id = loop.launch(settings, config, progress=lambda e, i: events.append((e, i)))
+
+    store = LineageStore(database_url)
+    run = store.get_run(run_id)
+    assert run.status == "completed", run.error
+    its = store.iterations(run_id)
+    assert [it.index for it in its] == [0, 1] and all(it.stage == "done" for it in its)
+    assert all(len(it.lm_losses) > 0 for it in its)
+    # the LM learned something: its loss fell during the training stage
+    assert its[0].lm_losses[-1] < its[0].lm_losses[0] / 2
+
+    cands = store.candidates(run_id)
+    assert all(c.status in TERMINAL_STATUSES for c in cands)
+    assert len([c for c in cands if c.role == "candidate"]) <= 2 * 3
+    assert len({(c.iteration, c.index) for c in cands}) == len(cands)   # no duplicates
+    _check_selection_rule(store, run_id, "min")
+
+    seed = RunContext(run_id, config, settings).seed_source()
+    for c in cands:
+        chain = store.lineage(c.id)
+        assert chain[0].parent_id is None and chain[0].source == seed
+        assert chain[-1].id == c.id
+    assert ("done", {"status": "completed"}) in events
+    store.close()
+
+
+HOSTILE = {
+    "raises": ("invalid", "ZeroDivisionError", """
+import torch
+import transformers
+
+
+def build_model(vocab_size):
+    return 1 / 0
+
+
+def train(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1), 8
+"""),
+    "loops": ("timeout", "", """
+import torch
+
+
+def build_model(vocab_size):
+    while True:
+        pass
+
+
+def train(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1), 8
+"""),
+    "memory": ("oom", "", """
+import torch
+
+
+def build_model(vocab_size):
+    hog = torch.ones(400_000_000_000, dtype=torch.uint8)
+    return hog
+
+
+def train(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1), 8
+"""),
+    "policy": ("rejected", "import", """
+import os
+
+
+def build_model(vocab_size):
+    os.system("echo pwned")
+
+
+def train(model):
+    return None, 1
+"""),
+}
+
+
+def test_hostile_candidates_end_in_the_right_state_and_the_run_goes_on(sqlite_url, tmp_path):
+    settings = _settings(sqlite_url, tmp_path, sandbox_memory_mb=1024)
+    config = preset("quick", iterations=1, candidates=len(HOSTILE), eval_timeout_s=25.0)
+    worker.configure(settings)
+    store = loop.store_for(settings)
+    run_id = store.create_run(config=config.to_dict(), task="self", preset="quick", seed=0)
+    store.set_run_status(run_id, "running")
+    ctx = RunContext(run_id, config, settings)
+    ctx.prepare()
+    seed = ctx.seed_source()
+    store.ensure_iteration(run_id, 0, source_in=seed)
+    inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None,
+                                 design=None)
+    store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
+    # What the LM "generated" this time: four hostile sources, through the real gate.
+    loop._add_candidates(store, ctx, 0, "lm", [src for _, _, src in HOSTILE.values()])
+    loop._dispatch(store, ctx, 0, "lm", "evaluating")
+
+    assert store.get_run(run_id).status == "completed"
+    rows = {c.index: c for c in store.candidates(run_id)}
+    assert rows[0].status == "evaluated" and rows[0].score > 0
+    for i, (name, (status, words, _)) in enumerate(HOSTILE.items(), start=1):
+        assert rows[i].status == status, (name, rows[i].status, rows[i].reason)
+        assert rows[i].reason, name
+        assert words in rows[i].reason, (name, rows[i].reason)
+    it = store.get_iteration(run_id, 0)
+    assert it.decision == "kept" and it.selected_id == inc.id
+
+
+def _row(index, status, score, role="candidate"):
+    from pipeline.store import CandidateView
+    fields = {f.name: None for f in dataclasses.fields(CandidateView)}
+    fields.update(id=index + 100, index=index, status=status, score=score, role=role)
+    return CandidateView(**fields)
+
+
+def test_selection_keeps_the_original_unless_a_candidate_is_strictly_better():
+    inc = _row(0, "evaluated", 2.0, "incumbent")
+    worse = [_row(1, "evaluated", 2.5), _row(2, "invalid", None), _row(3, "evaluated", 2.0)]
+    assert loop.select(inc, worse, "min") == (inc, "kept")
+    better = worse + [_row(4, "evaluated", 1.5), _row(5, "evaluated", 1.5)]
+    assert loop.select(inc, better, "min") == (better[3], "replaced")   # ties: lowest index
+    assert loop.select(inc, [_row(1, "evaluated", 3.0)], "max")[1] == "replaced"
+    assert loop.select(inc, [], "min") == (inc, "kept")
+    broken = _row(0, "timeout", None, "incumbent")
+    assert loop.select(broken, worse, "min") == (worse[2], "replaced")
+
+
+def test_run_config_round_trips_and_rejects_nonsense():
+    cfg = preset("quick", arms="lm,random")
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    from pipeline.settings import ConfigError
+    for bad in (dict(candidates=0), dict(arms="lm,nope"), dict(fewshot_samples=10**9),
+                dict(temperature=0.0), dict(iterations="many")):
+        with pytest.raises(ConfigError):
+            preset("quick", **bad)

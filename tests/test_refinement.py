@@ -1,0 +1,64 @@
+"""Refinement corpus and tokenizer: deterministic, and digits stay single tokens."""
+import random
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline import refinement
+from pipeline import tokenizer as tk
+from pipeline.refinement import Target
+from pipeline.settings import preset
+
+T5 = Target("transformer")
+
+
+def test_pairs_are_deterministic_for_a_seed_and_differ_across_seeds():
+    cfg = preset("quick")
+    a = refinement.make_pairs(cfg, T5, 20, seed=3)
+    b = refinement.make_pairs(cfg, T5, 20, seed=3)
+    c = refinement.make_pairs(cfg, T5, 20, seed=4)
+    assert a == b and a != c
+    assert all(src != ref for src, ref in a)
+
+
+def test_the_tokenizer_splits_numbers_into_digits_and_round_trips():
+    cfg = preset("quick")
+    pairs = refinement.make_pairs(cfg, T5, 50, seed=0)
+    tok = tk.train_tokenizer([t for p in pairs for t in p], 512)
+    src = pairs[0][0]
+    ids = tk.encode(tok, src)
+    assert ids[-1] == tk.EOS
+    assert tk.decode(tok, ids) == src
+    pieces = [tok.id_to_token(i) for i in tk.encode(tok, "d_ff=1331,")[:-1]]
+    digits = [p for p in pieces if any(ch.isdigit() for ch in p)]
+    assert digits == ["1", "3", "3", "1"]
+
+
+def test_the_tokenizer_is_deterministic(tmp_path):
+    cfg = preset("quick")
+    texts = [t for p in refinement.make_pairs(cfg, T5, 40, seed=1) for t in p]
+    a, b = tk.train_tokenizer(texts, 300), tk.train_tokenizer(list(reversed(texts)), 300)
+    assert a.get_vocab() == b.get_vocab()
+    tk.save(a, tmp_path / "tok.json")
+    assert tk.load(tmp_path / "tok.json").get_vocab() == a.get_vocab()
+
+
+def test_encoded_pairs_follow_the_data_contract(tmp_path):
+    cfg = preset("quick")
+    pairs = refinement.make_pairs(cfg, T5, 10, seed=0)
+    tok = tk.train_tokenizer([t for p in pairs for t in p], 512)
+    refinement.encode_pairs(tok, pairs, tmp_path / "d.safetensors")
+    d = load_file(str(tmp_path / "d.safetensors"))
+    assert d["input_ids"].dtype == torch.long and d["input_ids"].shape[0] == 10
+    assert (d["attention_mask"].sum(1) == torch.tensor([len(tk.encode(tok, s)) for s, _ in pairs])).all()
+    first = d["labels"][0][d["labels"][0] != -100].tolist()
+    assert tk.decode(tok, first) == pairs[0][1]
+
+
+def test_random_refinement_of_a_parsed_source_changes_one_parameter():
+    cfg = preset("quick")
+    seed_src = refinement.render(refinement.seed_design(cfg, T5), T5)
+    design = refinement.design_from_params(refinement.parse(seed_src, T5), cfg, T5)
+    out = refinement.render(refinement.refine(design, random.Random(0), T5), T5)
+    a, b = refinement.parse(seed_src, T5), refinement.parse(out, T5)
+    assert sum(a[k] != b[k] for k in ("num_layers", "num_decoder_layers", "d_ff", "num_heads")) == 1
