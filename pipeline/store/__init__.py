@@ -418,6 +418,42 @@ class LineageStore:
             for name, value in fields.items():
                 setattr(row, name, value)
 
+    def advance_stage(self, run_id: str, index: int, arm: str, from_stage: str | tuple[str, ...],
+                      to_stage: str, **fields: Any) -> bool:
+        """Move an iteration from `from_stage` (one stage or several) to `to_stage`, once.
+
+        An atomic compare-and-set: the stage test is in the UPDATE itself, so of two
+        concurrent or repeated callers (a task delivered twice) exactly one gets True;
+        the others change nothing. `fields` (as for `update_iteration`) are written in
+        the same statement, so they land only with the winning transition.
+        """
+        sources = (from_stage,) if isinstance(from_stage, str) else tuple(from_stage)
+        for stage in sources + (to_stage,):
+            _check(stage, ITERATION_STAGES, "iteration stage")
+        unknown = set(fields) - (_ITERATION_FIELDS - {"stage"})
+        if unknown:
+            raise ValueError(f"cannot update iteration field(s) {', '.join(sorted(unknown))}")
+        if fields.get("decision") is not None:
+            _check(fields["decision"], DECISIONS, "decision")
+        if "lm_losses" in fields:
+            fields["lm_losses"] = _floats(fields["lm_losses"] or [], "lm_losses")
+        for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
+            if name in fields:
+                fields[name] = _finite(fields[name], name)
+        if to_stage == "done":
+            fields.setdefault("finished_at", utcnow())
+        with self._session() as s, s.begin():
+            run_id = self._run_id(s, run_id)
+            result = s.execute(update(Iteration)
+                               .where(Iteration.run_id == run_id, Iteration.arm == arm,
+                                      Iteration.index == int(index),
+                                      Iteration.stage.in_(sources))
+                               .values(stage=to_stage, **fields)
+                               .execution_options(synchronize_session=False))
+            if result.rowcount == 0 and self._iteration_row(s, run_id, index, arm) is None:
+                raise StoreError(f"run {run_id} has no iteration {index} (arm {arm})")
+            return result.rowcount == 1
+
     # ---------------------------------------------------------- candidates
 
     def _candidate_row(self, s: Session, run_id: str, arm: str, iteration: int,
