@@ -68,6 +68,53 @@ def test_reopening_is_idempotent(database_url):
         assert b.get_run(run_id).id == run_id
 
 
+def test_concurrent_first_opens(database_url):
+    # Workers starting together against an empty database: exactly one creates the
+    # schema, the others wait for it and find it done.
+    stores: list[LineageStore] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def opener():
+        try:
+            barrier.wait()
+            stores.append(LineageStore(database_url))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        run_id = new_run(stores[0])
+        assert all(s.get_run(run_id).id == run_id for s in stores)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_concurrent_first_opens_across_processes(database_url):
+    # Separate processes (coordinator, workers) do not share the in-process lock: the
+    # file lock (SQLite) or advisory lock (PostgreSQL) must serialize them.
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pipeline.store import LineageStore\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "LineageStore(sys.argv[1]).close()\n")
+    import time
+    start_at = str(time.time() + 3.0)   # after every interpreter has imported
+    procs = [subprocess.Popen([sys.executable, "-c", code, database_url, start_at],
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    failures = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]
+    assert not failures, failures[0]
+    with LineageStore(database_url) as s:
+        assert s.list_runs() == []
+
+
 def test_migrate_false_does_not_create_tables(database_url):
     with LineageStore(database_url, migrate=False) as s:
         with pytest.raises(SQLAlchemyError):

@@ -9,11 +9,14 @@ The same code serves the embedded default (a SQLite file) and the deployment
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import math
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -265,6 +268,9 @@ def _sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_MIGRATION_THREAD_LOCK = threading.Lock()
+
+
 def upgrade_schema(engine: Engine) -> None:
     """`alembic upgrade head` on this engine's database."""
     from alembic import command
@@ -272,9 +278,20 @@ def upgrade_schema(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+    # Several stores may start at once (threads of the embedded default, worker
+    # processes). PostgreSQL serializes them with an advisory lock in migrations/env.py;
+    # SQLite runs each DDL statement on its own, so hold an exclusive flock on the
+    # database file meanwhile (flock is independent of SQLite's own fcntl locks).
+    # Within one process, Alembic's `context`/`op` proxies are module globals, so
+    # migrations must also never run in two threads at once.
+    path = _sqlite_file(engine.url)
+    with _MIGRATION_THREAD_LOCK, \
+            open(path, "rb") if path is not None else contextlib.nullcontext() as lock_file:
+        if lock_file is not None:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
 
 
 # -------------------------------------------------------------------------- store
