@@ -1,0 +1,132 @@
+"""Benchmark of the self-programming core (issue 2). Not a test: it prints numbers.
+
+    python bench/bench_core.py stages       # quick preset: seconds per stage of the loop
+    python bench/bench_core.py overhead     # one evaluation: process sandbox vs in-process
+    python bench/bench_core.py validity --preset paper --iterations 2 [--set k=v ...]
+                                            # per iteration: fraction of generated candidates
+                                            # that are valid, and that change exactly one
+                                            # design parameter
+
+Everything runs on the embedded default (SQLite in a temporary directory). Ratios are
+measured side by side in the same process, so they compare like with like on this
+machine; absolute seconds depend on the machine and on what else it is doing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import loop, worker  # noqa: E402
+from pipeline.families import transformer  # noqa: E402
+from pipeline.jobs import RunContext  # noqa: E402
+from pipeline.settings import Settings, preset  # noqa: E402
+
+
+def _settings(tmp: Path, backend: str = "process") -> Settings:
+    return Settings.from_env(database_url=f"sqlite:///{tmp / 'bench.db'}",
+                             artifact_dir=str(tmp / "artifacts"), sandbox_backend=backend)
+
+
+def stages(args) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        s = _settings(Path(d), args.backend)
+        cfg = preset("quick", **_sets(args))
+        t0 = time.monotonic()
+        run_id = loop.launch(s, cfg)
+        wall = time.monotonic() - t0
+        store = loop.store_for(s)
+        print(f"quick preset, {cfg.iterations} iterations x {cfg.candidates} candidates, "
+              f"backend {args.backend}: {wall:.1f} s wall")
+        print(f"{'iter':>4} {'LM train s':>11} {'generate s':>11} {'evals':>6} {'eval s (sum)':>13} {'eval s (mean)':>14}")
+        for it in store.iterations(run_id):
+            evs = [c.duration_s for c in store.candidates(run_id, iteration=it.index)
+                   if c.duration_s is not None]
+            print(f"{it.index:>4} {it.lm_seconds or 0:>11.1f} {it.gen_seconds or 0:>11.1f} "
+                  f"{len(evs):>6} {sum(evs):>13.1f} {statistics.mean(evs) if evs else 0:>14.2f}")
+
+
+def overhead(args) -> None:
+    """One few-shot evaluation of the seed source: sandboxed vs the harness in this process."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sandbox import harness, runner
+
+    with tempfile.TemporaryDirectory() as d:
+        s = _settings(Path(d), args.backend)
+        worker.configure(s)
+        cfg = preset("quick", **_sets(args))
+        store = loop.store_for(s)
+        run_id = store.create_run(config=cfg.to_dict(), task="self", preset="quick", seed=0)
+        ctx = RunContext(run_id, cfg, s)
+        ctx.prepare()
+        job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
+        backend = worker.backend()
+        sandboxed, inproc = [], []
+        for _ in range(args.repeat):
+            t = time.monotonic()
+            res = runner.run(job, Path(d) / "out", backend)
+            sandboxed.append(time.monotonic() - t)
+            assert res.status == "ok", res.reason
+            t = time.monotonic()
+            # our own seed source, in a benchmark process: the in-process baseline
+            torch.set_num_threads(cfg.num_threads)
+            module = harness.load_candidate(job.source)
+            model = harness.build(module, job, torch.device("cpu"))
+            harness.fit(model, module, load_file(str(ctx.dir / "fewshot.safetensors")), job,
+                        torch.device("cpu"))
+            inproc.append(time.monotonic() - t)
+        a, b = statistics.median(sandboxed), statistics.median(inproc)
+        print(f"one evaluation (quick preset, {cfg.fewshot_samples} few-shot samples), "
+              f"median of {args.repeat}:")
+        print(f"  {args.backend} sandbox : {a:.2f} s")
+        print(f"  in-process      : {b:.2f} s")
+        print(f"  ratio sandbox / in-process = {a / b:.1f}x   (fixed cost per sandbox {a - b:.2f} s)")
+
+
+def validity(args) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        s = _settings(Path(d), args.backend)
+        cfg = preset(args.preset, iterations=args.iterations, **_sets(args))
+        t0 = time.monotonic()
+        run_id = loop.launch(s, cfg)
+        store = loop.store_for(s)
+        print(f"preset {args.preset} ({cfg.iterations} iterations x {cfg.candidates} candidates, "
+              f"d_model {cfg.d_model}, corpus {cfg.dataset_size}), {time.monotonic() - t0:.0f} s")
+        print(f"{'iter':>4} {'generated':>9} {'valid':>7} {'one change':>10} {'decision':>9}")
+        for it in store.iterations(run_id):
+            rows = store.candidates(run_id, iteration=it.index)
+            inc = next(c for c in rows if c.role == "incumbent")
+            gen = [c for c in rows if c.role == "candidate"]
+            valid = [c for c in gen if c.status == "evaluated"]
+            one = [c for c in gen if c.design and inc.design and sum(
+                c.design.get(p) != inc.design.get(p) for p in transformer.PARAMS) == 1]
+            n = max(1, len(gen))
+            print(f"{it.index:>4} {len(gen):>9} {len(valid) / n:>7.0%} {len(one) / n:>10.0%} "
+                  f"{it.decision or '-':>9}")
+
+
+def _sets(args) -> dict:
+    out = {}
+    for item in args.set or []:
+        k, _, v = item.partition("=")
+        out[k] = v
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["stages", "overhead", "validity"])
+    p.add_argument("--backend", default="process", choices=["process", "docker"])
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    a = p.parse_args()
+    {"stages": stages, "overhead": overhead, "validity": validity}[a.what](a)
