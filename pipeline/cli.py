@@ -182,6 +182,29 @@ def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
     return {**dataclasses.asdict(run), "iterations_done": len(done), "best_score": best}
 
 
+def arm_outcomes(iterations: Sequence[IterationView],
+                 candidates: Sequence[CandidateView]) -> dict[str, dict[str, Any]]:
+    """Per arm: the seed's score (iteration 0's incumbent), the score of the source the
+    last finished iteration selected, and how many iterations finished."""
+    by_id = {c.id: c for c in candidates}
+    out: dict[str, dict[str, Any]] = {}
+    for arm in sorted({it.arm for it in iterations}, key=lambda a: (a != "lm", a)):
+        rows = sorted((it for it in iterations if it.arm == arm), key=lambda it: it.index)
+        done = [it for it in rows if it.stage == "done"]
+        seed = by_id.get(rows[0].incumbent_id) if rows else None
+        end = by_id.get(done[-1].selected_id) if done else None
+        out[arm] = {"start": seed.score if seed else None, "end": end.score if end else None,
+                    "iterations_done": len(done),
+                    "end_params": end.param_count if end else None,
+                    "end_design": end.design if end else None}
+    return out
+
+
+def arms_line(outcomes: dict[str, dict[str, Any]]) -> str:
+    return "   ".join(f"{arm}: {fmt_score(o['start'])} -> {fmt_score(o['end'])} "
+                      f"({o['iterations_done']} it.)" for arm, o in outcomes.items())
+
+
 # ------------------------------------------------------------------ commands
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -254,9 +277,11 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
     """
     with obj.open_store() as store:
         run = store.get_run(run_id)
-        rows = iteration_rows(store.iterations(run.id), store.candidates(run.id))
+        its, cands = store.iterations(run.id), store.candidates(run.id)
+        rows = iteration_rows(its, cands)
+        outcomes = arm_outcomes(its, cands)
     if as_json:
-        emit_json({**dataclasses.asdict(run), "iterations": rows})
+        emit_json({**dataclasses.asdict(run), "iterations": rows, "arms": outcomes})
         return
     click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
                f"status={run.status}")
@@ -268,6 +293,9 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
         click.echo(f"error: {shorten(run.error, 200)}")
     click.echo("")
     click.echo(iteration_table(rows) if rows else "no iterations yet")
+    if len({r["arm"] for r in rows}) > 1:
+        click.echo("")
+        click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
 
 
 @main.command()
@@ -359,6 +387,12 @@ def plot(obj: Context, run_id: str, out_dir: Path | None, as_json: bool) -> None
     lm_loss.png: the LM's training loss per step, one line per iteration (the paper's
     Figure 2). score.png: the selected source's score and the incumbent's score per
     iteration.
+
+    Runs on a vision task also get candidate_loss.png (training loss of the network
+    selected at each iteration, the paper's Figure 3), design_params.png (average
+    design parameters of the evaluated candidates per iteration, widths as log2,
+    Figure 5) and best_params.png (parameter count of the selected model, Figure 6),
+    each with one line or panel per arm. Figure 4 comes from `selfprog-cli sweep`.
     """
     from pipeline import plots   # matplotlib is slow to import; only this command needs it
 
@@ -369,6 +403,8 @@ def plot(obj: Context, run_id: str, out_dir: Path | None, as_json: bool) -> None
     out = out_dir if out_dir is not None else obj.settings.artifacts / run.id / "plots"
     try:
         paths = plots.plot_run(run, its, cands, curves, out)
+        if not lower_is_better(run.task):
+            paths += plots.plot_vision_run(run, its, cands, curves, out)
     except OSError as exc:
         raise click.ClickException(
             f"cannot write plots to {str(out)!r}: {exc.strerror or _first_line(exc)}") from None
@@ -403,7 +439,8 @@ def print_progress(event: str, info: dict[str, Any]) -> None:
         line = (f"{where} {info.get('decision') or 'done'}: score {fmt_score(info.get('score'))}"
                 f"  {fmt_design(info.get('design'))}")
     else:
-        details = " ".join(f"{k}={v}" for k, v in info.items() if k != "iteration")
+        details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in info.items() if k != "iteration")
         line = f"{where} {event} {details}".rstrip()
     click.echo(line, err=True)
 
@@ -466,6 +503,121 @@ def launch(obj: Context, preset_name: str, task: str, seed: int | None,
                                                  if run.error else ""))
     click.echo(iteration_table(rows) if rows else "no iterations")
     click.echo(f"\nnext: selfprog-cli show {run.id} | selfprog-cli plot {run.id}")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{what} expects positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def sweep_cells(store: LineageStore, name: str) -> dict[tuple[int, int], Any]:
+    """The newest run of each (candidates, iterations) cell of a sweep."""
+    cells: dict[tuple[int, int], Any] = {}
+    for run in store.list_runs(100_000):          # newest first
+        cfg = run.config or {}
+        if cfg.get("sweep") == name:
+            cells.setdefault((int(cfg["candidates"]), int(cfg["iterations"])), run)
+    return cells
+
+
+@main.command()
+@click.option("--task", required=True, help="Vision task, e.g. digits, mnist5k, mnist1d.")
+@click.option("--candidates", "candidates_csv", default="2,4,8", show_default=True,
+              metavar="N,N,...", help="Candidates per iteration, one grid axis.")
+@click.option("--iterations", "iterations_csv", default="1,2,3", show_default=True,
+              metavar="N,N,...", help="Iterations per run, the other grid axis.")
+@click.option("--preset", "preset_name", default="quick", show_default=True,
+              help="Starting configuration of every cell (see launch).")
+@click.option("--seed", type=int, help="Random seed of every cell.")
+@click.option("--name", help="Sweep name, stored in each cell's run config as 'sweep'. "
+                             "Cells of this name that already completed are reused, so "
+                             "re-running a sweep resumes it and redraws its figure. "
+                             "Default: a new name.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any run setting of every cell (repeatable).")
+@click.option("--backend", type=click.Choice(["auto", "docker", "process"]),
+              help="Sandbox backend (see launch).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG file for the figure. Default: <artifact-dir>/sweeps/<name>.png.")
+@json_option
+@pass_ctx
+@handle_errors
+def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
+          preset_name: str, seed: int | None, name: str | None, sets: tuple[str, ...],
+          backend: str | None, out_path: Path | None, as_json: bool) -> None:
+    """Run a grid of candidates-per-iteration x iterations and plot accuracy against
+    the total number of candidates (the paper's Figure 4).
+
+    Each cell is one run (both arms for a vision task, unless --set arms=lm), launched
+    one after another on this installation. Prints a table per cell: seed accuracy,
+    the accuracy of the model each arm selected last, and the run id; writes the PNG.
+    """
+    if task == "self":
+        raise ConfigError("sweep is for vision tasks (it plots accuracy); pick --task")
+    grid_n = _int_list(candidates_csv, "--candidates")
+    grid_it = _int_list(iterations_csv, "--iterations")
+    overrides: dict[str, Any] = parse_sets(sets)
+    if seed is not None:
+        overrides["seed"] = seed
+    if name is None:
+        import uuid
+        name = f"{task}-{uuid.uuid4().hex[:8]}"
+    configs = {(n, it): build_preset(preset_name, **{**overrides, "task": task, "candidates": n,
+                                                     "iterations": it, "sweep": name})
+               for n in grid_n for it in grid_it}   # every cell's config checked up front
+    settings = obj.settings
+    if backend is not None:
+        settings = dataclasses.replace(settings, sandbox_backend=backend)
+    obj.open_store(create=True).close()
+
+    from pipeline import plots
+    from pipeline.loop import launch as launch_run
+
+    with LineageStore(settings.database_url) as store:
+        done = {k: r for k, r in sweep_cells(store, name).items() if r.status == "completed"}
+    for number, (key, config) in enumerate(configs.items(), 1):
+        label = f"[sweep {name} {number}/{len(configs)}] candidates={key[0]} iterations={key[1]}"
+        if key in done:
+            click.echo(f"{label}: reusing completed run {done[key].id}", err=True)
+            continue
+        click.echo(f"{label}: launching", err=True)
+
+        def progress(event: str, info: dict[str, Any], label: str = label) -> None:
+            if event in ("iteration", "done", "failed", "lm_trained"):
+                click.echo(f"{label} ", err=True, nl=False)
+                print_progress(event, info)
+
+        launch_run(settings, config, progress=progress)
+
+    rows = []
+    with LineageStore(settings.database_url) as store:
+        cells = sweep_cells(store, name)
+        for key in configs:
+            run = cells.get(key)
+            o = arm_outcomes(store.iterations(run.id), store.candidates(run.id)) if run else {}
+            rows.append({"candidates": key[0], "iterations": key[1], "total": key[0] * key[1],
+                         "run_id": run.id if run else None,
+                         "status": run.status if run else "missing",
+                         "start": (o.get("lm") or o.get("random") or {}).get("start"),
+                         "lm": o.get("lm", {}).get("end"), "random": o.get("random", {}).get("end")})
+    out = out_path if out_path is not None else settings.artifacts / "sweeps" / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure = plots.plot_sweep(task, [r for r in rows if r["status"] == "completed"], out)
+    if as_json:
+        emit_json({"sweep": name, "task": task, "figure": str(figure), "cells": rows})
+        return
+    click.echo(f"sweep {name} on {task}: {len(rows)} cells")
+    click.echo(table(["candidates", "iterations", "total", "seed acc", "lm acc", "random acc",
+                      "status", "run"],
+                     [[r["candidates"], r["iterations"], r["total"], fmt_score(r["start"]),
+                       fmt_score(r["lm"]), fmt_score(r["random"]), r["status"], r["run_id"]]
+                      for r in sorted(rows, key=lambda r: (r["total"], r["candidates"]))]))
+    click.echo(f"\nfigure: {figure}")
 
 
 if __name__ == "__main__":   # python -m pipeline.cli

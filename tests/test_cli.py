@@ -299,6 +299,7 @@ def test_progress_lines(capsys):
                                  "score": None})
     print_progress("iteration", {"iteration": 0, "decision": "replaced", "score": 1.2,
                                  "design": design(900)})
+    print_progress("lm_trained", {"iteration": 1, "steps": 256, "final_loss": 0.38312718})
     print_progress("resumed", {"from_iteration": 2})
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -307,5 +308,6 @@ def test_progress_lines(capsys):
         "[iteration 0] candidate 2: evaluated  score 1.2346",
         "[iteration 0] candidate 3: timeout",
         "[iteration 0] replaced: score 1.2000  enc=2 dec=2 d_ff=900 heads=8",
+        "[iteration 1] lm_trained steps=256 final_loss=0.3831",
         "[run] resumed from_iteration=2",
     ]

@@ -255,6 +255,8 @@ def test_update_iteration(store):
         "done", inc.id, sel.id, "replaced")
     assert it.lm_losses == [3.0, 2.5, None]     # non-finite steps are kept as null
     assert (it.lm_seconds, it.gen_seconds, it.eval_seconds) == (1.5, 0.25, 2.0)
+    assert it.finished_at is not None              # reaching 'done' stamps the end
+    assert store.get_iteration(run_id, 0, arm="random") is None
     with pytest.raises(ValueError):
         store.update_iteration(run_id, 0, stage="dancing")
     with pytest.raises(ValueError):

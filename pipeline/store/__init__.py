@@ -427,6 +427,8 @@ class LineageStore:
         for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
             if name in fields:
                 fields[name] = _finite(fields[name], name)
+        if fields.get("stage") == "done":
+            fields.setdefault("finished_at", utcnow())
         with self._session() as s, s.begin():
             run_id = self._run_id(s, run_id)
             row = self._iteration_row(s, run_id, index, arm)
