@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from pipeline.store import CandidateView, CurveView, IterationView, RunView
@@ -116,3 +117,218 @@ def plot_run(run: RunView, iterations: Sequence[IterationView],
         plot_lm_loss(run, iterations, out_dir / "lm_loss.png", curves),
         plot_scores(run, iterations, candidates, out_dir / "score.png"),
     ]
+
+
+# ------------------------------------------------------------- vision runs (paper 4.2)
+# Figures for runs where the LM programs another network: loss curves of the selected
+# network per iteration (the paper's Figure 3), average design parameters of the
+# candidates (Figure 5), parameter count of the best model (Figure 6), and accuracy
+# against the total number of candidates over a sweep of runs (Figure 4).
+
+DESIGN_PARAMS = (("hidden_layers", "hidden layers", False), ("conv_layers", "conv layers", False),
+                 ("hidden_size", "log2 hidden size", True), ("channels", "log2 conv channels", True))
+_ARM_STYLE = {"lm": dict(color="tab:blue", linestyle="-", marker="o"),
+              "random": dict(color="tab:orange", linestyle="--", marker="s")}
+
+
+def _arms(iterations: Sequence[IterationView]) -> list[str]:
+    return sorted({it.arm for it in iterations}, key=lambda a: (a != "lm", a))
+
+
+def _smooth(values: Sequence[float | None], window: int) -> tuple[list[int], list[float]]:
+    """Trailing moving average over the finite values; x is the 1-based step."""
+    xs, ys, buf = [], [], []
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        buf.append(v)
+        if len(buf) > window:
+            buf.pop(0)
+        xs.append(i + 1)
+        ys.append(sum(buf) / len(buf))
+    return xs, ys
+
+
+def plot_candidate_losses(run: RunView, iterations: Sequence[IterationView],
+                          candidates: Sequence[CandidateView], curves: Sequence[CurveView],
+                          path: Path) -> Path:
+    """Training loss per step of the network each iteration selected (paper Figure 3).
+
+    'model 0' is the seed network (iteration 0's incumbent); 'after iteration k' is the
+    network selected at iteration k, as trained during its evaluation (its stored
+    'fewshot_loss' curve). One panel per arm; curves are a moving average.
+    """
+    by_id = {c.id: c for c in candidates}
+    losses = {c.candidate_id: c.values for c in curves
+              if c.name == "fewshot_loss" and c.candidate_id is not None}
+    arms = _arms(iterations) or ["lm"]
+    fig = Figure(figsize=(6 * len(arms), 4.5))
+    axes = [fig.add_subplot(1, len(arms), i + 1) for i in range(len(arms))]
+    longest = max((len(v) for v in losses.values()), default=0)
+    window = max(1, longest // 25)
+    for ax, arm in zip(axes, arms):
+        rows = sorted((it for it in iterations if it.arm == arm), key=lambda it: it.index)
+        series = []
+        if rows and rows[0].incumbent_id in losses:
+            series.append(("model 0 (seed)", losses[rows[0].incumbent_id]))
+        for it in rows:
+            if it.selected_id in losses:
+                chosen = by_id.get(it.selected_id)
+                kept = " (kept)" if chosen is not None and chosen.role == "incumbent" else ""
+                series.append((f"after iteration {it.index}{kept}", losses[it.selected_id]))
+        for n, (label, values) in enumerate(series):
+            xs, ys = _smooth(values, window)
+            color = colormaps["viridis"](0.9 * n / max(1, len(series) - 1))
+            ax.plot(xs, ys, label=label, linewidth=1.3, color=color,
+                    linestyle="--" if label.endswith("(kept)") else "-")
+        if series:
+            ax.legend(fontsize="small")
+        else:
+            _empty(ax, "no loss curve recorded yet")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss (cross-entropy)")
+        ax.set_title(f"{arm} arm" + (f" (moving average, {window} steps)" if window > 1 else ""))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"run {run.id} ({run.task}): training loss of the selected network")
+    return _save(fig, path)
+
+
+def design_averages(candidates: Sequence[CandidateView], arm: str) -> dict[int, dict[str, float]]:
+    """Per iteration, the mean design parameters of the arm's evaluated candidates
+    (widths as log2). Iterations with no evaluated candidate are left out."""
+    import math
+
+    out: dict[int, dict[str, float]] = {}
+    for index in sorted({c.iteration for c in candidates if c.arm == arm}):
+        designs = [c.design for c in candidates
+                   if c.arm == arm and c.iteration == index and c.role == "candidate"
+                   and c.status == "evaluated" and c.design]
+        designs = [d for d in designs if all(isinstance(d.get(k), int) and d[k] >= (1 if log else 0)
+                                             for k, _, log in DESIGN_PARAMS)]
+        if designs:
+            out[index] = {k: sum(math.log2(d[k]) if log else d[k] for d in designs) / len(designs)
+                          for k, _, log in DESIGN_PARAMS}
+            out[index]["n"] = len(designs)
+    return out
+
+
+def plot_design_params(run: RunView, iterations: Sequence[IterationView],
+                       candidates: Sequence[CandidateView], path: Path) -> Path:
+    """Average design parameters of the evaluated candidates per iteration (paper
+    Figure 5): one panel per parameter, one line per arm; widths as log2."""
+    fig = Figure(figsize=(10, 7))
+    axes = [fig.add_subplot(2, 2, i + 1) for i in range(4)]
+    arms = _arms(iterations) or ["lm"]
+    averages = {arm: design_averages(candidates, arm) for arm in arms}
+    for ax, (key, label, _) in zip(axes, DESIGN_PARAMS):
+        drawn = False
+        for arm in arms:
+            pts = averages[arm]
+            if pts:
+                xs = list(pts)
+                ax.plot(xs, [pts[x][key] for x in xs], label=f"{arm} arm", **_ARM_STYLE.get(arm, {}))
+                drawn = True
+        if drawn:
+            ax.legend(fontsize="small")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        else:
+            _empty(ax, "no evaluated candidate yet")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"avg {label}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"run {run.id} ({run.task}): average design of the evaluated candidates"
+                 " (channels read 32 for a net without convs)", fontsize="medium")
+    return _save(fig, path)
+
+
+def plot_best_params(run: RunView, iterations: Sequence[IterationView],
+                     candidates: Sequence[CandidateView], path: Path) -> Path:
+    """Parameter count of the selected (best) model per iteration (paper Figure 6);
+    the seed network's count is the first point ('seed')."""
+    by_id = {c.id: c for c in candidates}
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    drawn = False
+    for arm in _arms(iterations):
+        rows = sorted((it for it in iterations if it.arm == arm), key=lambda it: it.index)
+        xs, ys = [], []
+        seed = by_id.get(rows[0].incumbent_id) if rows else None
+        if seed is not None and seed.param_count:
+            xs.append(-1)
+            ys.append(seed.param_count)
+        for it in rows:
+            c = by_id.get(it.selected_id)
+            if c is not None and c.param_count:
+                xs.append(it.index)
+                ys.append(c.param_count)
+        if xs:
+            ax.plot(xs, ys, label=f"{arm} arm", **_ARM_STYLE.get(arm, {}))
+            drawn = True
+    if drawn:
+        ax.set_yscale("log")
+        ax.legend(fontsize="small")
+        last = max((it.index for it in iterations), default=0)
+        ax.set_xticks(range(-1, last + 1), ["seed"] + [str(i) for i in range(last + 1)])
+    else:
+        _empty(ax, "no selected model yet")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("parameters of the selected model")
+    ax.set_title(f"run {run.id} ({run.task}): size of the best model")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_vision_run(run: RunView, iterations: Sequence[IterationView],
+                    candidates: Sequence[CandidateView], curves: Sequence[CurveView],
+                    out_dir: Path) -> list[Path]:
+    """The figures of a run that programs another network, into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_candidate_losses(run, iterations, candidates, curves, out_dir / "candidate_loss.png"),
+        plot_design_params(run, iterations, candidates, out_dir / "design_params.png"),
+        plot_best_params(run, iterations, candidates, out_dir / "best_params.png"),
+    ]
+
+
+def plot_sweep(task: str, rows: Sequence[dict], path: Path) -> Path:
+    """Accuracy against the total number of candidates (paper Figure 4).
+
+    `rows`: one per sweep cell, with keys candidates, iterations, and end accuracy per
+    arm (`lm`, `random`; None when missing). Left: accuracy against candidates x
+    iterations (points, and the mean per total as a line). Right: accuracy against
+    candidates per iteration, one line per number of iterations.
+    """
+    fig = Figure(figsize=(12, 4.5))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    arms = [a for a in ("lm", "random") if any(r.get(a) is not None for r in rows)]
+    for arm in arms:
+        style = _ARM_STYLE.get(arm, {})
+        pts = sorted((r["candidates"] * r["iterations"], r[arm]) for r in rows if r.get(arm) is not None)
+        left.scatter([p[0] for p in pts], [p[1] for p in pts], color=style.get("color"),
+                     marker=style.get("marker", "o"), alpha=0.6)
+        totals = sorted({p[0] for p in pts})
+        means = [sum(a for t, a in pts if t == x) / sum(1 for t, _ in pts if t == x) for x in totals]
+        left.plot(totals, means, color=style.get("color"), linestyle=style.get("linestyle"),
+                  label=f"{arm} arm (mean per total)")
+        for iters in sorted({r["iterations"] for r in rows}):
+            cells = sorted((r["candidates"], r[arm]) for r in rows
+                           if r["iterations"] == iters and r.get(arm) is not None)
+            if cells:
+                right.plot([c[0] for c in cells], [c[1] for c in cells],
+                           color=style.get("color"), marker=style.get("marker", "o"),
+                           linestyle=style.get("linestyle"),
+                           alpha=0.35 + 0.65 * iters / max(r["iterations"] for r in rows),
+                           label=f"{arm}, {iters} iteration{'s' if iters != 1 else ''}")
+    for ax in (left, right):
+        ax.set_ylabel("final accuracy of the selected model")
+        ax.grid(alpha=0.3)
+        if arms:
+            ax.legend(fontsize="small")
+        else:
+            _empty(ax, "no finished sweep cell yet")
+    left.set_xlabel("total candidates (candidates per iteration x iterations)")
+    right.set_xlabel("candidates per iteration")
+    right.set_xticks(sorted({r["candidates"] for r in rows}) or [0])
+    fig.suptitle(f"{task}: accuracy against the number of candidates (sweep)")
+    return _save(fig, path)
