@@ -102,6 +102,8 @@ class RunConfig:
     eval_timeout_s: float = 900.0
     num_threads: int = 1
     max_candidate_params: int = 500_000_000
+    # the `selfprog-cli sweep` this run is a cell of ("" for a plain launch)
+    sweep: str = ""
 
     def with_overrides(self, **overrides: Any) -> "RunConfig":
         known = {f.name: f for f in fields(self)}
@@ -157,13 +159,40 @@ PRESETS: dict[str, RunConfig] = {
         max_new_tokens=96, fewshot_samples=32, train_samples=1000, eval_samples=300,
         train_timeout_s=300.0, eval_timeout_s=120.0,
     ),
+    # The paper's section 4.2 search (n=8 candidates, 5 iterations, 2 epochs per
+    # candidate, seed network of one hidden layer of 16 units, LM of 2+2 layers, 8 heads,
+    # d_ff 1024) with what a 2-core CPU affords: an LM of d_model 64 instead of 512,
+    # trained on 1024 refinement pairs for 4 epochs; 2,000 training and 1,000
+    # evaluation samples per task. docs/REPRODUCTION.md lists every difference.
+    "paper-vision-cpu": RunConfig(
+        preset="paper-vision-cpu", iterations=5, candidates=8, task_epochs=2,
+        arms=("lm", "random"), dataset_size=1024, vocab_size=512, d_model=64,
+        lm_lr=5e-3, lm_batch_size=16, lm_epochs=4, max_new_tokens=256,
+        fewshot_samples=32, train_samples=2000, eval_samples=1000,
+        train_timeout_s=1800.0, eval_timeout_s=240.0,
+    ),
 }
+
+
+# Programming another network (a vision task) changes two defaults of every preset,
+# unless the run sets them itself:
+# - arms: the random control arm runs beside the LM, same budget and seeds, same run;
+# - max_new_tokens: at least 256, because CNN sources are longer than LM sources (up to
+#   ~200 tokens with 8 convs and 8 dense layers); a shorter budget cuts candidates off
+#   mid-source and they end rejected as syntax errors.
+VISION_ARMS = ("lm", "random")
+VISION_MIN_NEW_TOKENS = 256
 
 
 def preset(name: str, **overrides: Any) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (choose {', '.join(sorted(PRESETS))})")
-    return PRESETS[name].with_overrides(**overrides)
+    base = PRESETS[name]
+    if overrides.get("task", base.task) != "self":
+        vision: dict[str, Any] = {"arms": VISION_ARMS,
+                                  "max_new_tokens": max(base.max_new_tokens, VISION_MIN_NEW_TOKENS)}
+        overrides = {**vision, **{k: v for k, v in overrides.items() if v is not None}}
+    return base.with_overrides(**overrides)
 
 
 def _parse(f: dataclasses.Field, raw: str, where: str) -> Any:
