@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends.base import (HARNESS_COMMAND, SandboxError, cleanup, collect, format_logs,
-                                   stage)
+                                   sabotage_enabled, stage)
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ DEFAULT_IMAGE = "selfprog-sandbox:latest"
 LABEL_SANDBOX = "selfprog.sandbox"
 LABEL_JOB = "selfprog.job_id"
 LABEL_OWNER = "selfprog.owner"
+LABEL_PID = "selfprog.owner_pid"          # the process that started it, and that
+LABEL_PID_START = "selfprog.owner_start"  # process's start time (pid reuse)
 
 POLL_S = 0.5                     # how often the deadline loop looks at out/
 MAX_OUT_ENTRIES = 10_000         # files + dirs in out/ (inodes are a resource too)
@@ -170,12 +172,31 @@ def docker_available(image: str = DEFAULT_IMAGE) -> tuple[bool, str]:
     return True, f"Docker engine and image {image} (uid {uid}) available"
 
 
-def reap_orphans(client, owner: str | None = None) -> int:
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot), or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return stat_line.rsplit(")", 1)[-1].split()[19]
+
+
+def _owner_alive(labels: dict) -> bool:
+    pid, start = labels.get(LABEL_PID, ""), labels.get(LABEL_PID_START, "")
+    return pid.isdigit() and start != "" and _process_start(int(pid)) == start
+
+
+def reap_orphans(client, owner: str | None = None, *, keep_live_owners: bool = False) -> int:
     """Remove sandbox containers (label selfprog.sandbox=1), running or not.
 
-    With `owner`, only those that worker started (a worker calls this when it starts,
-    to remove what its previous life left behind; other workers on the same engine keep
-    their running jobs). Returns how many were removed.
+    With `owner`, only those that worker started. With `keep_live_owners`, not those
+    whose starting process (pid and start time, labelled) is still alive: that is
+    how a backend reaps at start, so that the sibling processes of one worker (Celery
+    prefork children share the hostname) or a second worker on the same host keep
+    their running jobs, while the containers of a process that died are removed.
+    Returns how many were removed.
     """
     docker = _docker()
     filters = {"label": [f"{LABEL_SANDBOX}=1"]}
@@ -183,6 +204,8 @@ def reap_orphans(client, owner: str | None = None) -> int:
         filters["label"].append(f"{LABEL_OWNER}={owner}")
     removed = 0
     for c in client.containers.list(all=True, filters=filters):
+        if keep_live_owners and _owner_alive(c.labels):
+            continue
         try:
             c.remove(force=True)
             removed += 1
@@ -232,7 +255,8 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
                     user: tuple[int, int], memory_mb: int, cpus: float, pids: int,
                     output_mb: int, env: dict[str, str] | None = None,
                     runtime: str | None = None, device_requests: list | None = None,
-                    command: list[str] | None = None, **refused: Any) -> dict[str, Any]:
+                    command: list[str] | None = None, owner_pid: int | None = None,
+                    **refused: Any) -> dict[str, Any]:
     """The keyword arguments for `client.containers.create` of one sandbox.
 
     This is the only profile there is. Anything in `refused` is an attempt to step
@@ -271,6 +295,7 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
     if not (64 <= memory_mb and 0 < cpus and 8 <= pids and 1 <= output_mb):
         raise HardeningError("limits out of range")
 
+    pid = os.getpid() if owner_pid is None else owner_pid
     scratch_mb = max(SCRATCH_MIN_MB, min(SCRATCH_MAX_MB, memory_mb // 4))
     tmpfs_opts = "rw,noexec,nosuid,nodev"
     mib = 1024 * 1024
@@ -280,7 +305,8 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
         working_dir="/job",
         user=f"{uid}:{gid}",
         environment=env,
-        labels={LABEL_SANDBOX: "1", LABEL_JOB: job_id, LABEL_OWNER: owner},
+        labels={LABEL_SANDBOX: "1", LABEL_JOB: job_id, LABEL_OWNER: owner,
+                LABEL_PID: str(pid), LABEL_PID_START: _process_start(pid) or ""},
         hostname="sandbox",
         detach=True,
         stdin_open=False,
@@ -321,7 +347,25 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
         config["runtime"] = runtime
     if device_requests:
         config["device_requests"] = list(device_requests)
+    if sabotage_enabled():
+        _sabotage(config)
     return config
+
+
+def _sabotage(config: dict[str, Any]) -> None:
+    """TEST ONLY (base.sabotage_enabled): a container that confines nothing, the way a
+    careless `docker run` would be: root, host network and PIDs, the host's / at /host
+    read-write, the host's environment, every capability, no limits."""
+    docker = _docker()
+    log.error("UNCONFINED docker sandbox: SABOTAGE MODE (SELFPROG_SABOTAGE=1, tests only)")
+    for key in ("mem_limit", "memswap_limit", "nano_cpus", "pids_limit", "ulimits",
+                "cap_drop", "security_opt", "ipc_mode"):
+        config.pop(key, None)
+    config.update(user="0:0", network_mode="host", pid_mode="host", read_only=False,
+                  environment={**os.environ, **config["environment"]})
+    config["mounts"] = config["mounts"] + [
+        docker.types.Mount(target="/host", source="/", type="bind", read_only=False)]
+    config["tmpfs"] = {k: re.sub(r",size=[^,]*", "", v) for k, v in config["tmpfs"].items()}
 
 
 def check_profile(attrs: dict, config: dict[str, Any]) -> list[str]:
@@ -375,7 +419,8 @@ def create_hardened_container(client, **spec: Any):
     except docker.errors.APIError as e:
         raise SandboxError(f"the engine refused the sandbox container: {e}") from None
     try:
-        problems = check_profile(client.api.inspect_container(container.id), config)
+        problems = ([] if sabotage_enabled() else   # TEST ONLY: the profile is off on purpose
+                    check_profile(client.api.inspect_container(container.id), config))
     except BaseException:
         _remove(container)
         raise
@@ -442,15 +487,15 @@ class DockerBackend:
                          else Path(tempfile.gettempdir()) / "selfprog-docker-jobs").resolve()
         self.runtime = runtime or None
         self.gpus = (gpus or "").strip()
-        # Stable across restarts of the same worker, so reaping at start finds what this
-        # worker's previous life left and leaves other workers' jobs alone.
+        # The hostname, plus the pid labels: reaping at start removes what dead processes
+        # of this host left behind and leaves live ones (siblings, other workers) alone.
         self.owner = owner or socket.gethostname()
         self.keep_jobdirs = keep_jobdirs
         self.client = client or connect()
         self.user = image_user(self.client, image)
         self._gpu_slot = itertools.count()
         self._lock = threading.Lock()
-        reap_orphans(self.client, owner=self.owner)
+        reap_orphans(self.client, owner=self.owner, keep_live_owners=True)
 
     def execute(self, job: Job, out_dir: Path) -> Result:
         """Run one job to completion and return its Result (never the candidate's exception).
@@ -467,7 +512,7 @@ class DockerBackend:
         uid, gid = self.user
         # No uid for stage(): its check that every parent of the workroot is
         # traversable is for the process backend; a bind mount needs no path to /job.
-        jobdir = stage(job, self.workroot)
+        jobdir = stage(job, self.workroot, seal=True)
         try:
             if root:
                 os.chown(jobdir / "out", uid, gid)
