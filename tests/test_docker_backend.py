@@ -340,27 +340,36 @@ def test_container_is_removed_whatever_happens(backend, client, tmp_path):
 
 @pytest.mark.docker
 def test_orphans_are_reaped_by_owner(client, tmp_path):
+    import subprocess
+
+    # A process that has exited: the "worker" whose containers are orphans.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
     workroot = tmp_path / "work"
-    uid_gid = (SANDBOX_UID, SANDBOX_UID)
     made = {}
-    for owner in (OWNER + "-dead", OWNER + "-alive"):
+    for name, owner, pid in (("dead", OWNER + "-a", dead.pid),        # a dead process of a
+                             ("sibling", OWNER + "-a", os.getpid()),  # live process, same host
+                             ("other", OWNER + "-b", dead.pid)):      # another worker's
         job = _job("pass\n")
         jobdir = base.stage(job, workroot)
         c = create_hardened_container(client, image=IMAGE, jobdir=jobdir, workroot=workroot,
-                                      job_id=job.job_id, owner=owner, user=uid_gid,
-                                      memory_mb=256, cpus=0.5, pids=16, output_mb=1,
-                                      command=["sleep", "300"])
+                                      job_id=job.job_id, owner=owner, owner_pid=pid,
+                                      user=(SANDBOX_UID, SANDBOX_UID), memory_mb=256, cpus=0.5,
+                                      pids=16, output_mb=1, command=["sleep", "300"])
         c.start()
-        made[owner] = c
+        made[name] = c
     try:
-        # A worker restarting as OWNER-dead removes what its previous life left...
-        DockerBackend(image=IMAGE, workroot=workroot, client=client, owner=OWNER + "-dead")
+        # A worker (re)starting as OWNER-a removes what its dead process left behind...
+        DockerBackend(image=IMAGE, workroot=workroot, client=client, owner=OWNER + "-a")
         with pytest.raises(docker.errors.NotFound):
-            made[OWNER + "-dead"].reload()
-        # ...and leaves another worker's running job alone.
-        made[OWNER + "-alive"].reload()
-        assert made[OWNER + "-alive"].status == "running"
-        assert reap_orphans(client, owner=OWNER + "-alive") == 1
+            made["dead"].reload()
+        # ...but not the running job of a live process of the same worker, nor another
+        # worker's containers.
+        for name in ("sibling", "other"):
+            made[name].reload()
+            assert made[name].status == "running", name
+        assert reap_orphans(client, owner=OWNER + "-b") == 1
+        assert reap_orphans(client, owner=OWNER + "-a") == 1   # no keep_live_owners: all
     finally:
         for c in made.values():
             try:
