@@ -369,6 +369,22 @@ def test_record_result_once(store):
         c.id, 1, [3.0, 2.0, None])
 
 
+def test_record_rescore_flags_a_disagreeing_winner(store):
+    run_id = new_run(store)
+    c = add(store, run_id, 0, 1)
+    store.record_result(c.id, status="evaluated", score=1.0)
+    assert (store.get_candidate(c.id).rescore, store.get_candidate(c.id).flagged) == (None, False)
+    store.record_rescore(c.id, score=1.0, flagged=False)
+    got = store.get_candidate(c.id)
+    assert (got.rescore, got.flagged, got.reason, got.status) == (1.0, False, "", "evaluated")
+    store.record_rescore(c.id, score=3.0, flagged=True, note="rescore 3.0 disagrees with 1.0")
+    got = store.get_candidate(c.id)
+    assert (got.rescore, got.flagged, got.status) == (3.0, True, "evaluated")
+    assert "disagrees" in got.reason
+    with pytest.raises(UnknownCandidate):
+        store.record_rescore(10**9, score=1.0, flagged=False)
+
+
 @pytest.mark.parametrize("status", sorted(TERMINAL_STATUSES))
 def test_record_result_every_terminal_status(store, status):
     run_id = new_run(store)

@@ -122,6 +122,8 @@ class CandidateView:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    rescore: float | None = None
+    flagged: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -561,6 +563,20 @@ class LineageStore:
                 s.add(MetricCurve(run_id=row.run_id, candidate_id=candidate_id,
                                   iteration=row.iteration, name="fewshot_loss", values=curve))
             return True
+
+    def record_rescore(self, candidate_id: int, *, score: float | None, flagged: bool,
+                       note: str = "") -> None:
+        """Store the second, independent score of a would-be winner, and whether the
+        two disagreed (then the candidate is flagged and selection passes it over)."""
+        values: dict[str, Any] = dict(rescore=_finite(score, "rescore"), flagged=bool(flagged))
+        if flagged:
+            values["reason"] = _bound_reason(note)
+        with self._session() as s, s.begin():
+            result = s.execute(update(Candidate)
+                               .where(Candidate.id == _candidate_key(candidate_id))
+                               .values(**values).execution_options(synchronize_session=False))
+            if result.rowcount == 0:
+                raise UnknownCandidate(f"unknown candidate {candidate_id}")
 
     def cancel_pending(self, run_id: str) -> int:
         with self._session() as s, s.begin():
