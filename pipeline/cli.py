@@ -462,14 +462,22 @@ def print_progress(event: str, info: dict[str, Any]) -> None:
                    "Repeatable; the dedicated options above win over --set.")
 @click.option("--backend", type=click.Choice(["auto", "docker", "process"]),
               help="Sandbox backend for generated code (default: $SELFPROG_SANDBOX_BACKEND, "
-                   "else auto: Docker when available, else local processes).")
+                   "else auto: Docker when available, else local processes). Embedded "
+                   "runs only: workers use their own setting.")
+@click.option("--detach", is_flag=True,
+              help="With a broker ($SELFPROG_BROKER_URL): submit the run, print its id and "
+                   "return at once (follow it with `watch RUN`).")
 @json_option
 @pass_ctx
 @handle_errors
 def launch(obj: Context, preset_name: str, task: str, seed: int | None,
            iterations: int | None, candidates: int | None, fewshot_samples: int | None,
-           sets: tuple[str, ...], backend: str | None, as_json: bool) -> None:
+           sets: tuple[str, ...], backend: str | None, detach: bool, as_json: bool) -> None:
     """Start a self-programming run and wait for it to finish.
+
+    Without a broker the run executes in this process (the embedded default). With
+    $SELFPROG_BROKER_URL set it is submitted to the coordinator and this command
+    follows it (Ctrl-C stops following, not the run), or returns at once with --detach.
 
     Progress goes to stderr, one line per event. At the end the run id and a summary
     per iteration (the selected source's design, its score, kept or replaced) are
@@ -482,16 +490,57 @@ def launch(obj: Context, preset_name: str, task: str, seed: int | None,
                       if v is not None})
     config = build_preset(preset_name, **overrides)
     settings = obj.settings
+    if detach and settings.embedded:
+        raise click.ClickException("--detach needs a broker: set SELFPROG_BROKER_URL "
+                                   "(an embedded run lives in this process)")
     if backend is not None:
+        if not settings.embedded:
+            click.echo("warning: --backend is ignored with a broker; the workers use their "
+                       "own SELFPROG_SANDBOX_BACKEND", err=True)
         settings = dataclasses.replace(settings, sandbox_backend=backend)
     # Open (and create or migrate) the database before the long part starts, so a bad
     # URL fails in a second, not after the first training stage.
     obj.open_store(create=True).close()
+    _check_broker(settings)
 
     from pipeline.loop import launch as launch_run   # heavy (torch); only this command
 
-    run_id = launch_run(settings, config, progress=print_progress)
+    run_id = launch_run(settings, config, progress=None if detach else print_progress,
+                        detach=detach)
+    if detach:
+        _report_submitted(run_id, as_json)
+        return
+    _report_run(settings, run_id, as_json)
 
+
+def _check_broker(settings: Settings) -> None:
+    """Fail in a second, with one line, when the broker does not answer."""
+    if settings.embedded:
+        return
+    import redis
+    try:
+        redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5,
+                             socket_timeout=5).ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise click.ClickException(f"broker {_hide_password(settings.broker_url)} does not "
+                                   f"answer: {_first_line(exc)}") from None
+
+
+def _hide_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _report_submitted(run_id: str, as_json: bool) -> None:
+    if as_json:
+        emit_json({"run_id": run_id, "status": "submitted"})
+    else:
+        click.echo(run_id)
+
+
+def _report_run(settings: Settings, run_id: str, as_json: bool) -> None:
     with LineageStore(settings.database_url) as store:
         run = store.get_run(run_id)
         rows = iteration_rows(store.iterations(run.id), store.candidates(run.id))
@@ -503,6 +552,115 @@ def launch(obj: Context, preset_name: str, task: str, seed: int | None,
                                                  if run.error else ""))
     click.echo(iteration_table(rows) if rows else "no iterations")
     click.echo(f"\nnext: selfprog-cli show {run.id} | selfprog-cli plot {run.id}")
+
+
+def _needs_broker(settings: Settings, what: str) -> None:
+    if settings.embedded:
+        raise click.ClickException(f"{what} follows runs on the workers: set "
+                                   "SELFPROG_BROKER_URL (embedded runs report progress in "
+                                   "the process that launched them; see `show RUN`)")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@json_option
+@pass_ctx
+@handle_errors
+def watch(obj: Context, run_id: str, as_json: bool) -> None:
+    """Follow a run on the workers: its live events until it ends.
+
+    RUN is a run id or a unique prefix. Prints where the run stands now, then one line
+    per event (stage changes, candidates, iterations) on stderr; with --json, one JSON
+    object per event on stdout. Exits 0 when the run completes, 1 when it failed or was
+    cancelled. Ctrl-C stops watching, not the run.
+    """
+    settings = obj.settings
+    _needs_broker(settings, "watch")
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        rows = iteration_rows(store.iterations(run.id), store.candidates(run.id))
+    _check_broker(settings)
+    if not as_json:
+        click.echo(f"run {run.id}: {run.status}", err=True)
+        if rows:
+            click.echo(iteration_table(rows), err=True)
+
+    def show_event(event: str, info: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps({"event": event, **info}, default=str))
+        else:
+            print_progress(event, info)
+
+    status = run.status
+    if status not in ("completed", "failed", "cancelled"):
+        from pipeline.loop import attach   # heavy (torch)
+        try:
+            status = attach(settings, run.id, show_event)
+        except KeyboardInterrupt:
+            raise click.ClickException(f"stopped watching; run {run.id} goes on") from None
+    with LineageStore(settings.database_url) as store:
+        final = store.get_run(run.id)
+    if as_json:
+        click.echo(json.dumps({"event": "end", "run_id": final.id, "status": final.status,
+                               "error": final.error}))
+    else:
+        click.echo(f"run {final.id}: {final.status}")
+    if final.status != "completed":
+        raise click.ClickException(f"run {final.id} {final.status}"
+                                   + (f": {shorten(final.error, 200)}" if final.error else ""))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@json_option
+@pass_ctx
+@handle_errors
+def cancel(obj: Context, run_id: str, as_json: bool) -> None:
+    """Cancel a run: no new stage starts, unfinished candidates end as 'cancelled'.
+
+    RUN is a run id or a unique prefix. Sandboxes already running finish within their
+    deadline; their results are not recorded. A finished run cannot be cancelled.
+    """
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+    from pipeline.loop import cancel as cancel_run   # heavy (torch)
+
+    n = cancel_run(obj.settings, run.id)
+    if as_json:
+        emit_json({"run_id": run.id, "status": "cancelled", "candidates_cancelled": n})
+    else:
+        click.echo(f"run {run.id}: cancelled ({n} unfinished candidate(s) cancelled)")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--detach", is_flag=True,
+              help="With a broker: hand the run back to the coordinator and return at once.")
+@json_option
+@pass_ctx
+@handle_errors
+def resume(obj: Context, run_id: str, detach: bool, as_json: bool) -> None:
+    """Carry on an interrupted run from what the lineage database records.
+
+    For a run stopped by a crash, a lost broker (Redis restarted without its data) or a
+    stage failure: every unfinished iteration restarts at its recorded stage, and
+    candidates already in a final state are not run again. Safe on a run that is still
+    moving (nothing is recorded twice). A completed run is left alone; a cancelled one
+    is not resumed. Then waits like `launch` (or returns at once with --detach).
+    """
+    settings = obj.settings
+    if detach and settings.embedded:
+        raise click.ClickException("--detach needs a broker: set SELFPROG_BROKER_URL")
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+    _check_broker(settings)
+    from pipeline.loop import resume as resume_run   # heavy (torch)
+
+    resume_run(settings, run.id, progress=None if detach else print_progress, detach=detach)
+    if detach:
+        _report_submitted(run.id, as_json)
+        return
+    _report_run(settings, run.id, as_json)
 
 
 def _int_list(text: str, what: str) -> list[int]:

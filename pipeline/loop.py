@@ -11,26 +11,37 @@ Each stage is a small coordinator task that records what happened in the lineage
 dispatches the next stage, so a run can be resumed from the DB after any crash
 (`resume`). Embedded, Celery runs the very same tasks eagerly in-process.
 
+Distributed, any message may be delivered twice (late acks: a worker that dies is
+replaced and its message comes back). So every stage change is a compare-and-set in
+the DB (`LineageStore.advance_stage`): of two deliveries exactly one moves the iteration
+on and dispatches the next stage; the other returns. A *redelivered* message whose
+compare-and-set already happened dispatches the stage again, because its first delivery
+may have died between the DB write and the dispatch; the duplicate work that can cause is
+absorbed the same way (one row per candidate, a result recorded once).
+
 When the LM programs another network (a vision task), the LM is the seed LM, trained
 once, and c is the network's source. A second "random" arm can run beside it: the same
 search with the LM replaced by random single-parameter refinements (the control).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import json
 import logging
 import random
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from celery import chain, chord
+from celery import chain, chord, current_task
 
 from pipeline import events, refinement
 from pipeline import tokenizer as tk
 from pipeline.jobs import RunContext
 from pipeline.settings import RunConfig, Settings
-from pipeline.store import CandidateView, LineageStore
+from pipeline.store import CandidateView, LineageStore, StoreError
 from pipeline.worker import app, queue_for, run_job
 from pipeline import worker
 from sandbox.policy import check as policy_check
@@ -42,8 +53,12 @@ log = logging.getLogger(__name__)
 CANDIDATE_STATUS = {"ok": "evaluated", "invalid": "invalid", "timeout": "timeout", "oom": "oom",
                     "rejected": "rejected", "crashed": "invalid"}
 ACTIVE = ("pending", "running")
+TERMINAL_RUN = ("completed", "failed", "cancelled")
 
 _stores: dict[str, LineageStore] = {}
+# Whether the stage task now running is a redelivered message (see the module docstring).
+_redelivered: contextvars.ContextVar[bool] = contextvars.ContextVar("selfprog_redelivered",
+                                                                    default=False)
 
 
 def store_for(settings: Settings) -> LineageStore:
@@ -78,11 +93,44 @@ def select(incumbent: CandidateView, candidates: list[CandidateView],
 
 
 # --------------------------------------------------------------------------- tasks
+@contextlib.contextmanager
+def redelivery(flag: bool = True) -> Iterator[None]:
+    """Run stage functions (`stage.run.__wrapped__`, outside the task wrapper) as if
+    their message were, or were not, a redelivery. For tests and `resume`."""
+    token = _redelivered.set(flag)
+    try:
+        yield
+    finally:
+        _redelivered.reset(token)
+
+
+def _is_redelivery() -> bool:
+    try:
+        info = current_task.request.delivery_info or {}
+    except Exception:
+        return False
+    return bool(info.get("redelivered"))
+
+
+def _moved(won: bool, store: LineageStore, run_id: str, index: int, arm: str, stage: str) -> bool:
+    """Whether to dispatch `stage` after a compare-and-set into it: when this delivery
+    won it, or when this is a redelivery and the iteration is still in that stage (the
+    first delivery may have died right after the write)."""
+    if won:
+        return True
+    if not _redelivered.get():
+        return False
+    it = store.get_iteration(run_id, index, arm)
+    return it is not None and it.stage == stage
+
+
 def coordinator_task(fn: Callable) -> Any:
     """A loop stage: on an unexpected error the run is marked failed, with the reason."""
     @app.task(name=f"selfprog.loop.{fn.__name__}", acks_late=True, reject_on_worker_lost=True)
     @functools.wraps(fn)
     def task(*args: Any, **kw: Any) -> Any:
+        # Per message: an eager stage run inside another must not inherit its flag.
+        token = _redelivered.set(_is_redelivery())
         try:
             return fn(*args, **kw)
         except Exception as e:
@@ -93,6 +141,8 @@ def coordinator_task(fn: Callable) -> Any:
                     run_id, "failed", error=f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
                 events.emit(run_id, "failed", error=str(e)[:500])
             raise
+        finally:
+            _redelivered.reset(token)
     return task
 
 
@@ -124,15 +174,16 @@ def begin_iteration(*, run_id: str, index: int, arm: str = "lm") -> None:
         winner = store.get_candidate(prev.selected_id)
         source, parent_id = winner.source, winner.id
     it = store.ensure_iteration(run_id, index, source_in=source, arm=arm)
-    if it.stage != "pending":
+    if it.stage != "pending" and not _redelivered.get():
         return   # a duplicate delivery: this iteration is already under way
     incumbent = store.ensure_candidate(
         run_id, index, 0, role="incumbent", source=source, parent_id=parent_id,
         design=refinement.parse(source, ctx.target), arm=arm)
     needs_lm = arm == "lm" and (ctx.config.task == "self" or not _lm_weights(ctx, index).exists())
     stage = "training" if needs_lm else "generating"
-    store.update_iteration(run_id, index, arm, stage=stage, incumbent_id=incumbent.id)
-    _dispatch(store, ctx, index, arm, stage)
+    won = store.advance_stage(run_id, index, arm, "pending", stage, incumbent_id=incumbent.id)
+    if _moved(won, store, run_id, index, arm, stage):
+        _dispatch(store, ctx, index, arm, stage)
 
 
 def _lm_weights(ctx: RunContext, index: int):
@@ -154,15 +205,17 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
         chain(run_job.si(_wire(job), str(ctx.dir / "generate")).set(queue=queue_for(job)),
               after_generation.s(**kw)).apply_async()
     elif stage == "generating":   # the control arm: random refinements instead of the LM
+        # Deterministic sources: a second pass finds every row already there.
         _add_candidates(store, ctx, index, arm, _random_refinements(ctx, it.source_in, index))
-        store.update_iteration(run_id, index, arm, stage="evaluating")
-        _dispatch(store, ctx, index, arm, "evaluating")
+        won = store.advance_stage(run_id, index, arm, "generating", "evaluating")
+        if _moved(won, store, run_id, index, arm, "evaluating"):
+            _dispatch(store, ctx, index, arm, "evaluating")
     elif stage == "evaluating":
         todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in ACTIVE]
         store.mark_running([c.id for c in todo])
         jobs = [ctx.evaluate_job(arm, index, c.index, c.source) for c in todo]
         header = [run_job.si(_wire(j), str(ctx.dir / "evaluate")).set(queue=queue_for(j)) for j in jobs]
-        body = finish_iteration.s(candidate_ids=[c.id for c in todo], **kw)
+        body = finish_iteration.s(candidate_ids=[c.id for c in todo], **kw).set(queue="coordinator")
         if header:
             chord(header)(body)
         else:
@@ -181,24 +234,38 @@ def _wire(job) -> dict:
 def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") -> None:
     store, ctx = _context(run_id)
     res = Result.from_dict(result)
-    store.update_iteration(run_id, index, arm, lm_losses=res.losses, lm_seconds=res.duration_s)
-    store.add_curve(run_id, "lm_loss", res.losses, iteration=index)
+    it = store.get_iteration(run_id, index, arm)
+    if it is None or (it.stage != "training" and not _redelivered.get()):
+        return   # a duplicate: this training result was recorded already
     if res.status != "ok":
+        store.update_iteration(run_id, index, arm, lm_losses=res.losses, lm_seconds=res.duration_s)
         raise RuntimeError(f"the LM defined by the current source could not be trained "
                            f"({res.status}: {res.reason})")
-    events.emit(run_id, "lm_trained", iteration=index, arm=arm, steps=len(res.losses),
-                final_loss=res.losses[-1] if res.losses else None, seconds=res.duration_s)
     if store.get_run(run_id).status != "running":
         return
-    store.update_iteration(run_id, index, arm, stage="generating")
-    _dispatch(store, ctx, index, arm, "generating")
+    won = store.advance_stage(run_id, index, arm, "training", "generating",
+                              lm_losses=res.losses, lm_seconds=res.duration_s)
+    if won or not any(c.iteration == index for c in store.curves(run_id, "lm_loss")):
+        store.add_curve(run_id, "lm_loss", res.losses, iteration=index)
+    if won:
+        events.emit(run_id, "lm_trained", iteration=index, arm=arm, steps=len(res.losses),
+                    final_loss=res.losses[-1] if res.losses else None, seconds=res.duration_s)
+    if _moved(won, store, run_id, index, arm, "generating"):
+        _dispatch(store, ctx, index, arm, "generating")
 
 
 @coordinator_task
 def after_generation(result: dict, *, run_id: str, index: int, arm: str = "lm") -> None:
     store, ctx = _context(run_id)
     res = Result.from_dict(result)
-    store.update_iteration(run_id, index, arm, gen_seconds=res.duration_s)
+    if store.get_run(run_id).status != "running":
+        return
+    # The stage moves first: only the winner's samples become candidates (a duplicate
+    # generation could have sampled differently).
+    won = store.advance_stage(run_id, index, arm, "generating", "evaluating",
+                              gen_seconds=res.duration_s)
+    if not _moved(won, store, run_id, index, arm, "evaluating"):
+        return
     if res.status == "ok":
         sources = [tk.decode(ctx.tokenizer, ids) for ids in res.samples]
     else:  # no candidates this time; the incumbent is still scored and kept
@@ -206,9 +273,6 @@ def after_generation(result: dict, *, run_id: str, index: int, arm: str = "lm") 
         events.emit(run_id, "generation_failed", iteration=index, arm=arm, reason=res.reason)
         sources = []
     _add_candidates(store, ctx, index, arm, sources)
-    if store.get_run(run_id).status != "running":
-        return
-    store.update_iteration(run_id, index, arm, stage="evaluating")
     _dispatch(store, ctx, index, arm, "evaluating")
 
 
@@ -241,6 +305,8 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
     """Record every evaluation, apply the selection rule, start the next iteration."""
     store, ctx = _context(run_id)
     started = time.monotonic()
+    if len(results) != len(candidate_ids):
+        raise RuntimeError(f"{len(results)} evaluation results for {len(candidate_ids)} candidates")
     for cid, raw in zip(candidate_ids, results):
         res = Result.from_dict(raw)
         status = CANDIDATE_STATUS[res.status]
@@ -251,18 +317,22 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
             c = store.get_candidate(cid)
             events.emit(run_id, "candidate", iteration=index, index=c.index, arm=arm,
                         role=c.role, status=status, score=res.score, reason=reason[:200])
-    it = store.get_iteration(run_id, index, arm)
-    if it.stage == "done":
-        return   # a duplicate delivery
+    if store.get_run(run_id).status != "running":
+        return   # cancelled (or failed) meanwhile: no selection, no next iteration
     rows = store.candidates(run_id, iteration=index, arm=arm)
     incumbent = next(c for c in rows if c.role == "incumbent")
     winner, decision = select(incumbent, [c for c in rows if c.role == "candidate"], ctx.direction)
-    store.update_iteration(run_id, index, arm, selected_id=winner.id, decision=decision,
-                           stage="done", eval_seconds=sum(c.duration_s or 0 for c in rows))
-    events.emit(run_id, "iteration", iteration=index, arm=arm, decision=decision,
-                score=winner.score, design=winner.design, candidate_id=winner.id)
+    # One selection per iteration, whatever the deliveries (a chord re-sent by `resume`
+    # and the original one, or a redelivered callback).
+    won = store.advance_stage(run_id, index, arm, ("evaluating", "selecting"), "done",
+                              selected_id=winner.id, decision=decision,
+                              eval_seconds=sum(c.duration_s or 0 for c in rows))
+    if won:
+        events.emit(run_id, "iteration", iteration=index, arm=arm, decision=decision,
+                    score=winner.score, design=winner.design, candidate_id=winner.id)
     log.debug("selection took %.3fs", time.monotonic() - started)
-    begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=index + 1, arm=arm))
+    if _moved(won, store, run_id, index, arm, "done"):
+        begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=index + 1, arm=arm))
 
 
 def _finish_arm(store: LineageStore, ctx: RunContext, arm: str) -> None:
@@ -287,12 +357,19 @@ def launch(settings: Settings, config: RunConfig,
     return run_id
 
 
+class RunStateError(StoreError):
+    """The run is in a state that does not allow this (e.g. cancelling a finished run)."""
+
+
 def resume(settings: Settings, run_id: str,
            progress: Callable[[str, dict], None] | None = None, *, detach: bool = False) -> str:
     """Carry on a run from what the lineage DB says, after a crash or a cancel-free stop.
 
     Every unfinished iteration is restarted at its recorded stage; candidates that
-    already reached a final state are not run again.
+    already reached a final state are not run again. The work is done by the `recover`
+    stage on the coordinator (which holds the run's artifacts); here the run is only
+    marked running again. Safe to call on a run that is still moving: whatever it
+    dispatches twice is absorbed by the compare-and-set stage changes.
     """
     worker.configure(settings)
     store = store_for(settings)
@@ -300,37 +377,56 @@ def resume(settings: Settings, run_id: str,
     run_id = run.id
     if run.status == "completed":
         return run_id
+    if run.status == "cancelled":
+        raise RunStateError(f"run {run_id} was cancelled; a cancelled run is not resumed "
+                            "(launch a new one)")
     store.set_run_status(run_id, "running")
-    ctx = RunContext(run_id, RunConfig.from_dict(run.config), settings)
-
-    def go() -> None:
-        if not (ctx.dir / "prepared").exists():
-            start.apply_async(kwargs=dict(run_id=run_id))
-            return
-        for arm in ctx.config.arms:
-            its = store.iterations(run_id, arm=arm)
-            if not its:
-                begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=0, arm=arm))
-            elif its[-1].stage == "done":
-                begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=its[-1].index + 1, arm=arm))
-            elif its[-1].stage == "pending":
-                store.update_iteration(run_id, its[-1].index, arm, stage="pending")
-                begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=its[-1].index, arm=arm))
-            else:
-                stage = its[-1].stage
-                if stage == "generating" and arm == "lm" and ctx.config.task == "self" \
-                        and not (ctx.lm_dir(its[-1].index) / "weights.safetensors").exists():
-                    stage = "training"
-                _dispatch(store, ctx, its[-1].index, arm, stage)
-
-    _execute(settings, run_id, progress, detach, go)
+    events.emit(run_id, "resumed")
+    _execute(settings, run_id, progress, detach,
+             lambda: recover.apply_async(kwargs=dict(run_id=run_id)))
     return run_id
 
 
+@coordinator_task
+def recover(*, run_id: str) -> None:
+    """Re-dispatch every arm of a run at the stage the lineage DB records for it."""
+    store, ctx = _context(run_id)
+    if store.get_run(run_id).status != "running":
+        return
+    if not (ctx.dir / "prepared").exists():
+        start.run.__wrapped__(run_id=run_id)
+        return
+    for arm in ctx.config.arms:
+        its = store.iterations(run_id, arm=arm)
+        if not its:
+            begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=0, arm=arm))
+            continue
+        last = its[-1]
+        if last.stage == "done":
+            begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=last.index + 1, arm=arm))
+        elif last.stage == "pending":
+            begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=last.index, arm=arm))
+        else:
+            stage = last.stage
+            if stage == "generating" and arm == "lm" and not _lm_weights(ctx, last.index).exists() \
+                    and (ctx.config.task == "self" or last.index == 0):
+                # the trained LM's weights are gone: train again first
+                store.advance_stage(run_id, last.index, arm, "generating", "training")
+                stage = "training"
+            _dispatch(store, ctx, last.index, arm, stage)
+
+
 def cancel(settings: Settings, run_id: str) -> int:
-    """Stop a run: no new stage starts, and unfinished candidates end as cancelled."""
+    """Stop a run: no new stage starts, and unfinished candidates end as cancelled.
+
+    Jobs already running in a sandbox finish (they are bounded by their deadline); their
+    results are not recorded. Returns how many candidates were cancelled.
+    """
     store = store_for(settings)
     run = store.get_run(run_id)
+    if run.status in TERMINAL_RUN:
+        raise RunStateError(f"run {run.id} is already {run.status}; nothing to cancel")
+    worker.configure(settings)
     store.set_run_status(run.id, "cancelled")
     n = store.cancel_pending(run.id)
     events.emit(run.id, "done", status="cancelled")
@@ -338,37 +434,106 @@ def cancel(settings: Settings, run_id: str) -> int:
 
 
 def _execute(settings: Settings, run_id: str, progress, detach: bool, kick: Callable[[], None]) -> None:
-    events.subscribe(run_id, progress)
-    try:
-        if settings.embedded:
+    if settings.embedded:
+        events.subscribe(run_id, progress)
+        try:
             # Eager Celery runs each next stage inside the previous one: a deep stack.
             sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
             kick()
-        else:
-            kick()
-            if not detach:
-                attach(settings, run_id, progress)
+        finally:
+            events.unsubscribe(run_id)
+        return
+    if detach:
+        kick()
+        return
+    follower = _Follower(settings.broker_url, run_id)   # subscribed before the first event
+    try:
+        kick()
+        attach(settings, run_id, progress, follower=follower)
     finally:
-        events.unsubscribe(run_id)
+        follower.close()
 
 
-def attach(settings: Settings, run_id: str, progress=None, poll_s: float = 1.0) -> str:
-    """Follow a run on the workers until it ends; forward its live events."""
-    import json
+class _Follower:
+    """The live events of one run from Redis pub/sub, reconnecting after a Redis restart
+    (events published while it is away are lost; the DB is the record)."""
 
-    import redis
+    def __init__(self, url: str, run_id: str) -> None:
+        self.url, self.channel = url, events.channel(run_id)
+        self.pubsub = None
+        self._connect()
 
+    def _connect(self) -> None:
+        import redis
+        try:
+            self.pubsub = redis.Redis.from_url(self.url, socket_timeout=10).pubsub(
+                ignore_subscribe_messages=True)
+            self.pubsub.subscribe(self.channel)
+        except redis.RedisError as e:
+            log.warning("cannot follow live events (%s); retrying", e)
+            self.close()
+
+    def get(self, timeout: float) -> dict | None:
+        import redis
+        if self.pubsub is None:
+            time.sleep(timeout)
+            self._connect()
+            return None
+        try:
+            msg = self.pubsub.get_message(timeout=timeout)
+        except (redis.RedisError, OSError) as e:
+            log.warning("lost the live events (%s); reconnecting", e)
+            self.close()
+            return None
+        if not msg:
+            return None
+        try:
+            data = json.loads(msg["data"])
+        except (TypeError, ValueError):
+            return None
+        return data if isinstance(data, dict) and "event" in data else None
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            except Exception:
+                pass
+            self.pubsub = None
+
+
+def attach(settings: Settings, run_id: str, progress=None, poll_s: float = 1.0, *,
+           follower: _Follower | None = None) -> str:
+    """Follow a run on the workers until it ends; forward its live events. Returns the
+    run's final status. The lineage DB decides when the run has ended."""
     store = store_for(settings)
-    pubsub = redis.Redis.from_url(settings.broker_url).pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(events.channel(run_id))
+    run_id = store.get_run(run_id).id
+    own = follower is None
+    follower = follower or _Follower(settings.broker_url, run_id)
+
+    def forward(data: dict) -> None:
+        if progress:
+            event = data.pop("event")
+            try:
+                progress(event, data)
+            except Exception:
+                log.exception("progress callback failed")
+
     try:
         while True:
-            msg = pubsub.get_message(timeout=poll_s)
-            if msg and progress:
-                data = json.loads(msg["data"])
-                progress(data.pop("event"), data)
+            data = follower.get(poll_s)
+            if data:
+                forward(data)
+                continue   # drain a burst before asking the DB again
             status = store.get_run(run_id).status
-            if status in ("completed", "failed", "cancelled"):
+            if status in TERMINAL_RUN:
+                # the last events (the final iteration, "done") may trail the DB write
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:
+                    data = follower.get(0.2)
+                    if data:
+                        forward(data)
                 return status
     finally:
-        pubsub.close()
+        if own:
+            follower.close()

@@ -35,6 +35,11 @@ class Settings:
     sandbox_pids: int = 256
     allow_unconfined: bool = False            # run candidates even if the canary escapes
     device: str = "auto"                      # where the harness trains: cpu | cuda | auto
+    # Redis broker: seconds before a message that a worker took but never acknowledged is
+    # handed to another worker. Live workers renew the lease of the messages they hold
+    # (pipeline/worker.py), so this bounds how long a dead worker's job waits, not how
+    # long a job may run. Tests use a few seconds; see docs/deploy.md.
+    visibility_timeout_s: float = 6 * 3600.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -49,6 +54,8 @@ class Settings:
         if s.sandbox_backend not in ("auto", "docker", "process"):
             raise ConfigError(f"unknown sandbox backend {s.sandbox_backend!r} "
                               "(choose auto, docker or process)")
+        if not s.visibility_timeout_s >= 2:
+            raise ConfigError("SELFPROG_VISIBILITY_TIMEOUT_S must be at least 2 seconds")
         if s.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device {s.device!r} (choose auto, cpu or cuda)")
         return s

@@ -7,15 +7,28 @@
 Embedded (no `SELFPROG_BROKER_URL`), the same tasks run eagerly in the calling process:
 there is one loop, and the deployment only decides where each task executes.
 Messages are JSON only: nothing a worker receives is ever unpickled.
+
+Who needs what: the coordinator (pipeline.loop) is the only writer of the lineage DB;
+trainer and sandbox workers only run `run_job`, which needs the broker, the artifact
+directory (inputs in, weights out) and a sandbox backend, never the database. A
+sandbox result goes back over the Redis result backend and the coordinator records it.
+
+Messages that must not be lost are acknowledged late. On Redis an unacknowledged
+message comes back after `visibility_timeout_s`; a live worker renews the lease of
+every message it holds (`LeaseRenewal`), so a long job is never handed to a second
+worker while its first one is alive, and a dead worker's job comes back after the
+visibility timeout. Tasks are written so that a second run of the same message is
+harmless (pipeline/loop.py: one row per candidate, compare-and-set stage changes).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import worker_process_init
 
 from pipeline import events
@@ -27,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LONGEST_JOB_S = 6 * 3600     # the broker must not hand a running job to a second worker
 QUEUES = ("coordinator", "trainer", "sandbox")
+JOB_RETRIES = 3              # infrastructure errors (not the candidate's) are retried
 
 app = Celery("selfprog")
 _settings: Settings | None = None
@@ -39,6 +53,14 @@ def configure(settings: Settings) -> Celery:
     global _settings, _backend
     _settings, _backend = settings, None
     broker = settings.broker_url or "memory://"
+    vt = float(settings.visibility_timeout_s)
+    transport = {
+        "visibility_timeout": vt,
+        # How often a worker looks for expired unacknowledged messages (kombu's default
+        # is a sweep every 100 s; it should be a fraction of the visibility timeout).
+        "unacked_restore_interval": max(1.0, min(10.0, vt / 10)),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         broker_url=broker,
         result_backend=settings.result_backend or (broker if settings.broker_url else "cache+memory://"),
@@ -50,12 +72,19 @@ def configure(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": LONGEST_JOB_S},
-        result_backend_transport_options={"visibility_timeout": LONGEST_JOB_S},
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": vt},
         result_expires=7 * 24 * 3600,
         task_default_queue="coordinator",
-        task_routes={"selfprog.loop.*": {"queue": "coordinator"}},
+        task_routes={"selfprog.loop.*": {"queue": "coordinator"},
+                     "selfprog.run_job": {"queue": "sandbox"}},
+        # Survive a Redis restart: keep reconnecting, and retry storing a result (a
+        # lost result of a chord member would leave its chord waiting forever).
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_backend_always_retry=True,
+        result_backend_max_retries=60,
+        redis_backend_health_check_interval=10,
         worker_hijack_root_logger=False,
     )
     events.configure(settings.broker_url)
@@ -87,21 +116,36 @@ def queue_for(job: Job) -> str:
     return "sandbox" if job.kind == "evaluate" else "trainer"
 
 
-@app.task(name="selfprog.run_job", acks_late=True, reject_on_worker_lost=True)
-def run_job(job: dict, out_dir: str) -> dict:
+@app.task(name="selfprog.run_job", bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=JOB_RETRIES)
+def run_job(self, job: dict, out_dir: str) -> dict:
     """Run one job in a fresh sandbox; return its validated result as plain JSON data.
 
     The same job may run twice (a worker died after finishing but before acking); that
     is harmless: it writes only into its own out_dir, and the coordinator records a
-    candidate's result once.
+    candidate's result once. No database access here: trainer and sandbox workers need
+    the broker and the artifact directory only.
+
+    An error of the infrastructure (the engine unreachable, an input file missing) is
+    not the candidate's fault: it is retried, and only then does the job end as
+    `crashed` with the reason, so the run records it and goes on.
     """
     try:
         job_obj = Job.from_dict(job)
     except SchemaError as e:   # e.g. a generated source over the size bound
         return Result(job_id=str(job.get("job_id", "unknown"))[:96], kind=job.get("kind", "evaluate"),
                       status="rejected", reason=f"schema: {e}").validate().to_dict()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    result = runner.run(job_obj, Path(out_dir), backend())
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        result = runner.run(job_obj, Path(out_dir), backend())
+    except Exception as e:
+        if not isinstance(e, SchemaError) and not app.conf.task_always_eager \
+                and self.request.retries < JOB_RETRIES:
+            log.warning("job %s: %s: %s; retrying", job_obj.job_id, type(e).__name__, e)
+            raise self.retry(exc=e, countdown=2 ** self.request.retries)
+        log.exception("job %s could not run", job_obj.job_id)
+        result = Result.failure(job_obj, "crashed",
+                                f"the sandbox could not run the job: {type(e).__name__}: {e}")
     return Result.from_dict(result.to_dict()).to_dict()   # validated on this side too
 
 
@@ -109,6 +153,59 @@ def run_job(job: dict, out_dir: str) -> dict:
 def _fresh_backend_per_process(**_):
     global _backend
     _backend = None
+
+
+class LeaseRenewal(bootsteps.StartStopStep):
+    """Keep the Redis visibility timeout from expiring under a live worker.
+
+    Kombu's Redis transport emulates acknowledgements: a delivered message waits in the
+    `unacked` hash, indexed by delivery time in `unacked_index`, and any worker puts it
+    back on its queue once it is older than the visibility timeout. This step, in the
+    worker's main process, re-stamps every message this worker holds (running or
+    prefetched) every quarter of the timeout. While the worker lives its jobs are never
+    handed out twice, however long they run; when it dies (SIGKILL, power loss) the
+    stamps stop and its jobs come back after one visibility timeout.
+    """
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, c, **kw):
+        super().__init__(c, **kw)
+        self.timer_ref = None
+
+    def start(self, c):
+        opts = c.app.conf.broker_transport_options or {}
+        vt = float(opts.get("visibility_timeout") or 3600)
+        if not str(c.app.conf.broker_url or "").startswith(("redis://", "rediss://")):
+            return
+        self.timer_ref = c.timer.call_repeatedly(max(0.5, min(60.0, vt / 4)), renew_leases, (c,),
+                                                 priority=10)
+
+    def stop(self, c):
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+
+def renew_leases(consumer) -> int:
+    """Re-stamp the unacknowledged messages this consumer holds; returns how many."""
+    try:
+        channel = consumer.task_consumer.channel
+        qos = channel.qos
+        tags = list(qos._delivered)
+        if not tags or not hasattr(qos, "unacked_index_key"):
+            return 0
+        now = time.time()
+        with channel.conn_or_acquire() as client:
+            # XX: only messages still unacknowledged (an ack removes the entry; never
+            # bring one back).
+            client.zadd(qos.unacked_index_key, {t: now for t in tags}, xx=True)
+        return len(tags)
+    except Exception as e:   # the broker is away: the restore sweep waits for us too
+        log.warning("could not renew message leases: %s", e)
+        return 0
+
+
+app.steps["consumer"].add(LeaseRenewal)
 
 
 configure(Settings.from_env())
