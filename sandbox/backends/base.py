@@ -31,12 +31,15 @@ Layout and ownership (uid/gid: the sandbox user when the backend drops privilege
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import os
+import secrets
 import shutil
 import stat
 import struct
 import tempfile
+import threading
 from pathlib import Path
 
 from sandbox.schema import (MAX_LOG_CHARS, MAX_REASON_CHARS, MAX_RESULT_BYTES, Job, Result,
@@ -64,9 +67,37 @@ class SandboxError(RuntimeError):
     """The trusted side cannot run a job (bad input file, sandbox not usable)."""
 
 
+# ----------------------------------------------------------------- sabotage (TEST ONLY)
+SABOTAGE_ENV = "SELFPROG_SABOTAGE"
+
+
+def sabotage_enabled() -> bool:
+    """TEST ONLY. True when SELFPROG_SABOTAGE=1: the backends then switch their
+    confinement OFF (process: no network namespace, no uid drop, no rlimits, the host
+    environment; docker: root, host network and PID namespace, the host's / mounted at
+    /host, the host environment, no limits). It exists so that tests/attacks can prove
+    its deny tests detect an unconfined sandbox (they must FAIL with it on). Never set it
+    anywhere a real candidate runs; the start-up canary (sandbox/canary.py) reports such
+    a sandbox as not confined and the workers refuse to take jobs on it. Only the
+    backends' confinement set-up reads it.
+    """
+    return os.environ.get(SABOTAGE_ENV) == "1"
+
+
+# ----------------------------------------------------------------- result seal
+# stage(..., seal=True) leaves a random key in out/.seal-key; the harness reads and
+# deletes it before any candidate code runs and writes out/result.seal, an HMAC over
+# result.json and the declared outputs (sandbox.harness.seal_digest). collect() then
+# refuses a result the harness did not write. The key lives only here (in memory) and,
+# until the harness removes it, in the job's own out/.
+_SEALS: dict[str, bytes] = {}
+_SEALS_LOCK = threading.Lock()
+
+
 # --------------------------------------------------------------------------- staging
 
-def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None = None) -> Path:
+def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None = None,
+          seal: bool = False) -> Path:
     """Make a fresh job directory under `workroot` for `job` and return it.
 
     `job.inputs` are host paths; each is copied (never linked) to `in/<name>.safetensors`.
@@ -122,10 +153,79 @@ def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None =
                      params=dict(job.params), limits=job.limits)
         (jobdir / "job.json").write_text(staged.validate().to_json())
         os.chmod(jobdir / "job.json", 0o444)
+        if seal:
+            _plant_seal_key(jobdir, uid, gid)
     except BaseException:
         cleanup(jobdir)
         raise
     return jobdir
+
+
+def _plant_seal_key(jobdir: Path, uid: int | None, gid: int | None) -> None:
+    from sandbox.harness import SEAL_KEY_FILE
+    key = secrets.token_hex(32).encode()
+    path = jobdir / "out" / SEAL_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o444)   # out/ is the sandbox's (0700): only it can read or remove this
+    if uid is not None:
+        os.chown(path, uid, gid if gid is not None else uid)
+    with _SEALS_LOCK:
+        _SEALS[str(jobdir)] = key
+
+
+def _take_seal(jobdir: Path) -> bytes | None:
+    with _SEALS_LOCK:
+        return _SEALS.pop(str(jobdir), None)
+
+
+def _verify_seal(key: bytes, jobdir: Path, result: Result) -> str:
+    """Why the result is not the harness's own (''  when it is)."""
+    from sandbox.harness import SEAL_FILE, seal_digest
+    out = Path(jobdir) / "out"
+    data = _read_regular(out / "result.json", MAX_RESULT_BYTES)
+    got = _read_regular(out / SEAL_FILE, 256)
+    if data is None or got is None:
+        return "the result carries no valid seal (it was not written by the harness)"
+    digests = []
+    for name in result.outputs:
+        h = _hash_regular(out / name)
+        if h is None:
+            return f"output {name} cannot be read for the seal check"
+        digests.append((name, h))
+    if not hmac.compare_digest(got.strip(), seal_digest(key, data, digests).encode()):
+        return "the result's seal does not match (result or outputs not written by the harness)"
+    return ""
+
+
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        data = f.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
+def _hash_regular(path: Path) -> str | None:
+    import hashlib
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    h = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _copy_input(src: Path, dst: Path) -> None:
@@ -193,6 +293,7 @@ def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, tim
     """
     logs = format_logs(stdout_tail, stderr_tail)
     extra = {"logs": logs, "duration_s": round(float(duration_s), 3)}
+    seal_key = _take_seal(Path(jobdir))
 
     def fail(status: str, reason: str) -> Result:
         return Result.failure(job, status, reason, **extra)
@@ -218,6 +319,10 @@ def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, tim
         return fail("crashed", f"exited 0 without a valid result: {why}")
     if result.status not in ("ok", "invalid"):
         return fail("crashed", f"the harness may not report status {result.status!r}")
+    if seal_key is not None:
+        problem = _verify_seal(seal_key, Path(jobdir), result)
+        if problem:
+            return fail("crashed", problem)
 
     # Bring the declared outputs across; any bad one voids the run.
     out_dir = Path(out_dir)
@@ -372,6 +477,7 @@ def check_safetensors(f, size: int) -> str:
 def cleanup(jobdir: Path) -> None:
     """Remove a job directory, whatever the sandbox did to the modes inside it."""
     jobdir = Path(jobdir)
+    _take_seal(jobdir)
     if not jobdir.exists() and not jobdir.is_symlink():
         return
 
