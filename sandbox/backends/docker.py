@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends.base import (HARNESS_COMMAND, SandboxError, cleanup, collect, format_logs,
-                                   stage)
+                                   sabotage_enabled, stage)
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,25 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
         config["runtime"] = runtime
     if device_requests:
         config["device_requests"] = list(device_requests)
+    if sabotage_enabled():
+        _sabotage(config)
     return config
+
+
+def _sabotage(config: dict[str, Any]) -> None:
+    """TEST ONLY (base.sabotage_enabled): a container that confines nothing, the way a
+    careless `docker run` would be: root, host network and PIDs, the host's / at /host
+    read-write, the host's environment, every capability, no limits."""
+    docker = _docker()
+    log.error("UNCONFINED docker sandbox: SABOTAGE MODE (SELFPROG_SABOTAGE=1, tests only)")
+    for key in ("mem_limit", "memswap_limit", "nano_cpus", "pids_limit", "ulimits",
+                "cap_drop", "security_opt", "ipc_mode"):
+        config.pop(key, None)
+    config.update(user="0:0", network_mode="host", pid_mode="host", read_only=False,
+                  environment={**os.environ, **config["environment"]})
+    config["mounts"] = config["mounts"] + [
+        docker.types.Mount(target="/host", source="/", type="bind", read_only=False)]
+    config["tmpfs"] = {k: re.sub(r",size=[^,]*", "", v) for k, v in config["tmpfs"].items()}
 
 
 def check_profile(attrs: dict, config: dict[str, Any]) -> list[str]:
@@ -401,7 +419,8 @@ def create_hardened_container(client, **spec: Any):
     except docker.errors.APIError as e:
         raise SandboxError(f"the engine refused the sandbox container: {e}") from None
     try:
-        problems = check_profile(client.api.inspect_container(container.id), config)
+        problems = ([] if sabotage_enabled() else   # TEST ONLY: the profile is off on purpose
+                    check_profile(client.api.inspect_container(container.id), config))
     except BaseException:
         _remove(container)
         raise
@@ -493,7 +512,7 @@ class DockerBackend:
         uid, gid = self.user
         # No uid for stage(): its check that every parent of the workroot is
         # traversable is for the process backend; a bind mount needs no path to /job.
-        jobdir = stage(job, self.workroot)
+        jobdir = stage(job, self.workroot, seal=True)
         try:
             if root:
                 os.chown(jobdir / "out", uid, gid)

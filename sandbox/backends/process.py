@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.backends.base import (HARNESS_COMMAND, SandboxError, cleanup, collect, read_tail,
-                                   stage)
+                                   sabotage_enabled, stage)
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,13 @@ class ProcessBackend:
         with self._lock:
             if self.isolation is not None:
                 return self.isolation
+            if sabotage_enabled():   # TEST ONLY (base.sabotage_enabled): nothing confines
+                iso = Isolation(python_ok=True, warnings=[
+                    "SABOTAGE MODE (SELFPROG_SABOTAGE=1, tests only): no network namespace, "
+                    "no uid drop, no rlimits, host environment"])
+                log.error("UNCONFINED process sandbox: %s", iso.warnings[0])
+                self.isolation = iso
+                return iso
             iso = Isolation()
             root = os.geteuid() == 0
             iso.netns = self._try_unshare(CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET)
@@ -210,7 +217,7 @@ class ProcessBackend:
         job.validate()
         iso = self.probe()
         uid = self._pick_uid() if iso.uid_drop else None
-        jobdir = stage(job, self.workroot, uid=uid, gid=uid)
+        jobdir = stage(job, self.workroot, uid=uid, gid=uid, seal=True)
         threads = int(job.params.get("num_threads", 1))
         started = time.monotonic()
         stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
@@ -225,7 +232,8 @@ class ProcessBackend:
                     [self.python, "-I", "-c", HARNESS_COMMAND], cwd=jobdir,
                     env=self._env(jobdir / "tmp", threads), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=err, close_fds=True, start_new_session=True,
-                    preexec_fn=self._preexec(uid, iso.netns, self._rlimits(job)))
+                    preexec_fn=self._preexec(uid, iso.netns,
+                                             [] if sabotage_enabled() else self._rlimits(job)))
             self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir)
             try:
                 exit_code = proc.wait(timeout=job.limits.timeout_s)
@@ -260,7 +268,8 @@ class ProcessBackend:
     def _env(self, tmp: Path, threads: int) -> dict[str, str]:
         # Built from nothing: no variable of the host (tokens, DB URLs, proxies) leaks in.
         tmp = str(tmp)
-        return {
+        host = dict(os.environ) if sabotage_enabled() else {}   # TEST ONLY: see base
+        return {**host,
             "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp,
             "XDG_CACHE_HOME": f"{tmp}/.cache", "TORCH_HOME": f"{tmp}/torch",
             "HF_HOME": f"{tmp}/hf", "MPLCONFIGDIR": f"{tmp}/mpl",
