@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from pipeline import events
 from pipeline.settings import Settings
@@ -108,8 +108,70 @@ def backend():
             if s.sandbox_backend in ("docker", "auto"):
                 kw.update(image=s.sandbox_image, runtime=s.sandbox_runtime or None,
                           gpus=s.sandbox_gpus or None)
-            _backend = make_backend(s.sandbox_backend, **kw)
+            b = make_backend(s.sandbox_backend, **kw)
+            require_confinement(b, s)   # --- confinement canary (issue 5), see below
+            _backend = b
         return _backend
+
+
+# --------------------------------------------------------------------------------------
+# Confinement canary (issue 5, DESIGN.md 3.6). Before this process runs any sandbox job
+# it runs sandbox.canary.check_confinement on its backend, once per (backend, settings);
+# if the sandbox does not confine (network reachable, a 0600 host file readable, the
+# memory limit not enforced) every job is refused with the canary's reason, unless
+# Settings.allow_unconfined (SELFPROG_ALLOW_UNCONFINED=1, development only) is set.
+# A worker that consumes the trainer/sandbox queues runs it at start (worker_ready) and
+# stops consuming those queues when it fails, so the jobs wait for a confined worker.
+_canary_reports: dict[tuple, object] = {}
+_canary_lock = threading.Lock()
+
+
+class UnconfinedSandbox(RuntimeError):
+    """The start-up canary found that this sandbox does not confine."""
+
+
+def confinement_report(b, s: Settings):
+    """The canary's report for backend `b` (run once per backend kind and settings)."""
+    from sandbox.canary import check_confinement
+    key = (getattr(b, "name", type(b).__name__), s.sandbox_backend, s.sandbox_image,
+           s.sandbox_runtime, os.environ.get("SELFPROG_SABOTAGE", ""))
+    with _canary_lock:
+        if key not in _canary_reports:
+            _canary_reports[key] = check_confinement(b)
+        return _canary_reports[key]
+
+
+def require_confinement(b, s: Settings) -> None:
+    report = confinement_report(b, s)
+    if report.ok:
+        return
+    if s.allow_unconfined:
+        log.warning("running sandbox jobs UNCONFINED (allow_unconfined is set): %s",
+                    report.summary())
+        return
+    log.error("refusing sandbox jobs: %s (fix the sandbox, see `selfprog-cli doctor`, or set "
+              "SELFPROG_ALLOW_UNCONFINED=1 for development only)", report.summary())
+    raise UnconfinedSandbox(report.summary() + "; refusing to run candidates "
+                            "(SELFPROG_ALLOW_UNCONFINED=1 overrides, development only)")
+
+
+@worker_ready.connect
+def _canary_at_worker_start(sender=None, **_):
+    """Check the sandbox before this worker takes trainer/sandbox jobs."""
+    try:
+        queues = set(sender.app.amqp.queues.consume_from or ()) or set(QUEUES)   # no -Q: all
+    except AttributeError:
+        return
+    ours = [q for q in ("trainer", "sandbox") if q in queues]
+    if not ours:
+        return
+    try:
+        backend()
+    except Exception as e:   # unconfined, or no backend at all: take no sandbox jobs
+        log.error("this worker will not take %s jobs: %s", "/".join(ours), e)
+        for q in ours:
+            sender.cancel_task_queue(q)
+# --------------------------------------------------------------------------------------
 
 
 def queue_for(job: Job) -> str:

@@ -362,7 +362,8 @@ def _sabotage(config: dict[str, Any]) -> None:
                 "cap_drop", "security_opt", "ipc_mode"):
         config.pop(key, None)
     config.update(user="0:0", network_mode="host", pid_mode="host", read_only=False,
-                  environment={**os.environ, **config["environment"]})
+                  environment={**{k: v for k, v in os.environ.items() if k != "PATH"},
+                               **config["environment"]})
     config["mounts"] = config["mounts"] + [
         docker.types.Mount(target="/host", source="/", type="bind", read_only=False)]
     config["tmpfs"] = {k: re.sub(r",size=[^,]*", "", v) for k, v in config["tmpfs"].items()}
