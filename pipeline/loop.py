@@ -26,6 +26,7 @@ search with the LM replaced by random single-parameter refinements (the control)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import functools
 import json
@@ -321,7 +322,18 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
         return   # cancelled (or failed) meanwhile: no selection, no next iteration
     rows = store.candidates(run_id, iteration=index, arm=arm)
     incumbent = next(c for c in rows if c.role == "incumbent")
-    winner, decision = select(incumbent, [c for c in rows if c.role == "candidate"], ctx.direction)
+    contenders = [c for c in rows if c.role == "candidate" and not c.flagged]
+    winner, decision = select(incumbent, contenders, ctx.direction)
+    if decision == "replaced" and winner.rescore is None:
+        # Reward-hacking guard: a winner's score is trusted only once a second, fresh
+        # sandbox reproduces it. confirm_winner records the verdict and comes back here.
+        store.advance_stage(run_id, index, arm, "evaluating", "selecting")
+        job = ctx.evaluate_job(arm, index, winner.index, winner.source)
+        job = dataclasses.replace(job, job_id=job.job_id + ".rescore")
+        chain(run_job.si(_wire(job), str(ctx.dir / "evaluate")).set(queue=queue_for(job)),
+              confirm_winner.s(run_id=run_id, index=index, arm=arm, candidate_id=winner.id)
+              .set(queue="coordinator")).apply_async()
+        return
     # One selection per iteration, whatever the deliveries (a chord re-sent by `resume`
     # and the original one, or a redelivered callback).
     won = store.advance_stage(run_id, index, arm, ("evaluating", "selecting"), "done",
@@ -333,6 +345,25 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
     log.debug("selection took %.3fs", time.monotonic() - started)
     if _moved(won, store, run_id, index, arm, "done"):
         begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=index + 1, arm=arm))
+
+
+@coordinator_task
+def confirm_winner(result: dict, *, run_id: str, index: int, arm: str, candidate_id: int) -> None:
+    """Compare the would-be winner's second score with its first; flag it if they differ."""
+    store, ctx = _context(run_id)
+    res = Result.from_dict(result)
+    c = store.get_candidate(candidate_id)
+    if c.rescore is None and not c.flagged:   # once, whatever the deliveries
+        tol = ctx.config.rescore_tolerance * max(1.0, abs(c.score))
+        agree = res.status == "ok" and res.score is not None and abs(res.score - c.score) <= tol
+        note = "" if agree else (f"flagged: a fresh sandbox scored it {res.score!r} "
+                                 f"({res.status}) against {c.score!r}; not selected")
+        store.record_rescore(candidate_id, score=res.score if res.status == "ok" else None,
+                             flagged=not agree, note=note)
+        events.emit(run_id, "rescore", iteration=index, arm=arm, index=c.index,
+                    score=c.score, rescore=res.score, flagged=not agree)
+    finish_iteration.apply_async(args=([],), kwargs=dict(run_id=run_id, index=index, arm=arm,
+                                                         candidate_ids=[]))
 
 
 def _finish_arm(store: LineageStore, ctx: RunContext, arm: str) -> None:

@@ -100,6 +100,7 @@ class RunConfig:
     # evaluation ("extended few-shot")
     fewshot_samples: int = 1024
     fewshot_epochs: int = 1
+    rescore_tolerance: float = 0.01    # relative; a winner's second score must agree
     # programming other AI: training and evaluation subsets of the task
     train_samples: int = 10_000
     eval_samples: int = 2_000

@@ -31,6 +31,8 @@ def _check_selection_rule(store: LineageStore, run_id: str, direction: str) -> N
                 else all(c.score <= incumbent.score for c in scored)
         else:
             assert winner.role == "candidate" and winner.status == "evaluated"
+            # the guard ran: a fresh sandbox reproduced the winner's score
+            assert winner.rescore is not None and not winner.flagged
             assert winner.score < incumbent.score if direction == "min" else winner.score > incumbent.score
             assert all(winner.score <= c.score for c in scored)
     # the next iteration starts from the selected source
@@ -147,6 +149,38 @@ def test_hostile_candidates_end_in_the_right_state_and_the_run_goes_on(sqlite_ur
         assert words in rows[i].reason, (name, rows[i].reason)
     it = store.get_iteration(run_id, 0)
     assert it.decision == "kept" and it.selected_id == inc.id
+
+
+def test_a_winner_whose_score_a_fresh_sandbox_does_not_reproduce_is_flagged(sqlite_url, tmp_path):
+    """As if the first evaluation of candidate 1 had been fooled into a very low loss:
+    the re-score in a fresh sandbox disagrees, so it is flagged and not selected."""
+    settings = _settings(sqlite_url, tmp_path)
+    config = preset("quick", iterations=1, candidates=2)
+    worker.configure(settings)
+    store = loop.store_for(settings)
+    run_id = store.create_run(config=config.to_dict(), task="self", preset="quick", seed=0)
+    store.set_run_status(run_id, "running")
+    ctx = RunContext(run_id, config, settings)
+    ctx.prepare()
+    seed = ctx.seed_source()
+    store.ensure_iteration(run_id, 0, source_in=seed)
+    inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None, design=None)
+    store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
+    loop._add_candidates(store, ctx, 0, "lm", [seed.replace("lr=0.01", "lr=0.02"),
+                                               seed.replace("lr=0.01", "lr=0.03")])
+    forged, worse = store.candidates(run_id, iteration=0)[1:]
+    store.record_result(inc.id, status="evaluated", score=5.0)
+    store.record_result(forged.id, status="evaluated", score=0.001)
+    store.record_result(worse.id, status="evaluated", score=50.0)
+
+    loop.finish_iteration.apply_async(args=([],), kwargs=dict(run_id=run_id, index=0, arm="lm",
+                                                              candidate_ids=[]))
+    forged = store.get_candidate(forged.id)
+    assert forged.flagged and forged.rescore is not None and forged.rescore > 1.0
+    assert "flagged" in forged.reason
+    it = store.get_iteration(run_id, 0)
+    assert it.stage == "done" and it.decision == "kept" and it.selected_id == inc.id
+    assert store.get_run(run_id).status == "completed"
 
 
 def _row(index, status, score, role="candidate"):
