@@ -471,6 +471,13 @@ def _execute(settings: Settings, run_id: str, progress, detach: bool, kick: Call
             # Eager Celery runs each next stage inside the previous one: a deep stack.
             sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
             kick()
+        except Exception as e:
+            # The failing stage has marked the run failed with its reason (or, failing
+            # outside a stage, we do it here): the caller reads the outcome from the DB.
+            store = store_for(settings)
+            if store.get_run(run_id).status in ("pending", "running"):
+                store.set_run_status(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+            log.warning("run %s failed: %s", run_id, e)
         finally:
             events.unsubscribe(run_id)
         return
