@@ -51,8 +51,12 @@ _backend_lock = threading.Lock()
 def configure(settings: Settings) -> Celery:
     """Point the app at this installation: eager in-process, or a broker."""
     global _settings, _backend
+    previous = _settings
     _settings, _backend = settings, None
     broker = settings.broker_url or "memory://"
+    if previous is not None and (previous.broker_url, previous.result_backend) != \
+            (settings.broker_url, settings.result_backend):
+        _drop_connections()
     vt = float(settings.visibility_timeout_s)
     transport = {
         "visibility_timeout": vt,
@@ -89,6 +93,21 @@ def configure(settings: Settings) -> Celery:
     )
     events.configure(settings.broker_url)
     return app
+
+
+def _drop_connections() -> None:
+    """Forget the broker connections and result backend the app made for the previous
+    configuration (Celery caches them at first use), so the next message goes where the
+    new settings say. Only a process that switches installations needs this (tests,
+    benchmarks, a CLI launching to another broker)."""
+    if app._pool is not None:
+        try:
+            app._pool.force_close_all()
+        except Exception:
+            pass
+    app._after_fork()                     # drops the connection and producer pools
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
 
 
 def settings() -> Settings:
