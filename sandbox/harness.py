@@ -164,6 +164,13 @@ class _Integrity:
         import torch
         import torch.nn.functional as F
 
+        # torch rebinds some of its own names (torch.manual_seed ...) when the first
+        # optimizer imports torch._dynamo; import it now so that the snapshot is stable.
+        env = dict(os.environ)
+        import torch._dynamo  # noqa: F401
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+
         spaces: dict[str, object] = {
             "builtins": builtins, "torch": torch, "torch.nn.functional": F,
             "torch.nn.utils": torch.nn.utils, "torch.nn.utils.clip_grad": torch.nn.utils.clip_grad,
@@ -344,6 +351,8 @@ def load_candidate(source: str) -> types.ModuleType:
         code = compile(source, CANDIDATE_FILE, "exec")
     except SyntaxError as e:
         raise CandidateError(f"SyntaxError: {e.msg} (line {e.lineno})") from None
+    except (MemoryError, RecursionError):   # the parser's own limit, not the model's memory
+        raise CandidateError("the source is too deeply nested to compile") from None
     exec(code, module.__dict__)
     for name in ("build_model", "train"):
         if not callable(module.__dict__.get(name)):

@@ -75,6 +75,10 @@ def _text(x: Any, what: str, limit: int) -> str:
         raise SchemaError(f"{what}: {len(x)} characters, more than {limit}")
     if "\x00" in x:
         raise SchemaError(f"{what}: contains a NUL byte")
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate: not text that can go over the wire
+        raise SchemaError(f"{what}: not encodable as UTF-8") from None
     return x
 
 
