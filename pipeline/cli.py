@@ -552,6 +552,8 @@ def _report_run(settings: Settings, run_id: str, as_json: bool) -> None:
                                                  if run.error else ""))
     click.echo(iteration_table(rows) if rows else "no iterations")
     click.echo(f"\nnext: selfprog-cli show {run.id} | selfprog-cli plot {run.id}")
+    if run.status == "failed":
+        raise click.ClickException(f"run {run.id} failed: {shorten(run.error or '', 300)}")
 
 
 def _needs_broker(settings: Settings, what: str) -> None:
@@ -776,6 +778,39 @@ def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
                        fmt_score(r["lm"]), fmt_score(r["random"]), r["status"], r["run_id"]]
                       for r in sorted(rows, key=lambda r: (r["total"], r["candidates"]))]))
     click.echo(f"\nfigure: {figure}")
+
+
+# ------------------------------------------------------------------ doctor (issue 5)
+
+@main.command()
+@click.option("--skip-canary", is_flag=True,
+              help="Do not run the confinement canary (it starts two small sandboxes).")
+@json_option
+@pass_ctx
+@handle_errors
+def doctor(obj: Context, skip_canary: bool, as_json: bool) -> None:
+    """Check this installation and say how to fix what is missing.
+
+    Reports the Docker engine, the sandbox image, Redis, the lineage database, GPUs, the
+    sandbox backend the settings pick ('auto': Docker when it is usable, else the
+    weaker process backend) and the confinement canary (network denied, a planted host
+    file unreadable, the memory limit enforced). Each line is ok, warn or fail; exits 1
+    only when something the configured setup needs fails.
+    """
+    from pipeline import doctor as doc   # torch and docker are slow to import
+
+    checks = doc.run_checks(obj.settings, canary=not skip_canary)
+    code = doc.exit_code(checks)
+    if as_json:
+        emit_json({"ok": code == 0, "checks": [c.to_dict() for c in checks]})
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            click.echo(f"{c.status.upper():4}  {c.name.ljust(width)}  {c.detail}")
+            if c.fix and c.status != "ok":
+                click.echo(f"{'':4}  {'':{width}}  fix: {c.fix}")
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 if __name__ == "__main__":   # python -m pipeline.cli

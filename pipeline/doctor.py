@@ -1,0 +1,232 @@
+"""`selfprog-cli doctor`: what this installation has, what it lacks, and how to fix it.
+
+Each check ends ok, warn or fail, with a one-line detail and, when something is missing,
+a one-line fix. A check fails only when the configured setup needs what is missing
+(the Docker engine when SELFPROG_SANDBOX_BACKEND=docker, Redis when a broker is set,
+a GPU when the sandbox or the harness is told to use one, a confining sandbox unless
+allow_unconfined); otherwise a missing piece is a warning. `run_checks` never raises.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.settings import Settings
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str          # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def check_docker(s: Settings) -> tuple[Check, Check]:
+    """The engine, then the sandbox image."""
+    from sandbox.backends.docker import SandboxError, connect, image_user
+    need = FAIL if s.sandbox_backend == "docker" else WARN
+    try:
+        client = connect(timeout=10)
+    except SandboxError as e:
+        engine = Check("docker engine", need, _first_line(e),
+                       "start it: bash scripts/docker-engine.sh (or set DOCKER_HOST); without "
+                       "it 'auto' falls back to the weaker process sandbox")
+        image = Check("sandbox image", need, "not checked: no Docker engine",
+                      "after the engine: bash scripts/build-images.sh")
+        return engine, image
+    try:
+        version = client.version().get("Version", "?")
+        engine = Check("docker engine", OK, f"Docker {version} at "
+                       f"{os.environ.get('DOCKER_HOST') or 'the local socket'}")
+        try:
+            uid, gid = image_user(client, s.sandbox_image)
+            image = Check("sandbox image", OK, f"{s.sandbox_image} (runs as uid {uid}:{gid})")
+        except SandboxError as e:
+            image = Check("sandbox image", need, _first_line(e),
+                          "build it: bash scripts/build-images.sh")
+        if s.sandbox_runtime:
+            runtimes = client.info().get("Runtimes") or {}
+            if s.sandbox_runtime not in runtimes:
+                engine = Check("docker engine", need,
+                               f"the engine has no runtime {s.sandbox_runtime!r} "
+                               f"(it has {', '.join(sorted(runtimes)) or 'none'})",
+                               "register it in /etc/docker/daemon.json (scripts/docker-engine.sh "
+                               "does for runsc), or unset SELFPROG_SANDBOX_RUNTIME")
+    finally:
+        client.close()
+    return engine, image
+
+
+def check_redis(s: Settings) -> Check:
+    if s.embedded:
+        return Check("redis", OK, "not used: embedded mode (no SELFPROG_BROKER_URL), tasks run "
+                     "in-process")
+    try:
+        import redis
+        client = redis.Redis.from_url(s.broker_url, socket_connect_timeout=3, socket_timeout=3)
+        client.ping()
+        return Check("redis", OK, f"broker answers at {_safe_url(s.broker_url)}")
+    except Exception as e:   # noqa: BLE001 - any failure means "no broker"
+        return Check("redis", FAIL, f"{_safe_url(s.broker_url)}: {_first_line(e)}",
+                     "start it: bash scripts/services.sh (or docker-compose up -d redis), or "
+                     "unset SELFPROG_BROKER_URL to run embedded")
+
+
+def _safe_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:   # noqa: BLE001 - not an SQLAlchemy URL (redis://): hide userinfo
+        head, sep, tail = url.partition("@")
+        return ("***@" + tail) if sep else url
+
+
+def check_database(s: Settings) -> Check:
+    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy.engine import make_url
+    try:
+        url = make_url(s.database_url)
+    except Exception as e:   # noqa: BLE001
+        return Check("database", FAIL, f"bad URL {s.database_url!r}: {_first_line(e)}",
+                     "set SELFPROG_DATABASE_URL to e.g. sqlite:///selfprog.db")
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database).expanduser()
+        if not path.exists():
+            return Check("database", WARN, f"no lineage database yet at {path}",
+                         "it is created by the first `selfprog-cli launch`")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o044:
+            return Check("database", WARN, f"{path} is readable by other users (mode "
+                         f"{oct(mode)}); a process-sandboxed candidate could read it",
+                         f"chmod 600 {path}")
+    engine = create_engine(s.database_url, connect_args=(
+        {"connect_timeout": 5} if url.get_backend_name().startswith("postgres") else {}))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            tables = set(inspect(conn).get_table_names())
+    except Exception as e:   # noqa: BLE001
+        return Check("database", FAIL, f"{shown}: {_first_line(getattr(e, 'orig', None) or e)}",
+                     "start PostgreSQL (bash scripts/services.sh) or check SELFPROG_DATABASE_URL")
+    finally:
+        engine.dispose()
+    if "runs" not in tables:
+        return Check("database", WARN, f"{shown} answers but has no lineage tables yet",
+                     "run `alembic upgrade head` (or the first launch migrates it)")
+    return Check("database", OK, f"{shown} answers, lineage tables present")
+
+
+def check_gpus(s: Settings) -> Check:
+    wanted = bool(s.sandbox_gpus) or s.device == "cuda"
+    try:
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        names = [torch.cuda.get_device_name(i) for i in range(n)]
+    except Exception as e:   # noqa: BLE001
+        n, names = 0, [f"torch.cuda failed: {_first_line(e)}"]
+    if n:
+        return Check("gpus", OK, f"{n} GPU(s): {', '.join(names)}")
+    if wanted:
+        return Check("gpus", FAIL, "no CUDA GPU visible to torch, but SELFPROG_SANDBOX_GPUS or "
+                     "SELFPROG_DEVICE=cuda asks for one",
+                     "install the NVIDIA driver and container toolkit, or unset "
+                     "SELFPROG_SANDBOX_GPUS / set SELFPROG_DEVICE=auto")
+    return Check("gpus", OK, "none; training runs on the CPU"
+                 + (f" ({names[0]})" if names else ""))
+
+
+def pick_backend(s: Settings):
+    """The backend this configuration gives (what a worker would build), and a Check."""
+    from sandbox.backends import make_backend
+    kw = {"allow_unconfined": s.allow_unconfined}
+    if s.sandbox_backend in ("docker", "auto"):
+        kw.update(image=s.sandbox_image, runtime=s.sandbox_runtime or None,
+                  gpus=s.sandbox_gpus or None)
+    workroot = Path(tempfile.mkdtemp(prefix="selfprog-doctor-"))
+    os.chmod(workroot, 0o711)
+    kw["workroot"] = workroot / "jobs"
+    try:
+        logging.getLogger("sandbox.backends").disabled = True   # doctor says it itself
+        backend = make_backend(s.sandbox_backend, **kw)
+        if backend.name == "process":
+            backend.probe()
+    except Exception as e:   # noqa: BLE001
+        shutil.rmtree(workroot, ignore_errors=True)
+        return None, workroot, Check("sandbox backend", FAIL,
+                                     f"{s.sandbox_backend!r} cannot run: {_first_line(e)}",
+                                     "see the docker checks above; for the process backend run "
+                                     "as root with the venv where other users can read it")
+    finally:
+        logging.getLogger("sandbox.backends").disabled = False
+    if backend.name == "process":
+        weaker = ("the local process backend: WEAKER isolation (host files visible, "
+                  "no cgroup memory limit, no seccomp)")
+        if s.sandbox_backend == "auto":
+            return backend, workroot, Check("sandbox backend", WARN, f"'auto' picks {weaker}",
+                                            "install the Docker engine and the sandbox image "
+                                            "for container isolation")
+        return backend, workroot, Check("sandbox backend", OK, weaker)
+    return backend, workroot, Check("sandbox backend", OK,
+                                    f"{s.sandbox_backend!r} picks docker ({s.sandbox_image}"
+                                    + (f", runtime {s.sandbox_runtime}" if s.sandbox_runtime
+                                       else "") + ")")
+
+
+def check_canary(s: Settings, backend) -> Check:
+    from sandbox.canary import check_confinement
+    if backend is None:
+        return Check("confinement", FAIL, "not checked: no sandbox backend",
+                     "fix the sandbox backend first")
+    report = check_confinement(backend)
+    if report.ok:
+        return Check("confinement", OK, report.summary())
+    return Check("confinement", WARN if s.allow_unconfined else FAIL, report.summary(),
+                 "workers refuse candidates on this sandbox; fix the isolation (run as root, "
+                 "network namespaces, Docker), or for development only set "
+                 "SELFPROG_ALLOW_UNCONFINED=1")
+
+
+def run_checks(s: Settings, *, canary: bool = True) -> list[Check]:
+    checks: list[Check] = []
+    for fn in (check_docker,):
+        try:
+            checks.extend(fn(s))
+        except Exception as e:   # noqa: BLE001
+            checks.append(Check("docker engine", FAIL if s.sandbox_backend == "docker" else WARN,
+                                _first_line(e), "bash scripts/docker-engine.sh"))
+    for fn in (check_redis, check_database, check_gpus):
+        try:
+            checks.append(fn(s))
+        except Exception as e:   # noqa: BLE001
+            checks.append(Check(fn.__name__.removeprefix("check_"), FAIL, _first_line(e)))
+    backend, workroot, picked = pick_backend(s)
+    checks.append(picked)
+    try:
+        if canary:
+            checks.append(check_canary(s, backend))
+        else:
+            checks.append(Check("confinement", WARN, "skipped (--skip-canary)",
+                                "run `selfprog-cli doctor` without --skip-canary"))
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+    return checks
+
+
+def exit_code(checks: list[Check]) -> int:
+    return 1 if any(c.status == FAIL for c in checks) else 0
