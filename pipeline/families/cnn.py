@@ -211,8 +211,8 @@ def parse(source: str) -> dict[str, int] | None:
     """
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
+    except (SyntaxError, ValueError, MemoryError, RecursionError):   # a source nested past
+        return None                                                   # the parser's limits
     convs, linears = [], []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):

@@ -106,8 +106,8 @@ def parse(source: str) -> dict[str, int] | None:
     """
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
+    except (SyntaxError, ValueError, MemoryError, RecursionError):   # a source nested past
+        return None                                                   # the parser's limits
     found: dict[str, int] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _name(node.func) == "T5Config":
