@@ -704,12 +704,15 @@ def sweep_cells(store: LineageStore, name: str) -> dict[tuple[int, int], Any]:
               help="Sandbox backend (see launch).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG file for the figure. Default: <artifact-dir>/sweeps/<name>.png.")
+@click.option("--no-launch", is_flag=True,
+              help="Launch nothing: print the table and draw the figure from the cells of "
+                   "--name that completed (a partial sweep shows what finished).")
 @json_option
 @pass_ctx
 @handle_errors
 def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
           preset_name: str, seed: int | None, name: str | None, sets: tuple[str, ...],
-          backend: str | None, out_path: Path | None, as_json: bool) -> None:
+          backend: str | None, out_path: Path | None, no_launch: bool, as_json: bool) -> None:
     """Run a grid of candidates-per-iteration x iterations and plot accuracy against
     the total number of candidates (the paper's Figure 4).
 
@@ -725,6 +728,8 @@ def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
     if seed is not None:
         overrides["seed"] = seed
     if name is None:
+        if no_launch:
+            raise ConfigError("--no-launch needs the --name of an existing sweep")
         import uuid
         name = f"{task}-{uuid.uuid4().hex[:8]}"
     configs = {(n, it): build_preset(preset_name, **{**overrides, "task": task, "candidates": n,
@@ -744,6 +749,8 @@ def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
         label = f"[sweep {name} {number}/{len(configs)}] candidates={key[0]} iterations={key[1]}"
         if key in done:
             click.echo(f"{label}: reusing completed run {done[key].id}", err=True)
+            continue
+        if no_launch:
             continue
         click.echo(f"{label}: launching", err=True)
 

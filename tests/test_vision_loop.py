@@ -186,3 +186,10 @@ def test_sweep_runs_the_grid_records_the_group_and_plots(sqlite_url, tmp_path):
     assert [c["run_id"] for c in again["cells"]] == [c["run_id"] for c in first["cells"]]
     with LineageStore(sqlite_url) as store:
         assert len(store.list_runs()) == 2
+    # --no-launch reports a partial grid (a cell that never ran shows as missing)
+    wider = [a if a != "1,2" else "1,2,4" for a in args] + ["--no-launch"]
+    partial = json.loads(_cli(sqlite_url, tmp_path, *wider).stdout)
+    status = {c["candidates"]: c["status"] for c in partial["cells"]}
+    assert status == {1: "completed", 2: "completed", 4: "missing"}
+    with LineageStore(sqlite_url) as store:
+        assert len(store.list_runs()) == 2
