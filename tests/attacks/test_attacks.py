@@ -344,7 +344,8 @@ ATTACKS = [
         """ + REPORT), "import", both("invalid"), check_env, frozenset(BACKENDS)),
     Attack("use_docker_socket", lambda c: cnn_source("import json, socket", """
         r = {}
-        for p in ("/var/run/docker.sock", "/run/docker.sock", "/host/var/run/docker.sock"):
+        for p in ("/var/run/docker.sock", "/run/docker.sock", "/host/var/run/docker.sock",
+                  "/host/run/docker.sock"):     # /var/run -> /run resolves inside, not on /host
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(3)
             try:
