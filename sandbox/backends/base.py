@@ -45,11 +45,16 @@ from pathlib import Path
 from sandbox.schema import (MAX_LOG_CHARS, MAX_REASON_CHARS, MAX_RESULT_BYTES, Job, Result,
                             SchemaError)
 
-__all__ = ["HARNESS_COMMAND", "SandboxError", "stage", "collect", "cleanup", "read_tail",
+__all__ = ["HARNESS_COMMAND", "WARM_COMMAND", "SandboxError", "stage", "check_inputs",
+           "stage_skeleton", "stage_job", "collect", "cleanup", "read_tail",
            "check_safetensors", "PACKAGE_DIR"]
 
 # What every backend runs inside the job directory (the contract's exact command line).
 HARNESS_COMMAND = "import sys; sys.path.insert(0, 'lib'); from sandbox.harness import main; main('.')"
+# A pre-warmed sandbox (process backend, `prewarm`): imports, waits for "go" on stdin,
+# then runs the same main('.'); its arguments follow the command (sandbox.harness.warm_main).
+WARM_COMMAND = ("import sys; sys.path.insert(0, 'lib'); from sandbox.harness import warm_main; "
+                "warm_main('.', *sys.argv[1:])")
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # the `sandbox` package
 MAX_HEADER_BYTES = 16 * 1024 * 1024                      # safetensors JSON header bound
@@ -106,7 +111,19 @@ def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None =
     `tmp/` (the caller must be root to chown); otherwise the caller's uid owns them.
     """
     job.validate()
-    workroot = Path(workroot)
+    sources = check_inputs(job)
+    jobdir = stage_skeleton(workroot, f"{job.job_id[:40]}-", uid=uid, gid=gid)
+    try:
+        stage_job(job, jobdir, sources, uid=uid, gid=gid, seal=seal)
+    except BaseException:
+        cleanup(jobdir)
+        raise
+    return jobdir
+
+
+def check_inputs(job: Job) -> dict[str, Path]:
+    """The job's input files as host paths, each checked to be a regular file (not a
+    link); SandboxError names the first one that is not."""
     sources: dict[str, Path] = {}
     for name, host_path in job.inputs.items():
         p = Path(host_path)
@@ -119,7 +136,18 @@ def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None =
         if not stat.S_ISREG(st.st_mode):
             raise SandboxError(f"input {name!r}: {p} is not a regular file")
         sources[name] = p
+    return sources
 
+
+def stage_skeleton(workroot: Path, prefix: str, *, uid: int | None = None,
+                   gid: int | None = None) -> Path:
+    """A fresh job directory with nothing of any job in it: empty `in/`, the harness
+    under `lib/sandbox/`, `out/` and `tmp/` owned by uid/gid. `stage_job` fills it.
+
+    A pre-warmed sandbox (process backend) starts in such a directory and gets its one
+    job's files only when that job is assigned to it.
+    """
+    workroot = Path(workroot)
     workroot.mkdir(parents=True, exist_ok=True)
     if uid is not None:
         # The child starts in its job dir (cwd is set while still root), but anything
@@ -131,13 +159,11 @@ def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None =
     if os.geteuid() == 0:
         os.chown(workroot, 0, 0)
     os.chmod(workroot, 0o711)
-    jobdir = Path(tempfile.mkdtemp(prefix=f"{job.job_id[:40]}-", dir=workroot))
+    jobdir = Path(tempfile.mkdtemp(prefix=prefix, dir=workroot))
     try:
         os.chmod(jobdir, 0o755)
         for sub in ("in", "lib", "lib/sandbox"):
             (jobdir / sub).mkdir(mode=0o755)
-        for name, src in sources.items():
-            _copy_input(src, jobdir / "in" / f"{name}.safetensors")
         for f in sorted(PACKAGE_DIR.glob("*.py")):   # top level only: backends/ stays out
             dst = jobdir / "lib" / "sandbox" / f.name
             shutil.copyfile(f, dst, follow_symlinks=False)
@@ -147,18 +173,32 @@ def stage(job: Job, workroot: Path, *, uid: int | None = None, gid: int | None =
             d.mkdir(mode=0o700)
             if uid is not None:
                 os.chown(d, uid, gid if gid is not None else uid)
-        staged = Job(job_id=job.job_id, kind=job.kind, source=job.source,
-                     model_kind=job.model_kind,
-                     inputs={name: f"in/{name}.safetensors" for name in job.inputs},
-                     params=dict(job.params), limits=job.limits)
-        (jobdir / "job.json").write_text(staged.validate().to_json())
-        os.chmod(jobdir / "job.json", 0o444)
-        if seal:
-            _plant_seal_key(jobdir, uid, gid)
     except BaseException:
         cleanup(jobdir)
         raise
     return jobdir
+
+
+def stage_job(job: Job, jobdir: Path, sources: dict[str, Path], *, uid: int | None = None,
+              gid: int | None = None, seal: bool = False) -> None:
+    """Put one job into a `stage_skeleton` directory: its inputs (copies) under `in/`,
+    `job.json` with the inputs rewritten, and (seal=True) the result seal key in `out/`.
+
+    Everything written here is root's, in directories the sandbox cannot write, except
+    the seal key, which is created without following links (`out/` is the sandbox's).
+    The caller cleans the directory up if this raises.
+    """
+    jobdir = Path(jobdir)
+    for name, src in sources.items():
+        _copy_input(src, jobdir / "in" / f"{name}.safetensors")
+    staged = Job(job_id=job.job_id, kind=job.kind, source=job.source,
+                 model_kind=job.model_kind,
+                 inputs={name: f"in/{name}.safetensors" for name in job.inputs},
+                 params=dict(job.params), limits=job.limits)
+    (jobdir / "job.json").write_text(staged.validate().to_json())
+    os.chmod(jobdir / "job.json", 0o444)
+    if seal:
+        _plant_seal_key(jobdir, uid, gid)
 
 
 def _plant_seal_key(jobdir: Path, uid: int | None, gid: int | None) -> None:
@@ -168,11 +208,13 @@ def _plant_seal_key(jobdir: Path, uid: int | None, gid: int | None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
     try:
         os.write(fd, key)
+        # On the fd, not the path: out/ may belong to a sandbox that is already running
+        # (a pre-warmed one), which could swap the name for a link in between.
+        os.fchmod(fd, 0o444)   # out/ is the sandbox's (0700): only it can read or remove this
+        if uid is not None:
+            os.fchown(fd, uid, gid if gid is not None else uid)
     finally:
         os.close(fd)
-    os.chmod(path, 0o444)   # out/ is the sandbox's (0700): only it can read or remove this
-    if uid is not None:
-        os.chown(path, uid, gid if gid is not None else uid)
     with _SEALS_LOCK:
         _SEALS[str(jobdir)] = key
 
