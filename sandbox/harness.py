@@ -248,6 +248,56 @@ def main(jobdir: str | os.PathLike = ".") -> None:
     (trusted.os_exit if trusted else os._exit)(0)
 
 
+def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: str = "auto",
+              ready_fd: str = "-1") -> None:
+    """A pre-warmed sandbox (process backend, `prewarm`): pay the imports ahead, then
+    wait for the one job this sandbox will ever run, then run it with `main`.
+
+    Started in a job directory that holds no job yet (no job.json, no inputs, no seal
+    key): it imports what `main` would (torch, safetensors, torch._dynamo and, for a T5
+    job, transformers), initialises CUDA when the job will use it, writes one byte to
+    `ready_fd` and blocks on stdin. The backend stages the job's files, then writes
+    "go" (or closes the pipe: leave). Only this trusted code runs before "go"; `main`
+    then reads the seal key and takes the integrity snapshot before any candidate
+    code runs, exactly as in a cold sandbox. Environment variables the imports set
+    are removed again, as `main` does.
+    """
+    env = dict(os.environ)
+    import safetensors.torch  # noqa: F401
+    import torch
+    import torch._dynamo  # noqa: F401
+    import torch.nn.functional  # noqa: F401
+    if model_kind == "t5":
+        import transformers  # noqa: F401
+        import transformers.models.t5.modeling_t5  # noqa: F401
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        try:
+            torch.cuda.init()
+            torch.empty(1, device="cuda")     # the context, not only the driver
+        except Exception:   # the job will meet (and report) the same error itself
+            pass
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    fd = int(ready_fd)
+    if fd >= 0:
+        try:
+            os.write(fd, b"r")
+        finally:
+            os.close(fd)
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 16:
+        chunk = os.read(0, 1)
+        if not chunk:
+            os._exit(0)                   # the backend gave this sandbox up
+        line += chunk
+    if line != b"go\n":
+        os._exit(2)
+    devnull = os.open(os.devnull, os.O_RDONLY)   # stdin as in a cold sandbox
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    main(jobdir)
+
+
 def _write_result(root: Path, result: Result, seal_key: bytes | None, t) -> None:
     """result.json (and result.seal when the backend gave a key), each written to a
     temporary name and renamed: a half-written result is never read."""

@@ -38,4 +38,8 @@ def _accepted(cls, kw: dict[str, Any]) -> dict[str, Any]:
     # 'auto' gets the settings for either backend (image, gpus, allow_unconfined...);
     # each constructor takes the ones it knows.
     params = inspect.signature(cls).parameters
+    if kw.get("prewarm") and "prewarm" not in params:
+        logging.getLogger(__name__).warning(
+            "sandbox prewarm=%s is ignored: the %s backend starts every sandbox cold",
+            kw["prewarm"], getattr(cls, "name", cls.__name__))
     return {k: v for k, v in kw.items() if k in params}

@@ -25,6 +25,25 @@ resident memory with a cgroup; no PID namespace (the candidate sees host process
 no seccomp filter; no CPU quota (RLIMIT_CPU is a backstop, the deadline is the limit).
 As non-root there is no uid drop at all, and the network namespace needs
 unprivileged user namespaces; both need `allow_unconfined=True`, which logs a warning.
+
+Pre-warmed sandboxes (`prewarm=N`, Settings.sandbox_prewarm; 0 = off, the default). A
+fresh sandbox pays a few seconds to import torch and transformers (and on a GPU to
+initialise CUDA) before its candidate runs. With prewarm on, the backend keeps N
+sandboxes started ahead, each confined exactly like a job (same `_preexec`: network
+namespace, its own uid, the job's rlimits, scrubbed environment, own session), running
+`harness.warm_main` in a job directory that holds no job (`base.stage_skeleton`): it
+imports, then blocks on stdin. `execute` takes one (`WarmPool.take`), stages that one
+job's files into it (`base.stage_job`: inputs, job.json, seal key), sets its CPU limit
+to what it used warming up plus the job's own budget, writes "go", and from then on
+treats it as a cold run: the deadline counts from "go", and afterwards the process
+group and every process of its uid are killed and its directory removed. A sandbox
+serves one job only; a replacement is started in the background as soon as one is
+taken. Confinement depends on a job's limits, threads, model kind and device, so the
+pool holds sandboxes for the profile of the most recent job; a job of another profile
+(the first one included) runs cold and retargets the pool. Idle sandboxes older than
+`prewarm_max_age_s` are recycled; `close()`, garbage collection of the backend and
+interpreter exit kill the idle ones (each also dies with the pool's thread:
+PR_SET_PDEATHSIG). Needs root with the uid drop; elsewhere every job runs cold.
 """
 from __future__ import annotations
 
@@ -41,11 +60,13 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.backends.base import (HARNESS_COMMAND, SandboxError, cleanup, collect, read_tail,
-                                   sabotage_enabled, stage)
+from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, check_inputs,
+                                   cleanup, collect, read_tail, sabotage_enabled, stage,
+                                   stage_job, stage_skeleton)
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -64,6 +85,12 @@ AS_HEADROOM_MB = 4096
 AS_PER_THREAD_MB = 256
 MAX_OPEN_FILES = 256
 LOG_TAIL_BYTES = 64 * 1024
+WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
+WARM_MAX_AGE_S = 30 * 60.0       # an idle pre-warmed sandbox older than this is recycled
+
+# uids handed to pre-warmed sandboxes that may not have a process yet: never picked twice.
+_RESERVED_UIDS: set[int] = set()
+_RESERVED_LOCK = threading.Lock()
 
 _libc = ctypes.CDLL(None, use_errno=True)   # loaded here: never dlopen after fork
 
@@ -89,6 +116,7 @@ class RunInfo:
     pid: int
     jobdir: Path
     survivors_killed: int = 0
+    warm: bool = False          # ran in a pre-warmed sandbox
 
 
 class ProcessBackend:
@@ -96,7 +124,8 @@ class ProcessBackend:
 
     def __init__(self, workroot: Path | str | None = None, python: str = sys.executable,
                  uid_base: int = 200_000, allow_unconfined: bool = False,
-                 uid_range: int = 100_000, keep_jobdirs: bool = False):
+                 uid_range: int = 100_000, keep_jobdirs: bool = False, prewarm: int = 0,
+                 prewarm_max_age_s: float = WARM_MAX_AGE_S):
         self.workroot = Path(workroot) if workroot else Path(tempfile.gettempdir()) / "selfprog-sandbox"
         self.python = python
         self.uid_base = uid_base
@@ -106,6 +135,26 @@ class ProcessBackend:
         self.isolation: Isolation | None = None
         self.last_run: RunInfo | None = None
         self._lock = threading.Lock()
+        self.prewarm = max(0, int(prewarm))
+        self._pool: WarmPool | None = None
+        if self.prewarm:
+            # The pool holds no reference to the backend: collecting the backend (or
+            # leaving the interpreter) runs the finalizer, which kills the idle sandboxes.
+            self._pool = WarmPool(self.prewarm, python=self.python, workroot=self.workroot,
+                                  uid_base=uid_base, uid_range=uid_range,
+                                  max_age_s=prewarm_max_age_s)
+            self._finalizer = weakref.finalize(self, self._pool.close)
+
+    def close(self) -> None:
+        """Kill the idle pre-warmed sandboxes and stop making new ones (no-op without)."""
+        if self._pool is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "ProcessBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ probing
     def probe(self) -> Isolation:
@@ -216,6 +265,10 @@ class ProcessBackend:
         """Run one job to completion; always returns a Result (never the candidate's exception)."""
         job.validate()
         iso = self.probe()
+        if self._pool is not None:
+            result = self._execute_warm(job, Path(out_dir), iso)
+            if result is not None:
+                return result
         uid = self._pick_uid() if iso.uid_drop else None
         jobdir = stage(job, self.workroot, uid=uid, gid=uid, seal=True)
         threads = int(job.params.get("num_threads", 1))
@@ -265,7 +318,65 @@ class ProcessBackend:
             if not self.keep_jobdirs:
                 cleanup(jobdir)
 
-    def _env(self, tmp: Path, threads: int) -> dict[str, str]:
+    def prewarm_for(self, job: Job) -> None:
+        """Start warming sandboxes for jobs like `job` now, instead of after the first
+        such job ran cold (no-op without prewarm or without the uid drop)."""
+        job.validate()
+        iso = self.probe()
+        if self._pool is not None and iso.uid_drop and not sabotage_enabled():
+            self._pool.target(job, self._rlimits(job), iso)
+
+    def _execute_warm(self, job: Job, out_dir: Path, iso: Isolation) -> Result | None:
+        """Run `job` in a pre-warmed sandbox; None when there is none to use (the caller
+        then runs it cold). Nothing of the job reaches the sandbox before it is taken."""
+        if not iso.uid_drop or sabotage_enabled():
+            return None
+        sources = check_inputs(job)          # a bad input is refused as in a cold run
+        rlimits = self._rlimits(job)
+        warm = self._pool.take(job, rlimits, iso)
+        if warm is None:
+            return None
+        proc, uid, jobdir = warm.proc, warm.uid, warm.jobdir
+        cpu_budget = dict(rlimits)[resource.RLIMIT_CPU]
+        try:
+            stage_job(job, jobdir, sources, uid=uid, gid=uid, seal=True)
+            # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
+            _set_cpu_limit(proc.pid, uid, math.ceil(_cpu_seconds(proc.pid)) + cpu_budget)
+            started = time.monotonic()
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        except (OSError, ValueError, SandboxError) as e:
+            # Not started (it died, or could not be limited): nothing of the candidate ran.
+            log.warning("pre-warmed sandbox %s unusable (%s); running the job cold", proc.pid, e)
+            self._pool.destroy(warm)
+            return None
+        self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir, warm=True)
+        stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
+        timed_out = False
+        exit_code: int | None = None
+        try:
+            exit_code = proc.wait(timeout=job.limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            self.last_run.survivors_killed = kill_run(proc, uid)
+            self._pool.release(warm)
+            if exit_code is None and not timed_out:
+                exit_code = proc.returncode
+        if exit_code is not None and exit_code in (-signal.SIGXCPU,):
+            timed_out = True
+        try:
+            return collect(job, jobdir, out_dir, exit_code=exit_code, timed_out=timed_out,
+                           oom_killed=False,
+                           stdout_tail=read_tail(stdout_path, LOG_TAIL_BYTES),
+                           stderr_tail=read_tail(stderr_path, LOG_TAIL_BYTES),
+                           duration_s=time.monotonic() - started)
+        finally:
+            if not self.keep_jobdirs:
+                cleanup(jobdir)
+
+    @staticmethod
+    def _env(tmp: Path, threads: int) -> dict[str, str]:
         # Built from nothing: no variable of the host (tokens, DB URLs, proxies) leaks in.
         tmp = str(tmp)
         host = dict(os.environ) if sabotage_enabled() else {}   # TEST ONLY: see base
@@ -313,8 +424,8 @@ class ProcessBackend:
             if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
             os.umask(0o077)
-            for res, value in rlimits:
-                resource.setrlimit(res, (value, value))
+            for res, value, *hard in rlimits:     # (res, value) or (res, soft, hard)
+                resource.setrlimit(res, (value, hard[0] if hard else value))
             if uid is not None:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
@@ -324,12 +435,7 @@ class ProcessBackend:
         return setup
 
     def _pick_uid(self) -> int:
-        busy = {u for _, u in _processes()}
-        for _ in range(100):
-            uid = self.uid_base + random.randrange(self.uid_range)
-            if uid not in busy:
-                return uid
-        raise SandboxError("no free sandbox uid")
+        return _pick_uid(self.uid_base, self.uid_range)
 
     # ------------------------------------------------------------------ killing
     def _kill_all(self, proc: subprocess.Popen, uid: int | None) -> int:
@@ -337,49 +443,72 @@ class ProcessBackend:
 
         Returns how many processes outside the process group had to be killed.
         """
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        survivors = 0
-        for _ in range(100):
-            if uid is not None:
-                alive = [pid for pid, u in _processes() if u == uid]
-            else:  # no uid of its own: the best we have is its session id
-                alive = [pid for pid in _session_members(proc.pid)]
-            if not alive:
-                return survivors
-            survivors += len(alive)
-            if uid is not None:
-                self._kill_uid(uid)
-            else:
-                for pid in alive:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-            time.sleep(0.01)
-        log.error("processes of sandbox run %s survive SIGKILL", proc.pid)
-        return survivors
+        return kill_run(proc, uid)
 
     @staticmethod
     def _kill_uid(uid: int) -> None:
-        """kill(-1, SIGKILL) as the job uid: the kernel signals every process of that uid
-        at once (a fork bomb cannot outrun a scan-and-kill loop this way)."""
-        if os.geteuid() != 0:
-            return
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-                os.kill(-1, signal.SIGKILL)   # the caller itself is spared
-            except BaseException:
-                os._exit(1)
-            os._exit(0)
-        os.waitpid(pid, 0)
+        _kill_uid(uid)
+
+
+def _pick_uid(base: int, span: int, reserve: bool = False) -> int:
+    """A uid in [base, base + span) that no process has and no pre-warmed sandbox holds."""
+    with _RESERVED_LOCK:
+        busy = {u for _, u in _processes()} | _RESERVED_UIDS
+        for _ in range(100):
+            uid = base + random.randrange(span)
+            if uid not in busy:
+                if reserve:
+                    _RESERVED_UIDS.add(uid)
+                return uid
+    raise SandboxError("no free sandbox uid")
+
+
+def kill_run(proc: subprocess.Popen, uid: int | None) -> int:
+    """Kill a run's process group, then everything its uid still owns (see
+    ProcessBackend._kill_all); returns how many outside the group had to be killed."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    survivors = 0
+    for _ in range(100):
+        if uid is not None:
+            alive = [pid for pid, u in _processes() if u == uid]
+        else:  # no uid of its own: the best we have is its session id
+            alive = [pid for pid in _session_members(proc.pid)]
+        if not alive:
+            return survivors
+        survivors += len(alive)
+        if uid is not None:
+            _kill_uid(uid)
+        else:
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(0.01)
+    log.error("processes of sandbox run %s survive SIGKILL", proc.pid)
+    return survivors
+
+
+def _kill_uid(uid: int) -> None:
+    """kill(-1, SIGKILL) as the job uid: the kernel signals every process of that uid
+    at once (a fork bomb cannot outrun a scan-and-kill loop this way)."""
+    if os.geteuid() != 0:
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)   # the caller itself is spared
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _processes() -> list[tuple[int, int]]:
@@ -418,3 +547,276 @@ def _session_members(sid: int) -> list[int]:
         if fields and fields[0] not in ("Z", "X") and (int(fields[2]) == sid or int(fields[3]) == sid):
             out.append(int(entry))
     return out
+
+
+# --------------------------------------------------------------------------- pre-warming
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used, from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        line = f.read().decode(errors="replace")
+    fields = line[line.rfind(")") + 2:].split()     # field 3 onward
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+
+
+def _set_cpu_limit(pid: int, uid: int, seconds: int) -> None:
+    """Set RLIMIT_CPU (soft = hard = `seconds`) of a running sandbox, then check it.
+
+    Done as the sandbox's own uid (a forked helper, like _kill_uid): prlimit() on another
+    uid's process needs CAP_SYS_RESOURCE, which root in a container may lack; lowering
+    the hard limit of one's own process needs nothing.
+    """
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            resource.prlimit(pid, resource.RLIMIT_CPU, (seconds, seconds))
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    with open(f"/proc/{pid}/limits") as f:
+        row = next((line for line in f if line.startswith("Max cpu time")), "")
+    if os.waitstatus_to_exitcode(status) != 0 or row.split()[3:5] != [str(seconds)] * 2:
+        raise SandboxError(f"could not set the CPU limit of sandbox {pid}")
+
+
+@dataclass(eq=False)
+class WarmSandbox:
+    """One pre-warmed sandbox: started, importing or waiting for "go"; no job yet."""
+    proc: subprocess.Popen
+    uid: int
+    jobdir: Path
+    key: tuple
+    born: float
+    ready_r: int            # read end of the pipe warm_main writes one byte to when ready
+    ready: bool = False
+
+    def is_ready(self) -> bool:
+        if not self.ready and self.ready_r >= 0:
+            try:
+                self.ready = os.read(self.ready_r, 1) == b"r"
+            except OSError:   # nothing yet (EAGAIN)
+                pass
+        return self.ready
+
+    def close_fds(self) -> None:
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()   # EOF: a sandbox still waiting leaves by itself
+        except OSError:
+            pass
+
+
+class WarmPool:
+    """Keeps `size` pre-warmed sandboxes ready for the profile of the latest job.
+
+    `take` hands one out (it is never handed out again); a daemon thread starts the
+    replacements, recycles sandboxes that died or are older than `max_age_s`, and kills
+    the ones a change of profile made useless. The thread is the parent of every
+    sandbox it starts, so they die with it (PR_SET_PDEATHSIG); `close` stops it.
+    Holds no reference to the backend.
+    """
+
+    def __init__(self, size: int, *, python: str, workroot: Path, uid_base: int,
+                 uid_range: int, max_age_s: float = WARM_MAX_AGE_S):
+        self.size = size
+        self.python = python
+        self.workroot = Path(workroot)
+        self.uid_base, self.uid_range = uid_base, uid_range
+        self.max_age_s = float(max_age_s)
+        self.stats = {"spawned": 0, "taken": 0, "recycled": 0, "failed": 0}
+        self._cond = threading.Condition()
+        self._idle: list[WarmSandbox] = []
+        self._doomed: list[WarmSandbox] = []
+        self._key: tuple | None = None
+        self._spec: tuple | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._retry_at = 0.0
+        self._tick = max(0.5, min(30.0, self.max_age_s / 4))
+        self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        """In a forked child (a Celery prefork worker, say) the sandboxes and the thread
+        are the parent's: forget them (never kill them) and start over. Call locked."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._idle, self._doomed, self._thread = [], [], None
+
+    # -------------------------------------------------------------- the job side
+    @staticmethod
+    def _profile(job: Job, rlimits: list, iso: Isolation) -> tuple:
+        """What a sandbox must have been started with to run `job`: its rlimits but CPU
+        (set at "go"), threads (environment), model kind and device (what it imports)."""
+        threads = int(job.params.get("num_threads", 1))
+        device = str(job.params.get("device", "auto"))
+        device = device if device in ("auto", "cpu", "cuda") else "cpu"
+        model_kind = "t5" if job.model_kind == "t5" else "other"
+        limits = tuple((res, v) for res, v in rlimits if res != resource.RLIMIT_CPU)
+        return (limits, threads, model_kind, device, iso.netns)
+
+    def _retarget(self, key: tuple) -> bool:
+        """Locked. Make `key` the profile to keep ready; True if it already was."""
+        self._after_fork()
+        if self._closed or key == self._key:
+            return not self._closed
+        self._doomed += self._idle
+        self._idle = []
+        self._key = self._spec = key
+        self._start_thread()
+        self._cond.notify_all()
+        return False
+
+    def target(self, job: Job, rlimits: list, iso: Isolation) -> None:
+        """Keep sandboxes ready for jobs like `job` (hands nothing out)."""
+        with self._cond:
+            self._retarget(self._profile(job, rlimits, iso))
+
+    def take(self, job: Job, rlimits: list, iso: Isolation) -> WarmSandbox | None:
+        """A warm sandbox for `job`, or None (then the pool targets this job's profile)."""
+        key = self._profile(job, rlimits, iso)
+        with self._cond:
+            if not self._retarget(key):
+                return None
+            now = time.monotonic()
+            usable = [w for w in self._idle if w.proc.poll() is None and now - w.born < self.max_age_s]
+            self._doomed += [w for w in self._idle if w not in usable]
+            ready = [w for w in usable if w.is_ready()]
+            chosen = (ready or usable or [None])[0]       # oldest ready, else oldest
+            self._idle = [w for w in usable if w is not chosen]
+            if chosen is not None:
+                self.stats["taken"] += 1
+            self._cond.notify_all()                       # start its replacement
+            return chosen
+
+    def release(self, w: WarmSandbox) -> None:
+        """After the job: its process group and uid are dead (kill_run)."""
+        w.close_fds()
+        with _RESERVED_LOCK:
+            _RESERVED_UIDS.discard(w.uid)
+
+    def destroy(self, w: WarmSandbox) -> None:
+        kill_run(w.proc, w.uid)
+        self.release(w)
+        cleanup(w.jobdir)
+
+    def idle(self) -> list[WarmSandbox]:
+        with self._cond:
+            return list(self._idle)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until `size` sandboxes are idle and ready (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                if len(self._idle) >= self.size and all(w.is_ready() for w in self._idle):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._after_fork()
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(60)
+        with self._cond:
+            doomed, self._idle, self._doomed = self._idle + self._doomed, [], []
+        for w in doomed:
+            self._destroy_quietly(w)
+
+    # -------------------------------------------------------------- the thread
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="selfprog-prewarm", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                for w in list(self._idle):
+                    if w.proc.poll() is not None or now - w.born >= self.max_age_s:
+                        self._idle.remove(w)
+                        self._doomed.append(w)
+                        self.stats["recycled"] += 1
+                doomed, self._doomed = self._doomed, []
+                need = self.size - len(self._idle) if now >= self._retry_at else 0
+                key, spec = self._key, self._spec
+            for w in doomed:
+                self._destroy_quietly(w)
+            for _ in range(max(0, need)):
+                try:
+                    w = self._spawn(key, spec)
+                except Exception as e:   # keep the thread: its children die with it
+                    self.stats["failed"] += 1
+                    self._retry_at = time.monotonic() + min(60.0, 2.0 ** self.stats["failed"])
+                    log.warning("could not start a pre-warmed sandbox: %s", e)
+                    break
+                with self._cond:
+                    if self._closed or key != self._key:
+                        self._doomed.append(w)
+                    else:
+                        self._idle.append(w)
+                        self.stats["spawned"] += 1
+                        self.stats["failed"] = 0
+            with self._cond:
+                if self._closed:
+                    return
+                if not self._doomed and (len(self._idle) >= self.size
+                                         or time.monotonic() < self._retry_at):
+                    self._cond.wait(self._tick)
+
+    def _destroy_quietly(self, w: WarmSandbox) -> None:
+        try:
+            self.destroy(w)
+        except Exception as e:
+            log.error("could not remove pre-warmed sandbox %s: %s", w.proc.pid, e)
+
+    def _spawn(self, key: tuple, spec: tuple) -> WarmSandbox:
+        limits, threads, model_kind, device, netns = spec
+        uid = _pick_uid(self.uid_base, self.uid_range, reserve=True)
+        jobdir = None
+        ready_r = ready_w = -1
+        try:
+            jobdir = stage_skeleton(self.workroot, "warm-", uid=uid, gid=uid)
+            ready_r, ready_w = os.pipe()
+            os.set_blocking(ready_r, False)
+            _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+            # The job's limits, except CPU: the warm-up's own allowance until "go" sets
+            # the job's (hard limit ours until then: only the harness runs before "go").
+            rlimits = [*limits, (resource.RLIMIT_CPU, WARM_CPU_S, cpu_hard)]
+            stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
+            with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
+                os.chmod(stdout_path, 0o600)
+                os.chmod(stderr_path, 0o600)
+                proc = subprocess.Popen(
+                    [self.python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)],
+                    cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
+                    stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
+                    pass_fds=(ready_w,), start_new_session=True,
+                    preexec_fn=ProcessBackend._preexec(uid, netns, rlimits))
+        except BaseException:
+            for fd in (ready_r, ready_w):
+                if fd >= 0:
+                    os.close(fd)
+            if jobdir is not None:
+                cleanup(jobdir)
+            with _RESERVED_LOCK:
+                _RESERVED_UIDS.discard(uid)
+            raise
+        os.close(ready_w)
+        return WarmSandbox(proc=proc, uid=uid, jobdir=jobdir, key=key,
+                           born=time.monotonic(), ready_r=ready_r)
