@@ -33,6 +33,7 @@ class Settings:
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
+    sandbox_prewarm: int = 0                  # pre-warmed sandboxes kept ready (process backend)
     allow_unconfined: bool = False            # run candidates even if the canary escapes
     device: str = "auto"                      # where the harness trains: cpu | cuda | auto
     # Redis broker: seconds before a message that a worker took but never acknowledged is
@@ -54,6 +55,8 @@ class Settings:
         if s.sandbox_backend not in ("auto", "docker", "process"):
             raise ConfigError(f"unknown sandbox backend {s.sandbox_backend!r} "
                               "(choose auto, docker or process)")
+        if s.sandbox_prewarm < 0:
+            raise ConfigError("SELFPROG_SANDBOX_PREWARM must be 0 (off) or more")
         if not s.visibility_timeout_s >= 2:
             raise ConfigError("SELFPROG_VISIBILITY_TIMEOUT_S must be at least 2 seconds")
         if s.device not in ("auto", "cpu", "cuda"):

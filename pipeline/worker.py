@@ -123,7 +123,7 @@ def backend():
         if _backend is None:
             from sandbox.backends import make_backend
             s = settings()
-            kw = {"allow_unconfined": s.allow_unconfined}
+            kw = {"allow_unconfined": s.allow_unconfined, "prewarm": s.sandbox_prewarm}
             if s.sandbox_backend in ("docker", "auto"):
                 kw.update(image=s.sandbox_image, runtime=s.sandbox_runtime or None,
                           gpus=s.sandbox_gpus or None)
