@@ -1,0 +1,296 @@
+"""Pre-warmed process sandboxes (ProcessBackend(prewarm=N), SELFPROG_SANDBOX_PREWARM).
+
+Real processes, no mocks. A warm sandbox must behave like a cold one (same result, same
+confinement) and serve exactly one job; nothing of a job may be in it before the job is
+assigned, and no process may outlive the backend. No test asserts speed.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.settings import ConfigError, Settings
+from sandbox.backends.process import WARM_CPU_S, ProcessBackend, _processes
+from tests.test_process_backend import TINY, candidate, make_job
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the confined process backend needs root")
+
+READY_S = 300      # imports on a loaded 2-core machine can be slow; this is not a speed test
+
+
+def _workroot() -> Path:
+    # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700 (see test_process_backend).
+    workroot = Path(tempfile.mkdtemp(prefix="selfprog-prewarm-"))
+    os.chmod(workroot, 0o711)
+    return workroot
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    g = torch.Generator().manual_seed(0)
+    n, s, t = 16, 12, 8
+    labels = torch.randint(2, 60, (n, t), generator=g)
+    labels[:, 6:] = -100
+    path = tmp_path_factory.mktemp("data") / "data.safetensors"
+    save_file({"input_ids": torch.randint(2, 60, (n, s), generator=g),
+               "attention_mask": torch.ones(n, s, dtype=torch.int64),
+               "labels": labels}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def warm(data_file):
+    workroot = _workroot()
+    b = ProcessBackend(workroot=workroot, prewarm=1)
+    iso = b.probe()
+    assert iso.uid_drop and iso.netns and not iso.warnings, iso
+    b.prewarm_for(make_job(TINY, data_file))
+    yield b
+    b.close()
+    shutil.rmtree(workroot, ignore_errors=True)
+
+
+def uids_alive(uids) -> list[int]:
+    return [pid for pid, u in _processes() if u in set(uids)]
+
+
+def run_warm(backend: ProcessBackend, job, out):
+    assert backend._pool.wait_ready(READY_S), "no warm sandbox became ready"
+    result = backend.execute(job, out)
+    assert backend.last_run.warm, "the job did not run in a pre-warmed sandbox"
+    return result
+
+
+# ----------------------------------------------------------------- same results
+
+def test_warm_evaluation_gives_the_cold_score(warm, data_file, tmp_path):
+    job = make_job(TINY, data_file)
+    cold = ProcessBackend(workroot=warm.workroot)        # prewarm 0: today's behaviour
+    cold_result = cold.execute(job, tmp_path / "cold")
+    assert cold_result.status == "ok", cold_result
+    assert cold._pool is None and not cold.last_run.warm
+
+    warm_result = run_warm(warm, job, tmp_path / "warm")
+    assert warm_result.status == "ok", warm_result
+    assert warm_result.score == cold_result.score
+    assert warm_result.losses == cold_result.losses
+    assert warm_result.param_count == cold_result.param_count
+
+
+def test_train_lm_in_a_warm_sandbox_brings_weights_back(warm, data_file, tmp_path):
+    result = run_warm(warm, make_job(TINY, data_file, kind="train_lm"), tmp_path)
+    assert result.status == "ok", result
+    assert (tmp_path / "weights.safetensors").stat().st_size > 0
+
+
+def test_each_warm_sandbox_serves_one_job(warm, data_file, tmp_path):
+    job = make_job(TINY, data_file)
+    first = run_warm(warm, job, tmp_path / "a")
+    run1 = warm.last_run
+    second = run_warm(warm, job, tmp_path / "b")
+    run2 = warm.last_run
+    assert first.status == second.status == "ok"
+    assert first.score == second.score
+    assert run1.uid != run2.uid and run1.pid != run2.pid
+    assert not os.path.exists(f"/proc/{run1.pid}")            # the first process is gone
+    assert not uids_alive([run1.uid, run2.uid])
+    assert not run1.jobdir.exists() and not run2.jobdir.exists()
+    # The replacement is a different sandbox again.
+    assert warm._pool.wait_ready(READY_S)
+    assert all(w.uid not in (run1.uid, run2.uid) for w in warm._pool.idle())
+
+
+def test_an_idle_warm_sandbox_holds_nothing_of_any_job(warm, data_file, tmp_path):
+    run_warm(warm, make_job(TINY, data_file), tmp_path)     # a job ran before
+    assert warm._pool.wait_ready(READY_S)
+    (w,) = warm._pool.idle()
+    assert w.proc.poll() is None
+    assert not (w.jobdir / "job.json").exists()
+    assert os.listdir(w.jobdir / "in") == []
+    assert os.listdir(w.jobdir / "out") == []                # no seal key, no result
+    # It waits confined: its own uid, no network but a loopback.
+    with open(f"/proc/{w.proc.pid}/status") as f:
+        uid_line = next(line for line in f if line.startswith("Uid:"))
+    assert set(uid_line.split()[1:]) == {str(w.uid)}
+    assert os.readlink(f"/proc/{w.proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+
+
+def test_cpu_limit_covers_the_warm_up_and_the_job(warm, data_file, tmp_path):
+    src = candidate("import resource\n", """
+        soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        raise RuntimeError(f"CPU {soft} {hard}")
+        """)
+    job = make_job(src, data_file, timeout_s=20)
+    result = run_warm(warm, job, tmp_path)
+    assert result.status == "invalid", result
+    soft, hard = (int(x) for x in result.reason.split("CPU ")[1].split()[:2])
+    budget = dict(ProcessBackend._rlimits(job))[resource.RLIMIT_CPU]
+    assert soft == hard                                        # the candidate cannot raise it
+    assert budget <= soft <= budget + WARM_CPU_S
+
+
+# ----------------------------------------------------------------- confinement holds
+
+def test_warm_network_to_a_loopback_server_is_unreachable(warm, data_file, tmp_path):
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted = []
+    server.settimeout(20)
+
+    def serve():
+        try:
+            conn, _ = server.accept()
+            accepted.append(conn)
+        except OSError:
+            pass
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    src = candidate("import socket\n", f"""
+        try:
+            socket.create_connection(("127.0.0.1", {port}), timeout=5).close()
+        except OSError as e:
+            raise RuntimeError(f"BLOCKED {{type(e).__name__}}: {{e}}")
+        raise RuntimeError("CONNECTED")
+        """)
+    try:
+        result = run_warm(warm, make_job(src, data_file), tmp_path)
+    finally:
+        server.close()
+        t.join(5)
+    assert result.status == "invalid", result
+    assert "BLOCKED" in result.reason and "CONNECTED" not in result.reason
+    assert not accepted
+
+
+def test_warm_planted_secret_file_is_unreadable(warm, data_file, tmp_path):
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    os.chmod(secret_dir, 0o755)
+    secret = secret_dir / "token"
+    secret.write_text("s3cr3t-value")
+    os.chmod(secret, 0o600)
+    src = candidate("", f"""
+        try:
+            leaked = open({str(secret)!r}).read()
+        except OSError as e:
+            raise RuntimeError(f"DENIED {{type(e).__name__}}")
+        raise RuntimeError("LEAKED " + leaked)
+        """)
+    result = run_warm(warm, make_job(src, data_file), tmp_path)
+    assert result.status == "invalid", result
+    assert "DENIED PermissionError" in result.reason
+    assert "s3cr3t" not in result.reason + result.logs
+
+
+def test_warm_loop_past_the_deadline_times_out_and_leaves_nothing(warm, data_file, tmp_path):
+    src = candidate("import os, signal\n", """
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.fork() == 0:
+            os.setsid()
+            while True:
+                pass
+        while True:
+            pass
+        """)
+    result = run_warm(warm, make_job(src, data_file, timeout_s=8), tmp_path)
+    assert result.status == "timeout", result
+    assert "deadline" in result.reason
+    assert not uids_alive([warm.last_run.uid])
+    assert not os.path.exists(f"/proc/{warm.last_run.pid}")
+
+
+def test_warm_host_environment_does_not_leak(warm, data_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFPROG_TEST_SECRET", "env-s3cr3t")
+    src = candidate("import os\n", """
+        raise RuntimeError("ENV " + " ".join(sorted(os.environ)))
+        """)
+    result = run_warm(warm, make_job(src, data_file), tmp_path)
+    names = set(result.reason.split("ENV ")[1].split(" (candidate line")[0].split())
+    assert "SELFPROG_TEST_SECRET" not in names
+    assert names <= {"PATH", "LANG", "HOME", "TMPDIR", "XDG_CACHE_HOME", "TORCH_HOME", "HF_HOME",
+                     "MPLCONFIGDIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE",
+                     "TRANSFORMERS_OFFLINE", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE"}
+
+
+# ----------------------------------------------------------------- profiles, lifetime
+
+def test_a_job_of_another_profile_runs_cold_and_retargets(data_file, tmp_path):
+    workroot = _workroot()
+    b = ProcessBackend(workroot=workroot, prewarm=1)
+    try:
+        b.prewarm_for(make_job(TINY, data_file))
+        assert b._pool.wait_ready(READY_S)
+        (old,) = b._pool.idle()
+        other = make_job(TINY, data_file, memory_mb=768)       # another RLIMIT_AS
+        result = b.execute(other, tmp_path)
+        assert result.status == "ok", result
+        assert not b.last_run.warm                              # never in a mismatched one
+        assert b._pool.wait_ready(READY_S)
+        (new,) = b._pool.idle()
+        assert new is not old and old.proc.poll() is not None
+        result = b.execute(other, tmp_path)
+        assert result.status == "ok" and b.last_run.warm
+    finally:
+        b.close()
+        shutil.rmtree(workroot, ignore_errors=True)
+
+
+def test_closing_or_dropping_the_backend_leaves_no_process(data_file):
+    for how in ("close", "gc"):
+        workroot = _workroot()
+        b = ProcessBackend(workroot=workroot, prewarm=2)
+        b.prewarm_for(make_job(TINY, data_file))
+        assert b._pool.wait_ready(READY_S)
+        idle = b._pool.idle()
+        assert len(idle) == 2
+        uids = [w.uid for w in idle]
+        assert uids_alive(uids)
+        if how == "close":
+            b.close()
+        else:
+            del b, idle
+            gc.collect()
+        assert not uids_alive(uids), how
+        assert not [p for p in workroot.iterdir() if p.name.startswith("warm-")], how
+        shutil.rmtree(workroot, ignore_errors=True)
+
+
+def test_an_old_warm_sandbox_is_recycled(data_file):
+    workroot = _workroot()
+    b = ProcessBackend(workroot=workroot, prewarm=1, prewarm_max_age_s=3)
+    try:
+        b.prewarm_for(make_job(TINY, data_file))
+
+        def wait(cond):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < READY_S and not cond():
+                time.sleep(0.1)
+            return cond()
+        assert wait(lambda: b._pool.idle())
+        (first,) = b._pool.idle()
+        assert wait(lambda: first.proc.poll() is not None and b._pool.idle()
+                    and b._pool.idle()[0] is not first)
+        assert b._pool.stats["recycled"] >= 1
+        assert wait(lambda: not uids_alive([first.uid]) and not first.jobdir.exists())
+    finally:
+        b.close()
+        shutil.rmtree(workroot, ignore_errors=True)
+
+
+def test_prewarm_setting():
+    assert Settings.from_env({}).sandbox_prewarm == 0
+    assert Settings.from_env({"SELFPROG_SANDBOX_PREWARM": "2"}).sandbox_prewarm == 2
+    with pytest.raises(ConfigError):
+        Settings.from_env({"SELFPROG_SANDBOX_PREWARM": "-1"})
+    assert ProcessBackend()._pool is None                     # 0: no pool, no thread
