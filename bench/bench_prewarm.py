@@ -1,0 +1,104 @@
+"""Benchmark: pre-warmed process sandboxes (SELFPROG_SANDBOX_PREWARM) against cold ones.
+
+    python bench/bench_prewarm.py [--jobs 5] [--set k=v ...]
+
+One quick-preset evaluation job (the seed source, built as `bench_core.py overhead`
+builds it), run N times in a row through three process backends, side by side in one
+run:
+
+    prewarm 0          every job starts a fresh interpreter (today's default)
+    prewarm 1          back to back: the next job comes at once, so its sandbox may
+                       still be importing (the replacement starts when one is taken)
+    prewarm 1, ready   the bench waits (untimed) until the warm sandbox is ready: the
+                       best case, e.g. a worker between iterations of the loop
+
+Latency is the wall time of `backend.execute` as the caller sees it. Ratios compare
+medians measured in the same process; absolute seconds depend on the machine and on
+what else it is doing (this bench does not pin CPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import loop, worker  # noqa: E402
+from pipeline.jobs import RunContext  # noqa: E402
+from pipeline.settings import Settings, preset  # noqa: E402
+from sandbox.backends.process import ProcessBackend  # noqa: E402
+
+
+def _sets(args) -> dict:
+    return dict(item.partition("=")[::2] for item in args.set or [])
+
+
+def series(backend: ProcessBackend, job, out: Path, n: int, wait_ready: bool) -> list[float]:
+    times = []
+    for _ in range(n):
+        if wait_ready and not backend._pool.wait_ready(600):
+            raise SystemExit("no warm sandbox became ready within 600 s")
+        t = time.monotonic()
+        res = backend.execute(job, out)
+        times.append(time.monotonic() - t)
+        assert res.status == "ok", res.reason
+        if backend._pool is not None:
+            assert backend.last_run.warm or not wait_ready, "a 'ready' job ran cold"
+    return times
+
+
+def main(args) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        s = Settings.from_env(database_url=f"sqlite:///{tmp / 'bench.db'}",
+                              artifact_dir=str(tmp / "artifacts"), sandbox_backend="process")
+        worker.configure(s)
+        cfg = preset("quick", **_sets(args))
+        store = loop.store_for(s)
+        run_id = store.create_run(config=cfg.to_dict(), task="self", preset="quick", seed=0)
+        ctx = RunContext(run_id, cfg, s)
+        ctx.prepare()
+        job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
+        workroot = Path(tempfile.mkdtemp(prefix="selfprog-bench-"))
+        os.chmod(workroot, 0o711)
+
+        cold = ProcessBackend(workroot=workroot)
+        warm = ProcessBackend(workroot=workroot, prewarm=1)
+        cold.probe()
+        warm.prewarm_for(job)            # the pool starts warming; not part of any latency
+        warm._pool.wait_ready(600)
+        rows = {}
+        rows["prewarm 0"] = series(cold, job, tmp / "out", args.jobs, wait_ready=False)
+        rows["prewarm 1, ready"] = series(warm, job, tmp / "out", args.jobs, wait_ready=True)
+        warm._pool.wait_ready(600)
+        b2b = []
+        for _ in range(args.jobs):
+            b2b += series(warm, job, tmp / "out", 1, wait_ready=False)
+        rows["prewarm 1, back to back"] = b2b
+        warm.close()
+
+        print(f"quick preset evaluation ({cfg.fewshot_samples} few-shot samples, d_model "
+              f"{cfg.d_model}, {cfg.num_threads} thread), {args.jobs} sequential jobs per row, "
+              f"process backend, {os.cpu_count()} CPUs")
+        print(f"{'':<26}" + "".join(f"{'job ' + str(i + 1):>8}" for i in range(args.jobs))
+              + f"{'median':>9}{'ratio':>8}")
+        base = statistics.median(rows["prewarm 0"])
+        for name, times in rows.items():
+            m = statistics.median(times)
+            print(f"{name:<26}" + "".join(f"{t:>7.2f}s" for t in times)
+                  + f"{m:>8.2f}s{m / base:>7.2f}x")
+        print(f"ratio = median / median(prewarm 0); saved per job (ready): "
+              f"{base - statistics.median(rows['prewarm 1, ready']):.2f} s; "
+              f"pool stats {warm._pool.stats}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=5)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    main(p.parse_args())
