@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def main(args) -> None:
             b2b += series(warm, job, tmp / "out", 1, wait_ready=False)
         rows["prewarm 1, back to back"] = b2b
         warm.close()
+        shutil.rmtree(workroot, ignore_errors=True)
 
         print(f"quick preset evaluation ({cfg.fewshot_samples} few-shot samples, d_model "
               f"{cfg.d_model}, {cfg.num_threads} thread), {args.jobs} sequential jobs per row, "
