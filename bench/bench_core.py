@@ -53,9 +53,6 @@ def stages(args) -> None:
 
 def overhead(args) -> None:
     """One few-shot evaluation of the seed source: sandboxed vs the harness in this process."""
-    import torch
-    from safetensors.torch import load_file
-
     from sandbox import harness, runner
 
     with tempfile.TemporaryDirectory() as d:
@@ -74,14 +71,13 @@ def overhead(args) -> None:
             res = runner.run(job, Path(d) / "out", backend)
             sandboxed.append(time.monotonic() - t)
             assert res.status == "ok", res.reason
+            root = Path(d) / f"inproc-{len(inproc)}"
+            (root / "out").mkdir(parents=True)
             t = time.monotonic()
             # our own seed source, in a benchmark process: the in-process baseline
-            torch.set_num_threads(cfg.num_threads)
-            module = harness.load_candidate(job.source)
-            model = harness.build(module, job, torch.device("cpu"))
-            harness.fit(model, module, load_file(str(ctx.dir / "fewshot.safetensors")), job,
-                        torch.device("cpu"))
+            ref = harness.run(job, root)
             inproc.append(time.monotonic() - t)
+            assert ref.status == "ok" and abs(ref.score - res.score) < 1e-6, (ref.status, ref.score, res.score)
         a, b = statistics.median(sandboxed), statistics.median(inproc)
         print(f"one evaluation (quick preset, {cfg.fewshot_samples} few-shot samples), "
               f"median of {args.repeat}:")
