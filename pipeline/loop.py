@@ -239,6 +239,8 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
     if it is None or (it.stage != "training" and not _redelivered.get()):
         return   # a duplicate: this training result was recorded already
     if res.status != "ok":
+        if it.stage != "training":
+            return   # a re-run failed where the first run had succeeded: keep the first
         store.update_iteration(run_id, index, arm, lm_losses=res.losses, lm_seconds=res.duration_s)
         raise RuntimeError(f"the LM defined by the current source could not be trained "
                            f"({res.status}: {res.reason})")
@@ -246,7 +248,8 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
         return
     won = store.advance_stage(run_id, index, arm, "training", "generating",
                               lm_losses=res.losses, lm_seconds=res.duration_s)
-    if won or not any(c.iteration == index for c in store.curves(run_id, "lm_loss")):
+    if won or (_redelivered.get()
+               and not any(c.iteration == index for c in store.curves(run_id, "lm_loss"))):
         store.add_curve(run_id, "lm_loss", res.losses, iteration=index)
     if won:
         events.emit(run_id, "lm_trained", iteration=index, arm=arm, steps=len(res.losses),

@@ -100,12 +100,9 @@ def _drop_connections() -> None:
     configuration (Celery caches them at first use), so the next message goes where the
     new settings say. Only a process that switches installations needs this (tests,
     benchmarks, a CLI launching to another broker)."""
-    if app._pool is not None:
-        try:
-            app._pool.force_close_all()
-        except Exception:
-            pass
-    app._after_fork()                     # drops the connection and producer pools
+    # Only the references: the pools themselves are kombu's, shared per broker URL, and
+    # stay usable for a later switch back.
+    app._after_fork()
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)
 

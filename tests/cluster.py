@@ -36,6 +36,12 @@ def redis_up(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    # A killed test run must not leave workers behind consuming the test queues.
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
+
+
 class Worker:
     def __init__(self, name: str, queue: str, proc: subprocess.Popen, log: Path) -> None:
         self.name, self.queue, self.proc, self.log = name, queue, proc, log
@@ -124,7 +130,8 @@ class Cluster:
                "--without-heartbeat", "--loglevel", "INFO"]
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         w = self.workers[name] = Worker(name, queue, proc, log)
         if wait:
             self.wait_ready(w, timeout)

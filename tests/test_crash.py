@@ -21,7 +21,7 @@ from pipeline.store import LineageStore
 from tests.cluster import Cluster, RedisServer, check_complete_run, quick_config, wait_for
 from tests.test_distributed import redis_url, restore_embedded  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 VT = 5.0
 WORKERS = (("coordinator", "coordinator"), ("trainer", "trainer"),
            ("sandbox1", "sandbox"), ("sandbox2", "sandbox"))
@@ -105,7 +105,7 @@ def test_redis_restarted_under_a_running_run(postgres_url, tmp_path, restore_emb
     re-dispatches the run from the DB."""
     server = RedisServer(tmp_path, persist=persistence != "none")
     server.start()
-    config = quick_config()
+    config = quick_config(iterations=1)
     try:
         with _cluster(tmp_path, server.url, postgres_url) as cl, \
                 LineageStore(postgres_url) as store:

@@ -62,6 +62,8 @@ def docker_ready() -> tuple[bool, str]:
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
 def test_cli_launch_goes_through_celery_workers_and_lands_in_postgres(
         postgres_url, redis_url, tmp_path):
     with Cluster(tmp_path, broker_url=redis_url, database_url=postgres_url) as cl:
@@ -86,6 +88,9 @@ def test_cli_launch_goes_through_celery_workers_and_lands_in_postgres(
 
 
 @pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.docker
+@pytest.mark.slow
 def test_docker_sandboxes_detach_and_watch(postgres_url, redis_url, tmp_path):
     ok, why = docker_ready()
     if not ok:
@@ -122,6 +127,7 @@ def test_docker_sandboxes_detach_and_watch(postgres_url, redis_url, tmp_path):
 
 # ------------------------------------------------------------------- the CLI's edges
 @pytest.mark.postgres
+@pytest.mark.redis
 def test_detach_cancel_resume_and_watch_edges(postgres_url, redis_url, tmp_path):
     cl = Cluster(tmp_path, broker_url=redis_url, database_url=postgres_url)
     # no worker at all: the run is submitted and waits in the coordinator queue
@@ -158,6 +164,7 @@ def _queue_lengths(url: str) -> dict[str, int]:
 
 
 @pytest.mark.postgres
+@pytest.mark.redis
 def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
         postgres_url, redis_url, tmp_path, restore_embedded):
     """Every coordinator stage, run again as a duplicate (returns, dispatches nothing)
