@@ -428,7 +428,8 @@ def parse_sets(values: Sequence[str]) -> dict[str, str]:
 def print_progress(event: str, info: dict[str, Any]) -> None:
     """One concise line per loop event, on stderr (stdout stays for results)."""
     it = info.get("iteration")
-    where = f"[iteration {it}]" if it is not None else "[run]"
+    arm = f" {info['arm']}" if info.get("arm") not in (None, "lm") else ""
+    where = f"[iteration {it}{arm}]" if it is not None else "[run]"
     if event == "stage":
         line = f"{where} {info.get('stage', '?')}"
     elif event == "candidate":
