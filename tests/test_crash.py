@@ -27,12 +27,12 @@ WORKERS = (("coordinator", "coordinator"), ("trainer", "trainer"),
            ("sandbox1", "sandbox"), ("sandbox2", "sandbox"))
 
 
-def _cluster(tmp_path, broker_url: str, database_url: str) -> Cluster:
+def _cluster(tmp_path, broker_url: str, database_url: str, workers=WORKERS) -> Cluster:
     cl = Cluster(tmp_path, broker_url=broker_url, database_url=database_url,
                  visibility_timeout_s=VT)
-    for name, queue in WORKERS:
+    for name, queue in workers:
         cl.start(name, queue, wait=False)
-    for name, _ in WORKERS:
+    for name, _ in workers:
         cl.wait_ready(cl.workers[name])
     return cl
 
@@ -53,17 +53,20 @@ def _wait_finished(store: LineageStore, run_id: str, cl: Cluster, timeout: float
 def test_sandbox_worker_killed_in_the_middle_of_a_job(postgres_url, redis_url, tmp_path,
                                                       restore_embedded):
     config = quick_config(iterations=1)
-    with _cluster(tmp_path, redis_url, postgres_url) as cl, \
+    # one sandbox worker at first, so the first evaluation is surely its
+    with _cluster(tmp_path, redis_url, postgres_url, WORKERS[:3]) as cl, \
             LineageStore(postgres_url) as store:
         _, run_id = _launch(cl, config)
         victim = cl.workers["sandbox1"]
-        running = wait_for(victim.running_sandboxes, 300, "an evaluation on sandbox1",
-                           poll=0.05, diagnose=cl.logs)
+        running = wait_for(lambda: {pid: name for pid, name in victim.running_sandboxes().items()
+                                    if name.startswith(run_id)},   # a job, not a canary
+                           300, "an evaluation on sandbox1", poll=0.05, diagnose=cl.logs)
         pid, jobdir = next(iter(running.items()))
         job_id = jobdir.rsplit("-", 1)[0]                 # <run>.lm.i<k>.c<index>
         cl.kill("sandbox1")
         # the sandbox died with its worker (parent-death signal), it did not linger
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the orphaned sandbox to die")
+        cl.start("sandbox2", "sandbox")      # the only sandbox worker left
         _wait_finished(store, run_id, cl)
         cands = check_complete_run(store, run_id, config)
         iteration, index = job_id.split(".i", 1)[1].split(".c")
@@ -110,8 +113,9 @@ def test_redis_restarted_under_a_running_run(postgres_url, tmp_path, restore_emb
         with _cluster(tmp_path, server.url, postgres_url) as cl, \
                 LineageStore(postgres_url) as store:
             _, run_id = _launch(cl, config)
-            wait_for(lambda: any(w.running_sandboxes() for w in cl.workers.values()
-                                 if w.queue == "sandbox"), 300,
+            wait_for(lambda: any(name.startswith(run_id) for w in cl.workers.values()
+                                 if w.queue == "sandbox"
+                                 for name in w.running_sandboxes().values()), 300,
                      "an evaluation to run", poll=0.05, diagnose=cl.logs)
             server.kill()
             time.sleep(1)

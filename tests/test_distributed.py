@@ -69,12 +69,14 @@ def test_cli_launch_goes_through_celery_workers_and_lands_in_postgres(
     with Cluster(tmp_path, broker_url=redis_url, database_url=postgres_url) as cl:
         _start(cl, ("coordinator", "coordinator"), ("trainer", "trainer"),
                ("sandbox1", "sandbox"), ("sandbox2", "sandbox"))
-        p = cl.cli("launch", *QUICK_ARGS, "--json")
+        # both arms: the random control arm's candidates always pass the policy gate, so
+        # every iteration has several evaluations in flight whatever the LM wrote
+        p = cl.cli("launch", *QUICK_ARGS, "--set", "arms=lm,random", "--json")
         assert p.returncode == 0, p.stderr + cl.logs()
         out = json.loads(p.stdout)
         assert out["status"] == "completed", (out, cl.logs())
         with LineageStore(postgres_url) as store:
-            cands = check_complete_run(store, out["run_id"], quick_config())
+            cands = check_complete_run(store, out["run_id"], quick_config(arms="lm,random"))
         assert any(c.status == "evaluated" for c in cands)
         # live events came back over Redis to the attached CLI
         assert "[iteration 1]" in p.stderr and "lm_trained" in p.stderr, p.stderr
@@ -114,8 +116,9 @@ def test_docker_sandboxes_detach_and_watch(postgres_url, redis_url, tmp_path):
         with LineageStore(postgres_url) as store:
             cands = check_complete_run(store, run_id, quick_config())
         assert any(c.status == "evaluated" for c in cands)
-        s1, s2 = cl.workers["sandbox1"].succeeded(), cl.workers["sandbox2"].succeeded()
-        assert s1 >= 1 and s2 >= 1, (s1, s2)
+        evaluations = sum(1 for c in cands if c.status != "rejected")
+        assert cl.workers["sandbox1"].succeeded() + cl.workers["sandbox2"].succeeded() \
+            >= evaluations
     # every sandbox container is gone
     import docker
     client = docker.from_env()
@@ -221,15 +224,16 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     assert _queue_lengths(redis_url)["sandbox"] == 6             # the chord again
 
     ids = [c.id for c in rows]
+    # the incumbent stays best (a would-be new winner would first be re-scored)
     scores = [Result(job_id=f"{run_id}.lm.i0.c{c.index}", kind="evaluate", status="ok",
-                     score=s, duration_s=1.0).to_dict() for c, s in zip(rows, (2.0, 1.0, 3.0))]
+                     score=s, duration_s=1.0).to_dict() for c, s in zip(rows, (1.0, 2.0, 3.0))]
     twice("finish_iteration", scores, candidate_ids=ids)
     # a late duplicate chord with other numbers changes nothing
     late = [dict(r, score=0.5) for r in scores]
     stage["finish_iteration"](late, candidate_ids=ids, **kw)
     it = store.get_iteration(run_id, 0)
-    assert it.stage == "done" and it.decision == "replaced" and it.selected_id == ids[1]
-    assert [c.score for c in store.candidates(run_id, iteration=0)] == [2.0, 1.0, 3.0]
+    assert it.stage == "done" and it.decision == "kept" and it.selected_id == ids[0]
+    assert [c.score for c in store.candidates(run_id, iteration=0)] == [1.0, 2.0, 3.0]
     assert _queue_lengths(redis_url)["coordinator"] == 1         # begin_iteration(1), once
     with loop.redelivery():
         stage["finish_iteration"](scores, candidate_ids=ids, **kw)
