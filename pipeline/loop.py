@@ -135,6 +135,11 @@ def coordinator_task(fn: Callable) -> Any:
         try:
             return fn(*args, **kw)
         except Exception as e:
+            # Embedded, stages run nested inside each other: the innermost one that
+            # failed records and logs it; the enclosing ones only pass it on.
+            if getattr(e, "_selfprog_recorded", False):
+                raise
+            e._selfprog_recorded = True
             run_id = kw.get("run_id")
             log.exception("stage %s of run %s failed", fn.__name__, run_id)
             if run_id:

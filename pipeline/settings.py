@@ -168,7 +168,11 @@ PRESETS: dict[str, RunConfig] = {
         preset="quick", iterations=3, candidates=4, dataset_size=512, vocab_size=512,
         d_model=32, lm_lr=1e-2, lm_batch_size=16, lm_epochs=8, lm_max_steps=0,
         max_new_tokens=96, fewshot_samples=32, train_samples=1000, eval_samples=300,
-        train_timeout_s=300.0, eval_timeout_s=120.0,
+        train_timeout_s=600.0, eval_timeout_s=120.0,
+        # Few-shot loss favours bigger models, and every iteration trains its LM from
+        # scratch: a cap (2.7x the seed LM) keeps a whole quick run within minutes.
+        # A candidate above it ends invalid, with the reason.
+        max_candidate_params=800_000,
     ),
     # The paper's section 4.2 search (n=8 candidates, 5 iterations, 2 epochs per
     # candidate, seed network of one hidden layer of 16 units, LM of 2+2 layers, 8 heads,
