@@ -5,10 +5,11 @@ import dataclasses
 
 import pytest
 
-from pipeline import loop, worker
+from pipeline import loop
 from pipeline.jobs import RunContext
 from pipeline.settings import RunConfig, Settings, preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
+from tests.runs import iteration_at_evaluation
 
 
 def _settings(database_url, tmp_path, **kw) -> Settings:
@@ -125,19 +126,10 @@ def train(model):
 def test_hostile_candidates_end_in_the_right_state_and_the_run_goes_on(sqlite_url, tmp_path):
     settings = _settings(sqlite_url, tmp_path, sandbox_memory_mb=1024)
     config = preset("quick", iterations=1, candidates=len(HOSTILE), eval_timeout_s=25.0)
-    worker.configure(settings)
-    store = loop.store_for(settings)
-    run_id = store.create_run(config=config.to_dict(), task="self", preset="quick", seed=0)
-    store.set_run_status(run_id, "running")
-    ctx = RunContext(run_id, config, settings)
-    ctx.prepare()
-    seed = ctx.seed_source()
-    store.ensure_iteration(run_id, 0, source_in=seed)
-    inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None,
-                                 design=None)
-    store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
     # What the LM "generated" this time: four hostile sources, through the real gate.
-    loop._add_candidates(store, ctx, 0, "lm", [src for _, _, src in HOSTILE.values()])
+    store, ctx, inc = iteration_at_evaluation(settings, config,
+                                              [src for _, _, src in HOSTILE.values()])
+    run_id = ctx.run_id
     loop._dispatch(store, ctx, 0, "lm", "evaluating")
 
     assert store.get_run(run_id).status == "completed"
@@ -156,18 +148,10 @@ def test_a_winner_whose_score_a_fresh_sandbox_does_not_reproduce_is_flagged(sqli
     the re-score in a fresh sandbox disagrees, so it is flagged and not selected."""
     settings = _settings(sqlite_url, tmp_path)
     config = preset("quick", iterations=1, candidates=2)
-    worker.configure(settings)
-    store = loop.store_for(settings)
-    run_id = store.create_run(config=config.to_dict(), task="self", preset="quick", seed=0)
-    store.set_run_status(run_id, "running")
-    ctx = RunContext(run_id, config, settings)
-    ctx.prepare()
-    seed = ctx.seed_source()
-    store.ensure_iteration(run_id, 0, source_in=seed)
-    inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None, design=None)
-    store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
-    loop._add_candidates(store, ctx, 0, "lm", [seed.replace("lr=0.01", "lr=0.02"),
-                                               seed.replace("lr=0.01", "lr=0.03")])
+    store, ctx, inc = iteration_at_evaluation(settings, config, lambda ctx: [
+        ctx.seed_source().replace("lr=0.01", "lr=0.02"),
+        ctx.seed_source().replace("lr=0.01", "lr=0.03")])
+    run_id = ctx.run_id
     forged, worse = store.candidates(run_id, iteration=0)[1:]
     store.record_result(inc.id, status="evaluated", score=5.0)
     store.record_result(forged.id, status="evaluated", score=0.001)

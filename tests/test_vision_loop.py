@@ -8,12 +8,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline import loop, worker
+from pipeline import loop
 from pipeline.cli import main
 from pipeline.families import cnn
 from pipeline.jobs import RunContext
 from pipeline.settings import Settings, preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
+from tests.runs import iteration_at_evaluation
 
 # Tiny sizes: an LM trained for a few steps writes mostly broken sources, which is fine
 # here (the loop must account for them); the random arm always yields valid networks.
@@ -126,28 +127,20 @@ def test_wrong_in_features_ends_invalid_with_the_shape_error(sqlite_url, tmp_pat
                                  artifact_dir=str(tmp_path / "artifacts"), sandbox_backend="process")
     config = preset("quick", task="digits", arms="lm", iterations=1, candidates=3, train_samples=200,
                     eval_samples=60, dataset_size=64)
-    worker.configure(settings)
-    store = loop.store_for(settings)
-    run_id = store.create_run(config=config.to_dict(), task="digits", preset="quick", seed=0)
-    store.set_run_status(run_id, "running")
-    ctx = RunContext(run_id, config, settings)
-    ctx.prepare()
-    shape, classes = ctx.target.input_shape, ctx.target.num_classes
-    seed = ctx.seed_source()
-    store.ensure_iteration(run_id, 0, source_in=seed)
-    inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None,
-                                 design=cnn.parse(seed))
-    store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
     two_convs = cnn.Design(hidden_layers=1, conv_layers=2, channels=32, hidden_size=16)
-    sources = [
-        # the paper's Table 2 edit done wrong: convs added, in_features not recomputed
-        _source_with_in_features(two_convs, shape, classes, wrong=64),
-        # a dense-only network with the wrong flattened size
-        _source_with_in_features(cnn.SEED, shape, classes, wrong=60),
-        # the same edit done right: it runs and is scored
-        cnn.render(two_convs, shape, classes),
-    ]
-    loop._add_candidates(store, ctx, 0, "lm", sources)
+
+    def sources(ctx):
+        shape, classes = ctx.target.input_shape, ctx.target.num_classes
+        return [
+            # the paper's Table 2 edit done wrong: convs added, in_features not recomputed
+            _source_with_in_features(two_convs, shape, classes, wrong=64),
+            # a dense-only network with the wrong flattened size
+            _source_with_in_features(cnn.SEED, shape, classes, wrong=60),
+            # the same edit done right: it runs and is scored
+            cnn.render(two_convs, shape, classes),
+        ]
+    store, ctx, inc = iteration_at_evaluation(settings, config, sources)
+    run_id = ctx.run_id
     loop._dispatch(store, ctx, 0, "lm", "evaluating")
 
     assert store.get_run(run_id).status == "completed"

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import loop, worker
-from pipeline.jobs import RunContext
+from pipeline import loop
 from pipeline.settings import preset
 from pipeline.store import TERMINAL_STATUSES
 from tests.test_loop import _settings
 from tests.test_process_backend import candidate
+from tests.runs import iteration_at_evaluation
 
 FORGED = 1e-06
 
@@ -55,18 +55,9 @@ BATCH = {
 def test_attack_batch_as_run_candidates_all_end_recorded(sqlite_url, tmp_path):
     settings = _settings(sqlite_url, tmp_path, sandbox_memory_mb=1024)
     config = preset("quick", iterations=1, candidates=len(BATCH), eval_timeout_s=60.0)
-    worker.configure(settings)
-    store = loop.store_for(settings)
-    run_id = store.create_run(config=config.to_dict(), task="self", preset="quick", seed=0)
-    store.set_run_status(run_id, "running")
-    ctx = RunContext(run_id, config, settings)
-    ctx.prepare()
-    seed = ctx.seed_source()
-    store.ensure_iteration(run_id, 0, source_in=seed)
-    inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None,
-                                 design=None)
-    store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
-    loop._add_candidates(store, ctx, 0, "lm", [src for _, _, src in BATCH.values()])
+    store, ctx, inc = iteration_at_evaluation(settings, config,
+                                              [src for _, _, src in BATCH.values()])
+    run_id = ctx.run_id
     loop._dispatch(store, ctx, 0, "lm", "evaluating")
 
     assert store.get_run(run_id).status == "completed", store.get_run(run_id).error
