@@ -128,7 +128,7 @@ def main() -> None:
             for b in backends:
                 line += f" {60 / mean[b]:>10.1f} {mean[b] / mean['inproc']:>14.1f}x"
             print(line)
-            print(f"  fixed cost per sandboxed evaluation (mean difference): "
+            print("  fixed cost per sandboxed evaluation (mean difference): "
                   + ", ".join(f"{b} {mean[b] - mean['inproc']:.2f} s" for b in backends))
             summary.append((size, {b: 60 / v for b, v in mean.items()}))
         print("\nsummary, evaluations per minute:")

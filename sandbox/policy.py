@@ -57,7 +57,7 @@ Rules, each with a stable id (the ``rule`` of a rejected ``Verdict``):
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["Policy", "Verdict", "DEFAULT_POLICY", "check"]
 
