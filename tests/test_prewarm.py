@@ -10,9 +10,7 @@ import gc
 import os
 import resource
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from safetensors.torch import save_file
 
 from pipeline.settings import ConfigError, Settings
 from sandbox.backends.process import WARM_CPU_S, ProcessBackend, _processes
-from tests.test_process_backend import TINY, candidate, make_job
+from tests.test_process_backend import (TINY, candidate, check_loopback_server_unreachable,
+                                        check_planted_secret_unreadable, make_job)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the confined process backend needs root")
 
@@ -143,54 +142,11 @@ def test_cpu_limit_covers_the_warm_up_and_the_job(warm, data_file, tmp_path):
 # ----------------------------------------------------------------- confinement holds
 
 def test_warm_network_to_a_loopback_server_is_unreachable(warm, data_file, tmp_path):
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    accepted = []
-    server.settimeout(20)
-
-    def serve():
-        try:
-            conn, _ = server.accept()
-            accepted.append(conn)
-        except OSError:
-            pass
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    src = candidate("import socket\n", f"""
-        try:
-            socket.create_connection(("127.0.0.1", {port}), timeout=5).close()
-        except OSError as e:
-            raise RuntimeError(f"BLOCKED {{type(e).__name__}}: {{e}}")
-        raise RuntimeError("CONNECTED")
-        """)
-    try:
-        result = run_warm(warm, make_job(src, data_file), tmp_path)
-    finally:
-        server.close()
-        t.join(5)
-    assert result.status == "invalid", result
-    assert "BLOCKED" in result.reason and "CONNECTED" not in result.reason
-    assert not accepted
+    check_loopback_server_unreachable(lambda job: run_warm(warm, job, tmp_path), data_file)
 
 
 def test_warm_planted_secret_file_is_unreadable(warm, data_file, tmp_path):
-    secret_dir = tmp_path / "secrets"
-    secret_dir.mkdir()
-    os.chmod(secret_dir, 0o755)
-    secret = secret_dir / "token"
-    secret.write_text("s3cr3t-value")
-    os.chmod(secret, 0o600)
-    src = candidate("", f"""
-        try:
-            leaked = open({str(secret)!r}).read()
-        except OSError as e:
-            raise RuntimeError(f"DENIED {{type(e).__name__}}")
-        raise RuntimeError("LEAKED " + leaked)
-        """)
-    result = run_warm(warm, make_job(src, data_file), tmp_path)
-    assert result.status == "invalid", result
-    assert "DENIED PermissionError" in result.reason
-    assert "s3cr3t" not in result.reason + result.logs
+    check_planted_secret_unreadable(lambda job: run_warm(warm, job, tmp_path), data_file, tmp_path)
 
 
 def test_warm_loop_past_the_deadline_times_out_and_leaves_nothing(warm, data_file, tmp_path):

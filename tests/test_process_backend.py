@@ -203,7 +203,9 @@ def test_fork_bomb_is_contained_by_the_pids_limit(backend, data_file, tmp_path):
     assert not uid_processes(backend.last_run.uid)
 
 
-def test_network_to_a_loopback_server_is_unreachable(backend, data_file, tmp_path):
+def check_loopback_server_unreachable(run, data_file) -> None:
+    """`run(job)` executes a job in some sandbox; its candidate must not reach a server
+    listening on the host's loopback."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     accepted = []
@@ -225,7 +227,7 @@ def test_network_to_a_loopback_server_is_unreachable(backend, data_file, tmp_pat
         raise RuntimeError("CONNECTED")
         """)
     try:
-        result = backend.execute(make_job(src, data_file), tmp_path)
+        result = run(make_job(src, data_file))
     finally:
         server.close()
         t.join(5)
@@ -234,7 +236,12 @@ def test_network_to_a_loopback_server_is_unreachable(backend, data_file, tmp_pat
     assert not accepted
 
 
-def test_planted_secret_file_is_unreadable(backend, data_file, tmp_path):
+def test_network_to_a_loopback_server_is_unreachable(backend, data_file, tmp_path):
+    check_loopback_server_unreachable(lambda job: backend.execute(job, tmp_path), data_file)
+
+
+def check_planted_secret_unreadable(run, data_file, tmp_path) -> None:
+    """`run(job)` executes a job in some sandbox; a 0600 host file must stay unreadable."""
     secret_dir = tmp_path / "secrets"
     secret_dir.mkdir()
     os.chmod(secret_dir, 0o755)
@@ -248,10 +255,14 @@ def test_planted_secret_file_is_unreadable(backend, data_file, tmp_path):
             raise RuntimeError(f"DENIED {{type(e).__name__}}")
         raise RuntimeError("LEAKED " + leaked)
         """)
-    result = backend.execute(make_job(src, data_file), tmp_path)
+    result = run(make_job(src, data_file))
     assert result.status == "invalid", result
     assert "DENIED PermissionError" in result.reason
     assert "s3cr3t" not in result.reason + result.logs
+
+
+def test_planted_secret_file_is_unreadable(backend, data_file, tmp_path):
+    check_planted_secret_unreadable(lambda job: backend.execute(job, tmp_path), data_file, tmp_path)
 
 
 def test_host_environment_does_not_leak(backend, data_file, tmp_path, monkeypatch):
