@@ -1,20 +1,22 @@
-"""Benchmark: pre-warmed process sandboxes (SELFPROG_SANDBOX_PREWARM) against cold ones.
+"""Benchmark: pre-warmed sandboxes (SELFPROG_SANDBOX_PREWARM) against cold ones.
 
-    python bench/bench_prewarm.py [--jobs 5] [--set k=v ...]
+    python bench/bench_prewarm.py [--jobs 5] [--backend process|docker|both] [--set k=v ...]
 
 One quick-preset evaluation job (the seed source, built as `bench_core.py overhead`
-builds it), run N times in a row through three process backends, side by side in one
-run:
+builds it), run N times in a row through three backends of each kind, side by side in
+one run:
 
-    prewarm 0          every job starts a fresh interpreter (today's default)
+    prewarm 0          every job starts a fresh sandbox (the default)
     prewarm 1          back to back: the next job comes at once, so its sandbox may
                        still be importing (the replacement starts when one is taken)
     prewarm 1, ready   the bench waits (untimed) until the warm sandbox is ready: the
                        best case, e.g. a worker between iterations of the loop
 
-Latency is the wall time of `backend.execute` as the caller sees it. Ratios compare
-medians measured in the same process; absolute seconds depend on the machine and on
-what else it is doing (this bench does not pin CPUs).
+`--backend both` (the default) measures the process backend and, when an engine and
+the sandbox image are there, the Docker backend. Latency is the wall time of
+`backend.execute` as the caller sees it. Ratios compare medians measured in the same
+process against that backend's own cold row; absolute seconds depend on the machine
+and on what else it is doing (this bench does not pin CPUs).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import loop, worker  # noqa: E402
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings, preset  # noqa: E402
+from sandbox.backends.docker import DockerBackend, docker_available  # noqa: E402
 from sandbox.backends.process import ProcessBackend  # noqa: E402
 
 
@@ -39,7 +42,7 @@ def _sets(args) -> dict:
     return dict(item.partition("=")[::2] for item in args.set or [])
 
 
-def series(backend: ProcessBackend, job, out: Path, n: int, wait_ready: bool) -> list[float]:
+def series(backend, job, out: Path, n: int, wait_ready: bool) -> list[float]:
     times = []
     for _ in range(n):
         if wait_ready and not backend._pool.wait_ready(600):
@@ -51,6 +54,22 @@ def series(backend: ProcessBackend, job, out: Path, n: int, wait_ready: bool) ->
         if backend._pool is not None:
             assert backend.last_run.warm or not wait_ready, "a 'ready' job ran cold"
     return times
+
+
+def measure(make, job, out: Path, n: int) -> tuple[dict[str, list[float]], dict]:
+    """The three rows for one backend kind; `make(prewarm)` builds a backend."""
+    cold, warm = make(0), make(1)
+    try:
+        warm.prewarm_for(job)            # the pool starts warming; not part of any latency
+        warm._pool.wait_ready(600)
+        rows = {"prewarm 0": series(cold, job, out, n, wait_ready=False),
+                "prewarm 1, ready": series(warm, job, out, n, wait_ready=True)}
+        warm._pool.wait_ready(600)
+        rows["prewarm 1, back to back"] = [t for _ in range(n)
+                                           for t in series(warm, job, out, 1, wait_ready=False)]
+        return rows, dict(warm._pool.stats)
+    finally:
+        warm.close()
 
 
 def main(args) -> None:
@@ -68,39 +87,41 @@ def main(args) -> None:
         workroot = Path(tempfile.mkdtemp(prefix="selfprog-bench-"))
         os.chmod(workroot, 0o711)
 
-        cold = ProcessBackend(workroot=workroot)
-        warm = ProcessBackend(workroot=workroot, prewarm=1)
-        cold.probe()
-        warm.prewarm_for(job)            # the pool starts warming; not part of any latency
-        warm._pool.wait_ready(600)
-        rows = {}
-        rows["prewarm 0"] = series(cold, job, tmp / "out", args.jobs, wait_ready=False)
-        rows["prewarm 1, ready"] = series(warm, job, tmp / "out", args.jobs, wait_ready=True)
-        warm._pool.wait_ready(600)
-        b2b = []
-        for _ in range(args.jobs):
-            b2b += series(warm, job, tmp / "out", 1, wait_ready=False)
-        rows["prewarm 1, back to back"] = b2b
-        warm.close()
+        kinds = ["process", "docker"] if args.backend == "both" else [args.backend]
+        if "docker" in kinds:
+            ok, why = docker_available(s.sandbox_image)
+            if not ok:
+                if args.backend == "docker":
+                    raise SystemExit(f"the Docker backend cannot run: {why}")
+                print(f"(docker rows skipped: {why})")
+                kinds.remove("docker")
+        makers = {
+            "process": lambda n: ProcessBackend(workroot=workroot, prewarm=n),
+            "docker": lambda n: DockerBackend(image=s.sandbox_image, workroot=workroot / "docker",
+                                              prewarm=n),
+        }
+        results = {k: measure(makers[k], job, tmp / "out", args.jobs) for k in kinds}
         shutil.rmtree(workroot, ignore_errors=True)
 
         print(f"quick preset evaluation ({cfg.fewshot_samples} few-shot samples, d_model "
               f"{cfg.d_model}, {cfg.num_threads} thread), {args.jobs} sequential jobs per row, "
-              f"process backend, {os.cpu_count()} CPUs")
-        print(f"{'':<26}" + "".join(f"{'job ' + str(i + 1):>8}" for i in range(args.jobs))
+              f"{os.cpu_count()} CPUs")
+        print(f"{'':<34}" + "".join(f"{'job ' + str(i + 1):>8}" for i in range(args.jobs))
               + f"{'median':>9}{'ratio':>8}")
-        base = statistics.median(rows["prewarm 0"])
-        for name, times in rows.items():
-            m = statistics.median(times)
-            print(f"{name:<26}" + "".join(f"{t:>7.2f}s" for t in times)
-                  + f"{m:>8.2f}s{m / base:>7.2f}x")
-        print(f"ratio = median / median(prewarm 0); saved per job (ready): "
-              f"{base - statistics.median(rows['prewarm 1, ready']):.2f} s; "
-              f"pool stats {warm._pool.stats}")
+        for kind, (rows, stats) in results.items():
+            base = statistics.median(rows["prewarm 0"])
+            for name, times in rows.items():
+                m = statistics.median(times)
+                print(f"{kind + ', ' + name:<34}" + "".join(f"{t:>7.2f}s" for t in times)
+                      + f"{m:>8.2f}s{m / base:>7.2f}x")
+            print(f"  {kind}: ratio = median / median({kind}, prewarm 0); saved per job "
+                  f"(ready): {base - statistics.median(rows['prewarm 1, ready']):.2f} s; "
+                  f"pool stats {stats}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=5)
+    p.add_argument("--backend", choices=["process", "docker", "both"], default="both")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     main(p.parse_args())

@@ -33,7 +33,7 @@ class Settings:
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
-    sandbox_prewarm: int = 0                  # pre-warmed sandboxes kept ready (process backend)
+    sandbox_prewarm: int = 0                  # pre-warmed sandboxes kept ready (per worker process)
     allow_unconfined: bool = False            # run candidates even if the canary escapes
     device: str = "auto"                      # where the harness trains: cpu | cuda | auto
     # Redis broker: seconds before a message that a worker took but never acknowledged is

@@ -56,6 +56,7 @@ from sandbox.schema import MAX_REASON_CHARS, Job, Result, SchemaError
 CANDIDATE_FILE = "<candidate>"
 SEAL_KEY_FILE = ".seal-key"      # written by the backend into out/, removed by main()
 SEAL_FILE = "result.seal"        # hex HMAC-SHA256, see seal_digest()
+READY_FILE = ".warm-ready"       # warm_main(ready="file"): imports done, waiting for "go"
 SEAL_CONTEXT = b"selfprog-result-seal-v1\x00"
 
 
@@ -249,15 +250,17 @@ def main(jobdir: str | os.PathLike = ".") -> None:
 
 
 def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: str = "auto",
-              ready_fd: str = "-1") -> None:
-    """A pre-warmed sandbox (process backend, `prewarm`): pay the imports ahead, then
-    wait for the one job this sandbox will ever run, then run it with `main`.
+              ready: str = "-1") -> None:
+    """A pre-warmed sandbox (`prewarm`, sandbox/backends/warm.py): pay the imports
+    ahead, then wait for the one job this sandbox will ever run, then run it with `main`.
 
     Started in a job directory that holds no job yet (no job.json, no inputs, no seal
     key): it imports what `main` would (torch, safetensors, torch._dynamo and, for a T5
-    job, transformers), initialises CUDA when the job will use it, writes one byte to
-    `ready_fd` and blocks on stdin. The backend stages the job's files, then writes
-    "go" (or closes the pipe: leave). Only this trusted code runs before "go"; `main`
+    job, transformers), initialises CUDA when the job will use it, says it is ready and
+    blocks on stdin. `ready` is a file descriptor to write one byte to (process
+    backend), or "file": create out/READY_FILE, removed again at "go" (Docker: no fd
+    crosses into a container, and out/ is the one place both sides see). The backend
+    stages the job's files, then writes "go" (or closes the pipe: leave). Only this trusted code runs before "go"; `main`
     then reads the seal key and takes the integrity snapshot before any candidate
     code runs, exactly as in a cold sandbox. Environment variables the imports set
     are removed again, as `main` does.
@@ -278,12 +281,14 @@ def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: s
             pass
     for name in set(os.environ) - set(env):
         del os.environ[name]
-    fd = int(ready_fd)
-    if fd >= 0:
+    marker = Path(jobdir) / "out" / READY_FILE
+    if ready == "file":
+        marker.touch(mode=0o600)
+    elif int(ready) >= 0:
         try:
-            os.write(fd, b"r")
+            os.write(int(ready), b"r")
         finally:
-            os.close(fd)
+            os.close(int(ready))
     line = b""
     while not line.endswith(b"\n") and len(line) < 16:
         chunk = os.read(0, 1)
@@ -292,6 +297,8 @@ def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: s
         line += chunk
     if line != b"go\n":
         os._exit(2)
+    if ready == "file":
+        marker.unlink()
     devnull = os.open(os.devnull, os.O_RDONLY)   # stdin as in a cold sandbox
     os.dup2(devnull, 0)
     os.close(devnull)

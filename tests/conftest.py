@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
@@ -73,3 +74,20 @@ def store(database_url):
     s = LineageStore(database_url)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """A tiny T5 training set (input_ids, attention_mask, labels) for sandbox jobs."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    n, s, t = 16, 12, 8
+    labels = torch.randint(2, 60, (n, t), generator=g)
+    labels[:, 6:] = -100
+    path = tmp_path_factory.mktemp("data") / "data.safetensors"
+    save_file({"input_ids": torch.randint(2, 60, (n, s), generator=g),
+               "attention_mask": torch.ones(n, s, dtype=torch.int64),
+               "labels": labels}, str(path))
+    return path

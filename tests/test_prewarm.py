@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from pipeline.settings import ConfigError, Settings
 from sandbox.backends.process import WARM_CPU_S, ProcessBackend, _processes
-from tests.test_process_backend import (TINY, candidate, check_loopback_server_unreachable,
+from tests.test_process_backend import (DEADLINE_DODGER, TINY, candidate,
+                                        check_loopback_server_unreachable,
                                         check_planted_secret_unreadable, make_job)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the confined process backend needs root")
@@ -33,19 +32,6 @@ def _workroot() -> Path:
     workroot = Path(tempfile.mkdtemp(prefix="selfprog-prewarm-"))
     os.chmod(workroot, 0o711)
     return workroot
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    n, s, t = 16, 12, 8
-    labels = torch.randint(2, 60, (n, t), generator=g)
-    labels[:, 6:] = -100
-    path = tmp_path_factory.mktemp("data") / "data.safetensors"
-    save_file({"input_ids": torch.randint(2, 60, (n, s), generator=g),
-               "attention_mask": torch.ones(n, s, dtype=torch.int64),
-               "labels": labels}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +136,7 @@ def test_warm_planted_secret_file_is_unreadable(warm, data_file, tmp_path):
 
 
 def test_warm_loop_past_the_deadline_times_out_and_leaves_nothing(warm, data_file, tmp_path):
-    src = candidate("import os, signal\n", """
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if os.fork() == 0:
-            os.setsid()
-            while True:
-                pass
-        while True:
-            pass
-        """)
-    result = run_warm(warm, make_job(src, data_file, timeout_s=8), tmp_path)
+    result = run_warm(warm, make_job(DEADLINE_DODGER, data_file, timeout_s=8), tmp_path)
     assert result.status == "timeout", result
     assert "deadline" in result.reason
     assert not uids_alive([warm.last_run.uid])

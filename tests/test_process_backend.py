@@ -19,8 +19,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from pipeline.families import transformer
 from sandbox.backends import make_backend
@@ -45,19 +43,6 @@ def backend():
     assert iso.uid_drop and iso.netns and not iso.warnings, iso
     yield b
     shutil.rmtree(workroot, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    n, s, t = 16, 12, 8
-    labels = torch.randint(2, 60, (n, t), generator=g)
-    labels[:, 6:] = -100
-    path = tmp_path_factory.mktemp("data") / "data.safetensors"
-    save_file({"input_ids": torch.randint(2, 60, (n, s), generator=g),
-               "attention_mask": torch.ones(n, s, dtype=torch.int64),
-               "labels": labels}, str(path))
-    return path
 
 
 def make_job(source: str, data_file: Path, kind: str = "evaluate", job_id: str = "t", **limits) -> Job:
@@ -140,21 +125,24 @@ def test_make_backend_knows_process_only_by_name():
 
 # ----------------------------------------------------------------- containment
 
-def test_infinite_loop_ignoring_sigterm_times_out_and_leaves_nothing(backend, data_file, tmp_path):
-    # The candidate ignores SIGTERM/SIGINT and leaves an escapee in its own session.
-    src = candidate("import os, signal\n", """
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Ignores SIGTERM/SIGINT, loops forever and leaves a double-forked escapee in its own
+# session: the deadline must still end it all (used by the warm-sandbox tests too).
+DEADLINE_DODGER = candidate("import os, signal\n", """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.fork() == 0:
+        os.setsid()
         if os.fork() == 0:
-            os.setsid()
-            if os.fork() == 0:
-                while True:
-                    pass
-            os._exit(0)
-        while True:
-            pass
-        """)
-    result = backend.execute(make_job(src, data_file, timeout_s=8), tmp_path)
+            while True:
+                pass
+        os._exit(0)
+    while True:
+        pass
+    """)
+
+
+def test_infinite_loop_ignoring_sigterm_times_out_and_leaves_nothing(backend, data_file, tmp_path):
+    result = backend.execute(make_job(DEADLINE_DODGER, data_file, timeout_s=8), tmp_path)
     assert result.status == "timeout", result
     assert "deadline" in result.reason
     assert not uid_processes(backend.last_run.uid)

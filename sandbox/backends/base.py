@@ -33,6 +33,8 @@ from __future__ import annotations
 import errno
 import hmac
 import json
+import logging
+import math
 import os
 import secrets
 import shutil
@@ -47,7 +49,7 @@ from sandbox.schema import (MAX_LOG_CHARS, MAX_REASON_CHARS, MAX_RESULT_BYTES, J
 
 __all__ = ["HARNESS_COMMAND", "WARM_COMMAND", "SandboxError", "stage", "check_inputs",
            "stage_skeleton", "stage_job", "collect", "cleanup", "read_tail",
-           "check_safetensors", "PACKAGE_DIR"]
+           "check_safetensors", "ProgressTail", "PACKAGE_DIR"]
 
 # What every backend runs inside the job directory (the contract's exact command line).
 HARNESS_COMMAND = "import sys; sys.path.insert(0, 'lib'); from sandbox.harness import main; main('.')"
@@ -56,8 +58,12 @@ HARNESS_COMMAND = "import sys; sys.path.insert(0, 'lib'); from sandbox.harness i
 WARM_COMMAND = ("import sys; sys.path.insert(0, 'lib'); from sandbox.harness import warm_main; "
                 "warm_main('.', *sys.argv[1:])")
 
+log = logging.getLogger(__name__)
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # the `sandbox` package
 MAX_HEADER_BYTES = 16 * 1024 * 1024                      # safetensors JSON header bound
+MAX_PROGRESS_READ = 64 * 1024                            # progress bytes read per poll
+MAX_PROGRESS_LINE = 200
 MAX_TENSORS = 100_000
 # safetensors dtypes we accept and their item sizes (sub-byte float types are refused).
 DTYPE_SIZES = {
@@ -512,6 +518,72 @@ def check_safetensors(f, size: int) -> str:
     if position != buffer:
         return "tensor data does not cover the file"
     return ""
+
+
+# --------------------------------------------------------------------------- progress
+
+class ProgressTail:
+    """Relays a running job's training losses: the new lines of out/progress.jsonl
+    (harness.fit writes {"step": n, "loss": x}) become `on_progress(step, loss)` calls.
+
+    The file is the sandbox's, so it is read like everything else from there: opened
+    without following links, regular files only, at most MAX_PROGRESS_READ new bytes a
+    poll, lines over MAX_PROGRESS_LINE dropped, exactly {step: int >= 0, loss: finite
+    float} accepted. Only the newest good line of a poll is passed on. What it relays is
+    for display (`lm_step` events); results still come only from `collect`.
+    """
+
+    def __init__(self, jobdir: Path, on_progress=None):
+        from sandbox.harness import PROGRESS_FILE
+        self.path = Path(jobdir) / "out" / PROGRESS_FILE
+        self.on_progress = on_progress
+        self.pos = 0
+        self.partial = b""
+
+    def poll(self) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return
+            if st.st_size < self.pos:          # rewritten from the start
+                self.pos, self.partial = 0, b""
+            f.seek(self.pos)
+            data = f.read(MAX_PROGRESS_READ)
+        self.pos += len(data)
+        *lines, rest = (self.partial + data).split(b"\n")
+        self.partial = rest if len(rest) <= MAX_PROGRESS_LINE else b""
+        for line in reversed(lines):
+            point = _progress_point(line)
+            if point is not None:
+                try:
+                    self.on_progress(*point)
+                except Exception as e:   # a broken relay must not end the job
+                    log.warning("progress relay failed: %s", e)
+                return
+
+
+def _progress_point(line: bytes) -> tuple[int, float] | None:
+    if not line or len(line) > MAX_PROGRESS_LINE:
+        return None
+    try:
+        def no_constants(name):
+            raise ValueError(name)
+        d = json.loads(line.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(d, dict) or set(d) != {"step", "loss"}:
+        return None
+    step, loss = d["step"], d["loss"]
+    if type(step) is not int or not 0 <= step < 1 << 40 or type(loss) not in (int, float):
+        return None
+    loss = float(loss)
+    return (step, loss) if math.isfinite(loss) else None
 
 
 # --------------------------------------------------------------------------- cleanup

@@ -38,11 +38,16 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sandbox.backends.base import (HARNESS_COMMAND, SandboxError, cleanup, collect, format_logs,
-                                   sabotage_enabled, stage)
+from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, ProgressTail, SandboxError,
+                                   check_inputs, cleanup, collect, format_logs,
+                                   sabotage_enabled, stage, stage_job, stage_skeleton)
+from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -188,7 +193,8 @@ def _owner_alive(labels: dict) -> bool:
     return pid.isdigit() and start != "" and _process_start(int(pid)) == start
 
 
-def reap_orphans(client, owner: str | None = None, *, keep_live_owners: bool = False) -> int:
+def reap_orphans(client, owner: str | None = None, *, keep_live_owners: bool = False,
+                 workroot: Path | None = None) -> int:
     """Remove sandbox containers (label selfprog.sandbox=1), running or not.
 
     With `owner`, only those that worker started. With `keep_live_owners`, not those
@@ -196,7 +202,9 @@ def reap_orphans(client, owner: str | None = None, *, keep_live_owners: bool = F
     how a backend reaps at start, so that the sibling processes of one worker (Celery
     prefork children share the hostname) or a second worker on the same host keep
     their running jobs, while the containers of a process that died are removed.
-    Returns how many were removed.
+    With `workroot`, the job directory a removed container had mounted at /job is
+    removed too when it lies directly under `workroot` (a dead worker's job dirs and
+    warm skeletons). Returns how many containers were removed.
     """
     docker = _docker()
     filters = {"label": [f"{LABEL_SANDBOX}=1"]}
@@ -209,6 +217,9 @@ def reap_orphans(client, owner: str | None = None, *, keep_live_owners: bool = F
         try:
             c.remove(force=True)
             removed += 1
+            jobdir = _job_mount(c, workroot)
+            if jobdir is not None:
+                cleanup(jobdir)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as e:
@@ -217,6 +228,18 @@ def reap_orphans(client, owner: str | None = None, *, keep_live_owners: bool = F
         log.warning("removed %d orphaned sandbox container(s)%s", removed,
                     f" of {owner}" if owner else "")
     return removed
+
+
+def _job_mount(container, workroot: Path | None) -> Path | None:
+    """The host dir `container` had at /job, if it is a job dir directly under `workroot`."""
+    if workroot is None:
+        return None
+    for m in container.attrs.get("Mounts") or []:
+        if m.get("Destination") == "/job":
+            src = Path(m.get("Source") or "")
+            if src.parent == Path(workroot).resolve() and src.name:
+                return src
+    return None
 
 
 # --------------------------------------------------------------------------- the profile
@@ -240,6 +263,11 @@ def gpu_device_requests(gpus: str, count: int, slot: int = 0) -> list:
     return [docker.types.DeviceRequest(device_ids=chosen, capabilities=[["gpu"]])]
 
 
+def warm_command(model_kind: str = "t5", device: str = "auto") -> list[str]:
+    """A pre-warmed sandbox's command: harness.warm_main, ready signalled by a file."""
+    return ["python", "-I", "-c", WARM_COMMAND, model_kind, device, "file"]
+
+
 def sandbox_env(threads: int = 1) -> dict[str, str]:
     """The whole environment of a sandbox (the image adds PATH and LANG)."""
     tmp = "/job/tmp"
@@ -256,11 +284,13 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
                     output_mb: int, env: dict[str, str] | None = None,
                     runtime: str | None = None, device_requests: list | None = None,
                     command: list[str] | None = None, owner_pid: int | None = None,
-                    **refused: Any) -> dict[str, Any]:
+                    warm: bool = False, **refused: Any) -> dict[str, Any]:
     """The keyword arguments for `client.containers.create` of one sandbox.
 
     This is the only profile there is. Anything in `refused` is an attempt to step
     outside it and raises HardeningError, as do values that would weaken it.
+    `warm=True` is a pre-warmed sandbox: its job directory holds no job yet (no
+    job.json, nothing in in/) and stdin stays open for the one "go" (attach once).
     """
     docker = _docker()
     if refused:
@@ -273,7 +303,11 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
     if not jobdir.is_absolute() or jobdir.resolve() != jobdir or jobdir.parent != workroot.resolve():
         raise HardeningError(f"{jobdir} is not a job directory directly under {workroot}")
     st = os.lstat(jobdir)
-    if not stat.S_ISDIR(st.st_mode) or not (jobdir / "job.json").is_file():
+    if not stat.S_ISDIR(st.st_mode):
+        raise HardeningError(f"{jobdir} is not a directory")
+    if warm and ((jobdir / "job.json").exists() or any(os.scandir(jobdir / "in"))):
+        raise HardeningError(f"{jobdir} already holds a job; a warm sandbox starts empty")
+    if not warm and not (jobdir / "job.json").is_file():
         raise HardeningError(f"{jobdir} is not a staged job directory")
     for sub in ("out", "tmp"):
         if not stat.S_ISDIR(os.lstat(jobdir / sub).st_mode):   # lstat: no symlinked out/
@@ -301,7 +335,7 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
     mib = 1024 * 1024
     config: dict[str, Any] = dict(
         image=image,
-        command=command or ["python", "-I", "-c", HARNESS_COMMAND],
+        command=command or (warm_command() if warm else ["python", "-I", "-c", HARNESS_COMMAND]),
         working_dir="/job",
         user=f"{uid}:{gid}",
         environment=env,
@@ -309,7 +343,7 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
                 LABEL_PID: str(pid), LABEL_PID_START: _process_start(pid) or ""},
         hostname="sandbox",
         detach=True,
-        stdin_open=False,
+        stdin_open=warm,    # a warm sandbox reads its one "go" line, then drops stdin
         tty=False,
         # isolation
         network_mode="none",
@@ -395,6 +429,7 @@ def check_profile(attrs: dict, config: dict[str, Any]) -> list[str]:
     want(hc.get("UsernsMode") in ("", None), f"UsernsMode {hc.get('UsernsMode')!r}")
     want(not hc.get("Binds") and not hc.get("VolumesFrom"), "extra volumes")
     want(not hc.get("Devices"), f"Devices {hc.get('Devices')}")
+    want(bool(cfg.get("OpenStdin")) == config["stdin_open"], "stdin")
     want(hc.get("Init") is True, "no init process")
     mounts = sorted((m.get("Target"), m.get("Source"), bool(m.get("ReadOnly")))
                     for m in hc.get("Mounts") or [])
@@ -473,14 +508,30 @@ def dir_usage(path: Path, max_entries: int = MAX_OUT_ENTRIES) -> tuple[int, int]
 
 # --------------------------------------------------------------------------- the backend
 
+@dataclass
+class DockerRun:
+    """The last run's identity, for tests and diagnostics."""
+    container_id: str
+    jobdir: Path
+    warm: bool = False          # ran in a pre-warmed container
+
+
 class DockerBackend:
-    """Run each job in a fresh hardened container (same interface as ProcessBackend)."""
+    """Run each job in a fresh hardened container (same interface as ProcessBackend).
+
+    With `prewarm=N` (Settings.sandbox_prewarm) it keeps N containers of the latest
+    job's profile started ahead (sandbox/backends/warm.py): same hardened profile, plus
+    an open stdin; the harness has imported torch (and initialised CUDA) and waits for
+    "go". `execute` stages the job into one, sends "go" over an attach, and supervises
+    it exactly like a cold container; each serves one job and is then removed.
+    """
 
     name = "docker"
 
     def __init__(self, image: str = DEFAULT_IMAGE, workroot: Path | str | None = None,
                  runtime: str | None = None, gpus: str | None = None, client=None,
-                 owner: str | None = None, keep_jobdirs: bool = False):
+                 owner: str | None = None, keep_jobdirs: bool = False, prewarm: int = 0,
+                 prewarm_max_age_s: float = WARM_MAX_AGE_S):
         self.image = image
         # The engine resolves bind-mount sources on *its* host: a worker that runs in a
         # container must have the workroot at the same path as on the host.
@@ -494,108 +545,273 @@ class DockerBackend:
         self.keep_jobdirs = keep_jobdirs
         self.client = client or connect()
         self.user = image_user(self.client, image)
-        self._gpu_slot = itertools.count()
-        self._lock = threading.Lock()
-        reap_orphans(self.client, owner=self.owner, keep_live_owners=True)
+        self.last_run: DockerRun | None = None
+        self.spec = ContainerSpec(image=image, workroot=self.workroot, owner=self.owner,
+                                  user=self.user, runtime=self.runtime, gpus=self.gpus)
+        reap_orphans(self.client, owner=self.owner, keep_live_owners=True,
+                     workroot=self.workroot)
+        self.prewarm = max(0, int(prewarm))
+        self._pool: WarmPool | None = None
+        if self.prewarm:
+            # `spawn` must not hold the backend: collecting it runs the finalizer.
+            spawn = partial(spawn_warm_container, client=self.client, spec=self.spec)
+            self._pool = WarmPool(self.prewarm, spawn, max_age_s=prewarm_max_age_s)
+            self._finalizer = weakref.finalize(self, self._pool.close)
 
-    def execute(self, job: Job, out_dir: Path) -> Result:
+    def close(self) -> None:
+        """Remove the idle pre-warmed containers and stop making new ones."""
+        if self._pool is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "DockerBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ profiles
+    @staticmethod
+    def _profile(job: Job) -> tuple:
+        """What a container must have been created with to run `job`: its limits but
+        the deadline (counted from "go"), threads, GPUs, model kind and device."""
+        lim = job.limits
+        device = str(job.params.get("device", "auto"))
+        return (lim.memory_mb, lim.cpus, lim.pids, lim.output_mb, lim.gpus,
+                int(job.params.get("num_threads", 1)),
+                "t5" if job.model_kind == "t5" else "other",
+                device if device in ("auto", "cpu", "cuda") else "cpu")
+
+    def prewarm_for(self, job: Job) -> None:
+        """Start warming containers for jobs like `job` now (no-op without prewarm)."""
+        job.validate()
+        if self._pool is not None and not sabotage_enabled():
+            self._pool.target(self._profile(job))
+
+    # ------------------------------------------------------------------ running
+    def execute(self, job: Job, out_dir: Path, on_progress=None) -> Result:
         """Run one job to completion and return its Result (never the candidate's exception).
 
         Raises SandboxError only when the sandbox itself cannot be made (engine or image
-        missing, profile refused): that is not the candidate's doing.
+        missing, profile refused): that is not the candidate's doing. `on_progress(step,
+        loss)` is called with the training losses while it runs (base.ProgressTail).
         """
         docker = _docker()
-        import requests
-
         job.validate()
-        lim = job.limits
-        root = os.geteuid() == 0
-        uid, gid = self.user
-        # No uid for stage(): its check that every parent of the workroot is
-        # traversable is for the process backend; a bind mount needs no path to /job.
+        if self._pool is not None:
+            result = self._execute_warm(job, Path(out_dir), on_progress)
+            if result is not None:
+                return result
         jobdir = stage(job, self.workroot, seal=True)
-        try:
-            if root:
-                os.chown(jobdir / "out", uid, gid)
-            else:
-                # Without root out/ cannot be handed to the sandbox uid; let it write
-                # there. The workroot is 0711: other host users cannot find the dir.
-                os.chmod(jobdir / "out", 0o777)
-        except BaseException:
-            cleanup(jobdir)
-            raise
-        device_requests = []
-        if lim.gpus > 0:
-            if self.gpus:
-                with self._lock:
-                    slot = next(self._gpu_slot) * lim.gpus
-                device_requests = gpu_device_requests(self.gpus, lim.gpus, slot)
-            else:
-                log.warning("job %s asks for %d GPU(s) but this worker has none configured "
-                            "(SELFPROG_SANDBOX_GPUS); it runs without", job.job_id, lim.gpus)
-        threads = int(job.params.get("num_threads", 1))
         container = None
-        exit_code: int | None = None
-        timed_out = oom_killed = False
-        over_output = ""
-        out_path = jobdir / "out"
         try:
+            _hand_out_dir(jobdir, self.user)
             container = create_hardened_container(
-                self.client, image=self.image, jobdir=jobdir, workroot=self.workroot,
-                job_id=job.job_id, owner=self.owner, user=self.user,
-                memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids,
-                output_mb=lim.output_mb, env=sandbox_env(threads), runtime=self.runtime,
-                device_requests=device_requests)
-            started = time.monotonic()
+                self.client, **self.spec.for_job(self._profile(job), jobdir, job.job_id))
+            self.last_run = DockerRun(container.id, jobdir)
             try:
                 container.start()
             except docker.errors.APIError as e:
                 raise SandboxError(f"the sandbox container did not start: {e}") from None
-            deadline = started + lim.timeout_s
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                try:
-                    status = container.wait(timeout=max(0.05, min(POLL_S, remaining)))
-                    exit_code = _exit_code(status)
-                    break
-                except requests.exceptions.RequestException:
-                    pass   # still running: the wait timed out
-                used, entries = dir_usage(out_path)
-                if used > lim.output_mb * 1024 * 1024 or entries > MAX_OUT_ENTRIES:
-                    over_output = (f"out/ grew past the {lim.output_mb} MB output limit"
-                                   if entries <= MAX_OUT_ENTRIES else
-                                   f"out/ holds more than {MAX_OUT_ENTRIES} entries")
-                    break
-            duration = time.monotonic() - started
-            if exit_code is None:   # deadline or output bound: kill the whole container
-                try:
-                    container.kill()
-                except docker.errors.APIError:
-                    pass   # it exited on its own in the meantime
-                try:
-                    container.wait(timeout=KILL_WAIT_S)
-                except requests.exceptions.RequestException:
-                    raise SandboxError(f"sandbox {container.short_id} survives SIGKILL") from None
-            state = self.client.api.inspect_container(container.id)["State"]
-            oom_killed = bool(state.get("OOMKilled")) and not timed_out
-            if exit_code is None and not timed_out and not over_output:
-                exit_code = _exit_code({"StatusCode": state.get("ExitCode")})
-            stdout = _tail(container, stdout=True)
-            stderr = _tail(container, stdout=False)
-            if over_output:
-                return Result.failure(job, "crashed", over_output, duration_s=round(duration, 3),
-                                      logs=format_logs(stdout, stderr))
-            return collect(job, jobdir, Path(out_dir), exit_code=exit_code, timed_out=timed_out,
-                           oom_killed=oom_killed, stdout_tail=stdout, stderr_tail=stderr,
-                           duration_s=duration)
+            return self._supervise(job, container, jobdir, Path(out_dir), time.monotonic(),
+                                   ProgressTail(jobdir, on_progress))
         finally:
             if container is not None:
                 _remove(container)
             if not self.keep_jobdirs:
                 cleanup(jobdir)
+
+    def _execute_warm(self, job: Job, out_dir: Path, on_progress=None) -> Result | None:
+        """Run `job` in a pre-warmed container; None when there is none to use (the
+        caller then runs it cold). Nothing of the job reaches a container before it is
+        taken, and a container is never given a second job."""
+        if sabotage_enabled():
+            return None
+        sources = check_inputs(job)          # a bad input is refused as in a cold run
+        warm = self._pool.take(self._profile(job))
+        if warm is None:
+            return None
+        try:
+            stage_job(job, warm.jobdir, sources, seal=True)
+            started = time.monotonic()
+            _send_go(warm.container)
+        except Exception as e:
+            # Never started: nothing of the candidate ran.
+            log.warning("pre-warmed sandbox %s unusable (%s); running the job cold",
+                        warm.container.short_id, e)
+            discard(warm)
+            return None
+        self.last_run = DockerRun(warm.container.id, warm.jobdir, warm=True)
+        try:
+            return self._supervise(job, warm.container, warm.jobdir, out_dir, started,
+                                   ProgressTail(warm.jobdir, on_progress))
+        finally:
+            _remove(warm.container)
+            if not self.keep_jobdirs:
+                cleanup(warm.jobdir)
+
+    def _supervise(self, job: Job, container, jobdir: Path, out_dir: Path, started: float,
+                   progress: ProgressTail) -> Result:
+        """Wait for a started container under the job's deadline (from `started`) and
+        output bound, relaying its training progress; kill it if need be, and collect
+        its result."""
+        docker = _docker()
+        import requests
+
+        lim = job.limits
+        exit_code: int | None = None
+        timed_out = False
+        over_output = ""
+        out_path = jobdir / "out"
+        deadline = started + lim.timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            try:
+                status = container.wait(timeout=max(0.05, min(POLL_S, remaining)))
+                exit_code = _exit_code(status)
+                break
+            except requests.exceptions.RequestException:
+                pass   # still running: the wait timed out
+            progress.poll()
+            used, entries = dir_usage(out_path)
+            if used > lim.output_mb * 1024 * 1024 or entries > MAX_OUT_ENTRIES:
+                over_output = (f"out/ grew past the {lim.output_mb} MB output limit"
+                               if entries <= MAX_OUT_ENTRIES else
+                               f"out/ holds more than {MAX_OUT_ENTRIES} entries")
+                break
+        duration = time.monotonic() - started
+        progress.poll()         # the last step
+        if exit_code is None:   # deadline or output bound: kill the whole container
+            try:
+                container.kill()
+            except docker.errors.APIError:
+                pass   # it exited on its own in the meantime
+            try:
+                container.wait(timeout=KILL_WAIT_S)
+            except requests.exceptions.RequestException:
+                raise SandboxError(f"sandbox {container.short_id} survives SIGKILL") from None
+        state = self.client.api.inspect_container(container.id)["State"]
+        oom_killed = bool(state.get("OOMKilled")) and not timed_out
+        if exit_code is None and not timed_out and not over_output:
+            exit_code = _exit_code({"StatusCode": state.get("ExitCode")})
+        stdout = _tail(container, stdout=True)
+        stderr = _tail(container, stdout=False)
+        if over_output:
+            return Result.failure(job, "crashed", over_output, duration_s=round(duration, 3),
+                                  logs=format_logs(stdout, stderr))
+        return collect(job, jobdir, out_dir, exit_code=exit_code, timed_out=timed_out,
+                       oom_killed=oom_killed, stdout_tail=stdout, stderr_tail=stderr,
+                       duration_s=duration)
+
+
+def _hand_out_dir(jobdir: Path, user: tuple[int, int]) -> None:
+    """Give the sandbox user `out/`, the one place in the job dir it may write."""
+    if os.geteuid() == 0:
+        os.chown(jobdir / "out", *user)
+    else:
+        # Without root out/ cannot be handed to the sandbox uid; let it write there.
+        # The workroot is 0711: other host users cannot find the dir.
+        os.chmod(jobdir / "out", 0o777)
+
+
+def _send_go(container) -> None:
+    """Write "go" to a warm container's stdin over an attach, then detach. The harness
+    reads that one line and then reads stdin no more (it points it at /dev/null)."""
+    sock = container.attach_socket(params={"stdin": 1, "stream": 1})
+    raw = getattr(sock, "_sock", sock)
+    try:
+        raw.sendall(b"go\n")
+    finally:
+        raw.close()
+        if raw is not sock:
+            sock.close()
+
+
+@dataclass(eq=False)
+class WarmContainer:
+    """One pre-warmed container (a `warm.WarmSandbox`): started, importing or waiting
+    for "go" in a job directory that holds no job."""
+    container: Any
+    jobdir: Path
+    key: tuple
+    born: float
+
+    def alive(self) -> bool:
+        docker = _docker()
+        try:
+            self.container.reload()
+        except docker.errors.APIError:
+            return False
+        return self.container.status == "running"
+
+    def is_ready(self) -> bool:
+        from sandbox.harness import READY_FILE
+        try:   # lstat: a regular file the harness made, never followed
+            return stat.S_ISREG(os.lstat(self.jobdir / "out" / READY_FILE).st_mode)
+        except OSError:
+            return False
+
+    def destroy(self) -> None:
+        _remove(self.container)
+        cleanup(self.jobdir)
+
+
+def spawn_warm_container(key: tuple, *, client, spec: "ContainerSpec") -> WarmContainer:
+    """The warm pool's `spawn`: create and start one warm container of profile `key`
+    in an empty job directory."""
+    docker = _docker()
+    jobdir = stage_skeleton(spec.workroot, "warm-")
+    container = None
+    try:
+        _hand_out_dir(jobdir, spec.user)
+        container = create_hardened_container(client, **spec.for_job(key, jobdir, "warm",
+                                                                     warm=True))
+        try:
+            container.start()
+        except docker.errors.APIError as e:
+            raise SandboxError(f"the warm sandbox container did not start: {e}") from None
+    except BaseException:
+        if container is not None:
+            _remove(container)
+        cleanup(jobdir)
+        raise
+    return WarmContainer(container=container, jobdir=jobdir, key=key, born=time.monotonic())
+
+
+@dataclass(eq=False)
+class ContainerSpec:
+    """A backend's fixed settings, which every container it makes gets. Plain data: the
+    warm pool's thread holds this, never the backend."""
+    image: str
+    workroot: Path
+    owner: str
+    user: tuple[int, int]
+    runtime: str | None
+    gpus: str
+    _gpu_slot: Any = field(default_factory=itertools.count)
+    _lock: Any = field(default_factory=threading.Lock)
+
+    def for_job(self, profile: tuple, jobdir: Path, job_id: str,
+                warm: bool = False) -> dict[str, Any]:
+        """What create_hardened_container gets for a job (or a warm sandbox) of
+        `profile` (DockerBackend._profile)."""
+        memory_mb, cpus, pids, output_mb, gpus, threads, model_kind, device = profile
+        device_requests = []
+        if gpus > 0:
+            if self.gpus:
+                with self._lock:   # concurrent jobs of one worker take its GPUs in turn
+                    slot = next(self._gpu_slot) * gpus
+                device_requests = gpu_device_requests(self.gpus, gpus, slot)
+            else:
+                log.warning("a job asks for %d GPU(s) but this worker has none configured "
+                            "(SELFPROG_SANDBOX_GPUS); it runs without", gpus)
+        return dict(image=self.image, jobdir=jobdir, workroot=self.workroot, job_id=job_id,
+                    owner=self.owner, user=self.user, memory_mb=memory_mb, cpus=cpus,
+                    pids=pids, output_mb=output_mb, env=sandbox_env(threads),
+                    runtime=self.runtime, device_requests=device_requests, warm=warm,
+                    command=warm_command(model_kind, device) if warm else None)
 
 
 def _exit_code(status: dict) -> int | None:

@@ -32,7 +32,7 @@ initialise CUDA) before its candidate runs. With prewarm on, the backend keeps N
 sandboxes started ahead, each confined exactly like a job (same `_preexec`: network
 namespace, its own uid, the job's rlimits, scrubbed environment, own session), running
 `harness.warm_main` in a job directory that holds no job (`base.stage_skeleton`): it
-imports, then blocks on stdin. `execute` takes one (`WarmPool.take`), stages that one
+imports, then blocks on stdin. `execute` takes one (`warm.WarmPool.take`), stages that one
 job's files into it (`base.stage_job`: inputs, job.json, seal key), sets its CPU limit
 to what it used warming up plus the job's own budget, writes "go", and from then on
 treats it as a cold run: the deadline counts from "go", and afterwards the process
@@ -62,11 +62,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, check_inputs,
-                                   cleanup, collect, read_tail, sabotage_enabled, stage,
-                                   stage_job, stage_skeleton)
+from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, ProgressTail, SandboxError,
+                                   check_inputs, cleanup, collect, read_tail, sabotage_enabled,
+                                   stage, stage_job, stage_skeleton)
+from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,8 @@ AS_HEADROOM_MB = 4096
 AS_PER_THREAD_MB = 256
 MAX_OPEN_FILES = 256
 LOG_TAIL_BYTES = 64 * 1024
+PROGRESS_POLL_S = 0.5            # how often a waiting backend relays training progress
 WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
-WARM_MAX_AGE_S = 30 * 60.0       # an idle pre-warmed sandbox older than this is recycled
 
 # uids handed to pre-warmed sandboxes that may not have a process yet: never picked twice.
 _RESERVED_UIDS: set[int] = set()
@@ -140,9 +142,9 @@ class ProcessBackend:
         if self.prewarm:
             # The pool holds no reference to the backend: collecting the backend (or
             # leaving the interpreter) runs the finalizer, which kills the idle sandboxes.
-            self._pool = WarmPool(self.prewarm, python=self.python, workroot=self.workroot,
-                                  uid_base=uid_base, uid_range=uid_range,
-                                  max_age_s=prewarm_max_age_s)
+            spawn = partial(spawn_warm_process, python=self.python, workroot=self.workroot,
+                            uid_base=uid_base, uid_range=uid_range)
+            self._pool = WarmPool(self.prewarm, spawn, max_age_s=prewarm_max_age_s)
             self._finalizer = weakref.finalize(self, self._pool.close)
 
     def close(self) -> None:
@@ -261,12 +263,15 @@ class ProcessBackend:
         return ""
 
     # ------------------------------------------------------------------ running
-    def execute(self, job: Job, out_dir: Path) -> Result:
-        """Run one job to completion; always returns a Result (never the candidate's exception)."""
+    def execute(self, job: Job, out_dir: Path, on_progress=None) -> Result:
+        """Run one job to completion; always returns a Result (never the candidate's exception).
+
+        `on_progress(step, loss)` is called with the training losses while it runs
+        (base.ProgressTail)."""
         job.validate()
         iso = self.probe()
         if self._pool is not None:
-            result = self._execute_warm(job, Path(out_dir), iso)
+            result = self._execute_warm(job, Path(out_dir), iso, on_progress)
             if result is not None:
                 return result
         uid = self._pick_uid() if iso.uid_drop else None
@@ -289,7 +294,7 @@ class ProcessBackend:
                                              [] if sabotage_enabled() else self._rlimits(job)))
             self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir)
             try:
-                exit_code = proc.wait(timeout=job.limits.timeout_s)
+                exit_code = wait(proc, job.limits.timeout_s, ProgressTail(jobdir, on_progress))
             except subprocess.TimeoutExpired:
                 timed_out = True
         except (OSError, subprocess.SubprocessError) as e:
@@ -324,16 +329,17 @@ class ProcessBackend:
         job.validate()
         iso = self.probe()
         if self._pool is not None and iso.uid_drop and not sabotage_enabled():
-            self._pool.target(job, self._rlimits(job), iso)
+            self._pool.target(self._profile(job, self._rlimits(job), iso))
 
-    def _execute_warm(self, job: Job, out_dir: Path, iso: Isolation) -> Result | None:
+    def _execute_warm(self, job: Job, out_dir: Path, iso: Isolation,
+                      on_progress=None) -> Result | None:
         """Run `job` in a pre-warmed sandbox; None when there is none to use (the caller
         then runs it cold). Nothing of the job reaches the sandbox before it is taken."""
         if not iso.uid_drop or sabotage_enabled():
             return None
         sources = check_inputs(job)          # a bad input is refused as in a cold run
         rlimits = self._rlimits(job)
-        warm = self._pool.take(job, rlimits, iso)
+        warm = self._pool.take(self._profile(job, rlimits, iso))
         if warm is None:
             return None
         proc, uid, jobdir = warm.proc, warm.uid, warm.jobdir
@@ -348,19 +354,19 @@ class ProcessBackend:
         except (OSError, ValueError, SandboxError) as e:
             # Not started (it died, or could not be limited): nothing of the candidate ran.
             log.warning("pre-warmed sandbox %s unusable (%s); running the job cold", proc.pid, e)
-            self._pool.destroy(warm)
+            discard(warm)
             return None
         self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir, warm=True)
         stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
         timed_out = False
         exit_code: int | None = None
         try:
-            exit_code = proc.wait(timeout=job.limits.timeout_s)
+            exit_code = wait(proc, job.limits.timeout_s, ProgressTail(jobdir, on_progress))
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
             self.last_run.survivors_killed = kill_run(proc, uid)
-            self._pool.release(warm)
+            warm.release()
             if exit_code is None and not timed_out:
                 exit_code = proc.returncode
         if exit_code is not None and exit_code in (-signal.SIGXCPU,):
@@ -374,6 +380,18 @@ class ProcessBackend:
         finally:
             if not self.keep_jobdirs:
                 cleanup(jobdir)
+
+    @staticmethod
+    def _profile(job: Job, rlimits: list, iso: Isolation) -> tuple:
+        """What a warm sandbox must have been started with to run `job`: its rlimits but
+        CPU (set at "go"), threads (environment), model kind and device (what it
+        imports), and whether it has a network namespace."""
+        threads = int(job.params.get("num_threads", 1))
+        device = str(job.params.get("device", "auto"))
+        device = device if device in ("auto", "cpu", "cuda") else "cpu"
+        model_kind = "t5" if job.model_kind == "t5" else "other"
+        limits = tuple((res, v) for res, v in rlimits if res != resource.RLIMIT_CPU)
+        return (limits, threads, model_kind, device, iso.netns)
 
     @staticmethod
     def _env(tmp: Path, threads: int) -> dict[str, str]:
@@ -448,6 +466,24 @@ class ProcessBackend:
     @staticmethod
     def _kill_uid(uid: int) -> None:
         _kill_uid(uid)
+
+
+def wait(proc: subprocess.Popen, timeout: float, progress: ProgressTail) -> int:
+    """proc.wait(timeout), relaying training progress every PROGRESS_POLL_S meanwhile
+    and once more at the end (the last step)."""
+    if progress.on_progress is None:
+        return proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            code = proc.wait(timeout=max(0.0, min(PROGRESS_POLL_S, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            progress.poll()
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            progress.poll()
+            return code
 
 
 def _pick_uid(base: int, span: int, reserve: bool = False) -> int:
@@ -584,8 +620,9 @@ def _set_cpu_limit(pid: int, uid: int, seconds: int) -> None:
 
 
 @dataclass(eq=False)
-class WarmSandbox:
-    """One pre-warmed sandbox: started, importing or waiting for "go"; no job yet."""
+class WarmProcess:
+    """One pre-warmed process sandbox (a `warm.WarmSandbox`): started, importing or
+    waiting for "go"; no job yet."""
     proc: subprocess.Popen
     uid: int
     jobdir: Path
@@ -593,6 +630,9 @@ class WarmSandbox:
     born: float
     ready_r: int            # read end of the pipe warm_main writes one byte to when ready
     ready: bool = False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def is_ready(self) -> bool:
         if not self.ready and self.ready_r >= 0:
@@ -602,7 +642,8 @@ class WarmSandbox:
                 pass
         return self.ready
 
-    def close_fds(self) -> None:
+    def release(self) -> None:
+        """After its job (kill_run done): free its fds and its uid."""
         if self.ready_r >= 0:
             os.close(self.ready_r)
             self.ready_r = -1
@@ -611,212 +652,51 @@ class WarmSandbox:
                 self.proc.stdin.close()   # EOF: a sandbox still waiting leaves by itself
         except OSError:
             pass
-
-
-class WarmPool:
-    """Keeps `size` pre-warmed sandboxes ready for the profile of the latest job.
-
-    `take` hands one out (it is never handed out again); a daemon thread starts the
-    replacements, recycles sandboxes that died or are older than `max_age_s`, and kills
-    the ones a change of profile made useless. The thread is the parent of every
-    sandbox it starts, so they die with it (PR_SET_PDEATHSIG); `close` stops it.
-    Holds no reference to the backend.
-    """
-
-    def __init__(self, size: int, *, python: str, workroot: Path, uid_base: int,
-                 uid_range: int, max_age_s: float = WARM_MAX_AGE_S):
-        self.size = size
-        self.python = python
-        self.workroot = Path(workroot)
-        self.uid_base, self.uid_range = uid_base, uid_range
-        self.max_age_s = float(max_age_s)
-        self.stats = {"spawned": 0, "taken": 0, "recycled": 0, "failed": 0}
-        self._cond = threading.Condition()
-        self._idle: list[WarmSandbox] = []
-        self._doomed: list[WarmSandbox] = []
-        self._key: tuple | None = None
-        self._spec: tuple | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._retry_at = 0.0
-        self._tick = max(0.5, min(30.0, self.max_age_s / 4))
-        self._pid = os.getpid()
-
-    def _after_fork(self) -> None:
-        """In a forked child (a Celery prefork worker, say) the sandboxes and the thread
-        are the parent's: forget them (never kill them) and start over. Call locked."""
-        if os.getpid() != self._pid:
-            self._pid = os.getpid()
-            self._idle, self._doomed, self._thread = [], [], None
-
-    # -------------------------------------------------------------- the job side
-    @staticmethod
-    def _profile(job: Job, rlimits: list, iso: Isolation) -> tuple:
-        """What a sandbox must have been started with to run `job`: its rlimits but CPU
-        (set at "go"), threads (environment), model kind and device (what it imports)."""
-        threads = int(job.params.get("num_threads", 1))
-        device = str(job.params.get("device", "auto"))
-        device = device if device in ("auto", "cpu", "cuda") else "cpu"
-        model_kind = "t5" if job.model_kind == "t5" else "other"
-        limits = tuple((res, v) for res, v in rlimits if res != resource.RLIMIT_CPU)
-        return (limits, threads, model_kind, device, iso.netns)
-
-    def _retarget(self, key: tuple) -> bool:
-        """Locked. Make `key` the profile to keep ready; True if it already was."""
-        self._after_fork()
-        if self._closed or key == self._key:
-            return not self._closed
-        self._doomed += self._idle
-        self._idle = []
-        self._key = self._spec = key
-        self._start_thread()
-        self._cond.notify_all()
-        return False
-
-    def target(self, job: Job, rlimits: list, iso: Isolation) -> None:
-        """Keep sandboxes ready for jobs like `job` (hands nothing out)."""
-        with self._cond:
-            self._retarget(self._profile(job, rlimits, iso))
-
-    def take(self, job: Job, rlimits: list, iso: Isolation) -> WarmSandbox | None:
-        """A warm sandbox for `job`, or None (then the pool targets this job's profile)."""
-        key = self._profile(job, rlimits, iso)
-        with self._cond:
-            if not self._retarget(key):
-                return None
-            now = time.monotonic()
-            usable = [w for w in self._idle if w.proc.poll() is None and now - w.born < self.max_age_s]
-            self._doomed += [w for w in self._idle if w not in usable]
-            ready = [w for w in usable if w.is_ready()]
-            chosen = (ready or usable or [None])[0]       # oldest ready, else oldest
-            self._idle = [w for w in usable if w is not chosen]
-            if chosen is not None:
-                self.stats["taken"] += 1
-            self._cond.notify_all()                       # start its replacement
-            return chosen
-
-    def release(self, w: WarmSandbox) -> None:
-        """After the job: its process group and uid are dead (kill_run)."""
-        w.close_fds()
         with _RESERVED_LOCK:
-            _RESERVED_UIDS.discard(w.uid)
+            _RESERVED_UIDS.discard(self.uid)
 
-    def destroy(self, w: WarmSandbox) -> None:
-        kill_run(w.proc, w.uid)
-        self.release(w)
-        cleanup(w.jobdir)
+    def destroy(self) -> None:
+        kill_run(self.proc, self.uid)
+        self.release()
+        cleanup(self.jobdir)
 
-    def idle(self) -> list[WarmSandbox]:
-        with self._cond:
-            return list(self._idle)
 
-    def wait_ready(self, timeout: float) -> bool:
-        """Until `size` sandboxes are idle and ready (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._cond:
-                if len(self._idle) >= self.size and all(w.is_ready() for w in self._idle):
-                    return True
-            time.sleep(0.05)
-        return False
-
-    def close(self) -> None:
-        with self._cond:
-            self._after_fork()
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(60)
-        with self._cond:
-            doomed, self._idle, self._doomed = self._idle + self._doomed, [], []
-        for w in doomed:
-            self._destroy_quietly(w)
-
-    # -------------------------------------------------------------- the thread
-    def _start_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="selfprog-prewarm", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._closed:
-                    return
-                now = time.monotonic()
-                for w in list(self._idle):
-                    if w.proc.poll() is not None or now - w.born >= self.max_age_s:
-                        self._idle.remove(w)
-                        self._doomed.append(w)
-                        self.stats["recycled"] += 1
-                doomed, self._doomed = self._doomed, []
-                need = self.size - len(self._idle) if now >= self._retry_at else 0
-                key, spec = self._key, self._spec
-            for w in doomed:
-                self._destroy_quietly(w)
-            for _ in range(max(0, need)):
-                try:
-                    w = self._spawn(key, spec)
-                except Exception as e:   # keep the thread: its children die with it
-                    self.stats["failed"] += 1
-                    self._retry_at = time.monotonic() + min(60.0, 2.0 ** self.stats["failed"])
-                    log.warning("could not start a pre-warmed sandbox: %s", e)
-                    break
-                with self._cond:
-                    if self._closed or key != self._key:
-                        self._doomed.append(w)
-                    else:
-                        self._idle.append(w)
-                        self.stats["spawned"] += 1
-                        self.stats["failed"] = 0
-            with self._cond:
-                if self._closed:
-                    return
-                if not self._doomed and (len(self._idle) >= self.size
-                                         or time.monotonic() < self._retry_at):
-                    self._cond.wait(self._tick)
-
-    def _destroy_quietly(self, w: WarmSandbox) -> None:
-        try:
-            self.destroy(w)
-        except Exception as e:
-            log.error("could not remove pre-warmed sandbox %s: %s", w.proc.pid, e)
-
-    def _spawn(self, key: tuple, spec: tuple) -> WarmSandbox:
-        limits, threads, model_kind, device, netns = spec
-        uid = _pick_uid(self.uid_base, self.uid_range, reserve=True)
-        jobdir = None
-        ready_r = ready_w = -1
-        try:
-            jobdir = stage_skeleton(self.workroot, "warm-", uid=uid, gid=uid)
-            ready_r, ready_w = os.pipe()
-            os.set_blocking(ready_r, False)
-            _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
-            # The job's limits, except CPU: the warm-up's own allowance until "go" sets
-            # the job's (hard limit ours until then: only the harness runs before "go").
-            rlimits = [*limits, (resource.RLIMIT_CPU, WARM_CPU_S, cpu_hard)]
-            stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
-            with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
-                os.chmod(stdout_path, 0o600)
-                os.chmod(stderr_path, 0o600)
-                proc = subprocess.Popen(
-                    [self.python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)],
-                    cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
-                    stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
-                    pass_fds=(ready_w,), start_new_session=True,
-                    preexec_fn=ProcessBackend._preexec(uid, netns, rlimits))
-        except BaseException:
-            for fd in (ready_r, ready_w):
-                if fd >= 0:
-                    os.close(fd)
-            if jobdir is not None:
-                cleanup(jobdir)
-            with _RESERVED_LOCK:
-                _RESERVED_UIDS.discard(uid)
-            raise
-        os.close(ready_w)
-        return WarmSandbox(proc=proc, uid=uid, jobdir=jobdir, key=key,
-                           born=time.monotonic(), ready_r=ready_r)
+def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int,
+                       uid_range: int) -> WarmProcess:
+    """Start one pre-warmed sandbox for profile `key` (ProcessBackend._profile), confined
+    as a job of that profile would be. Runs in the pool's thread, which is the parent of
+    every sandbox it starts, so they die with it (PR_SET_PDEATHSIG)."""
+    limits, threads, model_kind, device, netns = key
+    uid = _pick_uid(uid_base, uid_range, reserve=True)
+    jobdir = None
+    ready_r = ready_w = -1
+    try:
+        jobdir = stage_skeleton(workroot, "warm-", uid=uid, gid=uid)
+        ready_r, ready_w = os.pipe()
+        os.set_blocking(ready_r, False)
+        _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+        # The job's limits, except CPU: the warm-up's own allowance until "go" sets
+        # the job's (hard limit ours until then: only the harness runs before "go").
+        rlimits = [*limits, (resource.RLIMIT_CPU, WARM_CPU_S, cpu_hard)]
+        stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
+        with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
+            os.chmod(stdout_path, 0o600)
+            os.chmod(stderr_path, 0o600)
+            proc = subprocess.Popen(
+                [python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)],
+                cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
+                stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
+                pass_fds=(ready_w,), start_new_session=True,
+                preexec_fn=ProcessBackend._preexec(uid, netns, rlimits))
+    except BaseException:
+        for fd in (ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
+        if jobdir is not None:
+            cleanup(jobdir)
+        with _RESERVED_LOCK:
+            _RESERVED_UIDS.discard(uid)
+        raise
+    os.close(ready_w)
+    return WarmProcess(proc=proc, uid=uid, jobdir=jobdir, key=key,
+                       born=time.monotonic(), ready_r=ready_r)
