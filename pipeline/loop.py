@@ -204,7 +204,8 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
     kw = dict(run_id=run_id, index=index, arm=arm)
     if stage == "training":
         job = ctx.train_job(index, it.source_in)
-        chain(run_job.si(_wire(job), str(ctx.lm_dir(index))).set(queue=queue_for(job)),
+        live = {"run_id": run_id, "iteration": index, "arm": arm}   # lm_step events
+        chain(run_job.si(_wire(job), str(ctx.lm_dir(index)), progress=live).set(queue=queue_for(job)),
               after_training.s(**kw)).apply_async()
     elif stage == "generating" and arm == "lm":
         job = ctx.generate_job(index, it.source_in)

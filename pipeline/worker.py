@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 LONGEST_JOB_S = 6 * 3600     # the broker must not hand a running job to a second worker
 QUEUES = ("coordinator", "trainer", "sandbox")
 JOB_RETRIES = 3              # infrastructure errors (not the candidate's) are retried
+PROGRESS_RELAY_S = 2.0       # live LM losses: at most one event per job this often
 
 app = Celery("selfprog")
 _settings: Settings | None = None
@@ -196,7 +197,7 @@ def queue_for(job: Job) -> str:
 
 @app.task(name="selfprog.run_job", bind=True, acks_late=True, reject_on_worker_lost=True,
           max_retries=JOB_RETRIES)
-def run_job(self, job: dict, out_dir: str) -> dict:
+def run_job(self, job: dict, out_dir: str, progress: dict | None = None) -> dict:
     """Run one job in a fresh sandbox; return its validated result as plain JSON data.
 
     The same job may run twice (a worker died after finishing but before acking); that
@@ -207,6 +208,9 @@ def run_job(self, job: dict, out_dir: str) -> dict:
     An error of the infrastructure (the engine unreachable, an input file missing) is
     not the candidate's fault: it is retried, and only then does the job end as
     `crashed` with the reason, so the run records it and goes on.
+
+    `progress` ({"run_id", "iteration", "arm"}, LM training jobs) asks for the training
+    losses to be relayed live as `lm_step` events while the job runs.
     """
     try:
         job_obj = Job.from_dict(job)
@@ -215,7 +219,8 @@ def run_job(self, job: dict, out_dir: str) -> dict:
                       status="rejected", reason=f"schema: {e}").validate().to_dict()
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        result = runner.run(job_obj, Path(out_dir), backend())
+        result = runner.run(job_obj, Path(out_dir), backend(),
+                            on_progress=relay_progress(progress))
     except Exception as e:
         if not isinstance(e, SchemaError) and not app.conf.task_always_eager \
                 and self.request.retries < JOB_RETRIES:
@@ -225,6 +230,22 @@ def run_job(self, job: dict, out_dir: str) -> dict:
         result = Result.failure(job_obj, "crashed",
                                 f"the sandbox could not run the job: {type(e).__name__}: {e}")
     return Result.from_dict(result.to_dict()).to_dict()   # validated on this side too
+
+
+def relay_progress(progress: dict | None):
+    """An `on_progress(step, loss)` that publishes `lm_step` events for the run named in
+    `progress`, at most one every PROGRESS_RELAY_S seconds (None without `progress`)."""
+    if not progress or not progress.get("run_id"):
+        return None
+    last = [float("-inf")]
+
+    def relay(step: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_RELAY_S:
+            last[0] = now
+            events.emit(str(progress["run_id"]), "lm_step", iteration=progress.get("iteration"),
+                        arm=progress.get("arm"), step=step, loss=loss)
+    return relay
 
 
 @worker_process_init.connect

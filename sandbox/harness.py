@@ -57,6 +57,8 @@ CANDIDATE_FILE = "<candidate>"
 SEAL_KEY_FILE = ".seal-key"      # written by the backend into out/, removed by main()
 SEAL_FILE = "result.seal"        # hex HMAC-SHA256, see seal_digest()
 READY_FILE = ".warm-ready"       # warm_main(ready="file"): imports done, waiting for "go"
+PROGRESS_FILE = "progress.jsonl"  # {"step": n, "loss": x} lines while fit() trains
+PROGRESS_EVERY_S = 0.5           # at most two lines a second: display only
 SEAL_CONTEXT = b"selfprog-result-seal-v1\x00"
 
 
@@ -368,7 +370,8 @@ def run(job: Job, root: Path, t: "_Trusted | None" = None,
     if job.kind == "train_lm":
         model = build(module, job, device, t)
         data = _load(root, job, "data", t)
-        losses = fit(model, module, data, job, device, t, integrity)
+        losses = fit(model, module, data, job, device, t, integrity,
+                     progress=root / "out" / PROGRESS_FILE)
         n = count_params(model)
         score = _mean(losses)
         _save_weights(model, root / "out" / "weights.safetensors", t)   # no candidate code after this
@@ -472,12 +475,14 @@ def _no_modes(t: _Trusted) -> None:
 
 
 def fit(model, module, data: dict, job: Job, device, t: _Trusted,
-        integrity: _Integrity) -> list[float]:
+        integrity: _Integrity, progress: Path | None = None) -> list[float]:
     """Train for `epochs` over the data with the candidate's optimizer and batch size.
 
     Returns the loss of every step. The loss is ours (cross-entropy on the model's
     logits, through references captured before the candidate ran), so a candidate
-    cannot report a better number than it earned.
+    cannot report a better number than it earned. With `progress`, the latest step and
+    loss are appended there as JSON lines, at most every PROGRESS_EVERY_S seconds, for
+    people watching (the backend relays them; nothing is decided on them).
     """
     optimizer, batch_size = _learning_dynamics(module, model, job, t)
     integrity.check()
@@ -487,6 +492,7 @@ def fit(model, module, data: dict, job: Job, device, t: _Trusted,
     max_steps = int(job.params.get("max_steps", 0))
     amp = device.type == "cuda"
     losses: list[float] = []
+    report = _Progress(progress, t) if progress is not None else None
     model.train()
     for _ in range(int(job.params.get("epochs", 1))):
         order = t.randperm(n, generator=gen)
@@ -509,11 +515,47 @@ def fit(model, module, data: dict, job: Job, device, t: _Trusted,
             t.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(value)
+            if report is not None:
+                report.step(len(losses), value)
             if max_steps and len(losses) >= max_steps:
-                integrity.check()
-                return losses
+                break
+        if max_steps and len(losses) >= max_steps:
+            break
+    if report is not None:
+        report.close(len(losses), losses[-1] if losses else None)
     integrity.check()
     return losses
+
+
+class _Progress:
+    """Appends {"step", "loss"} lines to out/progress.jsonl, throttled (see fit)."""
+
+    def __init__(self, path: Path, t: _Trusted):
+        self.t = t
+        self.last = 0.0
+        self.written = 0
+        try:
+            self.fd = t.os_open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o644)
+        except OSError:       # progress is a nicety: training goes on without it
+            self.fd = -1
+
+    def step(self, n: int, loss: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.fd < 0 or (not force and now - self.last < PROGRESS_EVERY_S) or n == self.written:
+            return
+        self.last, self.written = now, n
+        try:
+            self.t.os_write(self.fd, self.t.json_dumps({"step": n, "loss": loss}).encode() + b"\n")
+        except OSError:
+            pass
+
+    def close(self, n: int, loss: float | None) -> None:
+        if loss is not None:
+            self.step(n, loss, force=True)
+        if self.fd >= 0:
+            self.t.os_close(self.fd)
+            self.fd = -1
 
 
 def _ce(t: _Trusted, logits, target, **kw):

@@ -12,6 +12,8 @@ the CI environment variable is set, so CI can never go green without it.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -91,3 +93,19 @@ def data_file(tmp_path_factory) -> Path:
                "attention_mask": torch.ones(n, s, dtype=torch.int64),
                "labels": labels}, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def process_backend():
+    """A confined ProcessBackend (root: per-job uid, network namespace), probed."""
+    if os.geteuid() != 0:
+        pytest.skip("the confined process backend needs root")
+    # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, the sandbox uid could not
+    # traverse it.
+    workroot = Path(tempfile.mkdtemp(prefix="selfprog-sandbox-test-"))
+    os.chmod(workroot, 0o711)
+    from sandbox.backends.process import ProcessBackend
+    b = ProcessBackend(workroot=workroot / "jobs")
+    b.probe()
+    yield b
+    shutil.rmtree(workroot, ignore_errors=True)

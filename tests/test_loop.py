@@ -69,6 +69,9 @@ def test_quick_run_end_to_end(database_url, tmp_path):
         assert chain[0].parent_id is None and chain[0].source == seed
         assert chain[-1].id == c.id
     assert ("done", {"status": "completed"}) in events
+    # the LM's training losses came live, as the sandbox trained (the last step included)
+    steps = [i for e, i in events if e == "lm_step" and i["iteration"] == 0]
+    assert steps and all(s["loss"] == its[0].lm_losses[s["step"] - 1] for s in steps)
     store.close()
 
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sandbox.backends.process import ProcessBackend
 from tests.test_docker_backend import IMAGE, OWNER, client  # noqa: F401  (fixture)
 
 BACKENDS = ("process", "docker")
@@ -32,20 +31,6 @@ def pytest_configure(config):
                                        "must make it fail")
     config.addinivalue_line("markers", "sabotage_control: normal behaviour that must still "
                                        "pass under SELFPROG_SABOTAGE=1")
-
-
-@pytest.fixture(scope="module")
-def process_backend():
-    if os.geteuid() != 0:
-        pytest.skip("the confined process backend needs root")
-    # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, the sandbox uid could not
-    # traverse it.
-    workroot = Path(tempfile.mkdtemp(prefix="selfprog-attacks-"))
-    os.chmod(workroot, 0o711)
-    b = ProcessBackend(workroot=workroot / "jobs")
-    b.probe()
-    yield b
-    shutil.rmtree(workroot, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

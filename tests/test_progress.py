@@ -1,0 +1,151 @@
+"""Live training losses: harness.fit writes out/progress.jsonl, the backend relays it
+(base.ProgressTail), the worker publishes `lm_step` events, the CLI prints them.
+
+The file is written inside the sandbox, so it is attacked here like every other thing
+that crosses back: forged, huge, non-finite, a link. It may only ever produce
+well-formed (step, loss) pairs for display, and never change a result.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import events
+from pipeline.cli import print_progress
+from pipeline.worker import relay_progress
+from sandbox.backends.base import MAX_PROGRESS_LINE, ProgressTail
+from sandbox.harness import PROGRESS_FILE
+from tests.test_process_backend import TINY, candidate, make_job
+
+
+def tail_in(tmp_path: Path):
+    (tmp_path / "out").mkdir(exist_ok=True)
+    seen = []
+    return ProgressTail(tmp_path, lambda step, loss: seen.append((step, loss))), seen, \
+        tmp_path / "out" / PROGRESS_FILE
+
+
+def test_relays_the_newest_good_line_of_each_poll(tmp_path):
+    tail, seen, path = tail_in(tmp_path)
+    tail.poll()                                      # no file yet: nothing, no error
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n')
+    tail.poll()
+    assert seen == [(2, 2.25)]
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 2.0}\n{"step": 4, "lo')   # a line being written
+    tail.poll()
+    assert seen[-1] == (3, 2.0)
+    with open(path, "a") as f:
+        f.write('ss": 1.5}\n')
+    tail.poll()
+    assert seen[-1] == (4, 1.5)
+    tail.poll()                                      # nothing new: nothing relayed
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("line", [
+    '{"step": 5, "loss": NaN}', '{"step": 5, "loss": Infinity}', '{"step": 5, "loss": 1e999}',
+    '{"step": -1, "loss": 1.0}', '{"step": 1.5, "loss": 1.0}', '{"step": true, "loss": 1.0}',
+    '{"step": 5, "loss": "1.0"}', '{"step": 5}', '{"step": 5, "loss": 1.0, "score": 0.0}',
+    '[5, 1.0]', 'not json', '{"step": 5, "loss": ' + "1" * MAX_PROGRESS_LINE + '}',
+    '\xff\xfe', '{"step": 99999999999999999999, "loss": 1.0}',
+])
+def test_forged_lines_are_dropped(tmp_path, line):
+    tail, seen, path = tail_in(tmp_path)
+    path.write_bytes(b'{"step": 1, "loss": 3.0}\n' + line.encode("utf-8", "surrogateescape")
+                     + b"\n")
+    tail.poll()
+    assert seen == [(1, 3.0)]                        # the good line before it, nothing else
+
+
+def test_a_flood_is_read_in_bounded_bites(tmp_path):
+    tail, seen, path = tail_in(tmp_path)
+    path.write_bytes(b"x" * (10 * 1024 * 1024) + b'\n{"step": 7, "loss": 0.5}\n')
+    polls = 0
+    while not seen and polls < 1000:
+        tail.poll()
+        polls += 1
+    assert seen == [(7, 0.5)] and polls > 100       # 64 KB a poll, never the whole file
+    assert len(tail.partial) <= MAX_PROGRESS_LINE    # no unbounded carry-over
+
+
+def test_a_link_or_a_fifo_is_not_followed(tmp_path):
+    tail, seen, path = tail_in(tmp_path)
+    secret = tmp_path / "host-file"
+    secret.write_text('{"step": 1, "loss": 1.0}\n')
+    os.symlink(secret, path)
+    tail.poll()
+    os.unlink(path)
+    os.mkfifo(path)                                  # would block a reader that opened it
+    tail.poll()
+    assert seen == []
+
+
+def test_a_broken_relay_does_not_raise(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / PROGRESS_FILE).write_text('{"step": 1, "loss": 1.0}\n')
+
+    def broken(step, loss):
+        raise RuntimeError("redis is away")
+    ProgressTail(tmp_path, broken).poll()
+
+
+def test_worker_relays_lm_step_events_at_a_bounded_rate():
+    got = []
+    events.subscribe("run-x", lambda e, i: got.append((e, i)))
+    try:
+        relay = relay_progress({"run_id": "run-x", "iteration": 2, "arm": "lm"})
+        relay(10, 1.5)
+        relay(11, 1.4)                               # within PROGRESS_RELAY_S: dropped
+    finally:
+        events.unsubscribe("run-x")
+    assert got == [("lm_step", {"iteration": 2, "arm": "lm", "step": 10, "loss": 1.5})]
+    assert relay_progress(None) is None
+
+
+def test_cli_prints_a_step(capsys):
+    print_progress("lm_step", {"iteration": 1, "arm": "lm", "step": 40, "loss": 0.712345})
+    assert capsys.readouterr().err == "[iteration 1] LM step 40: loss 0.7123\n"
+
+
+# ----------------------------------------------------------------- through a real sandbox
+
+def test_train_lm_relays_its_losses_up_to_the_last_step(process_backend, data_file, tmp_path):
+    seen = []
+    job = make_job(TINY, data_file, kind="train_lm")
+    job.params["epochs"] = 3
+    result = process_backend.execute(job, tmp_path, on_progress=lambda s, v: seen.append((s, v)))
+    assert result.status == "ok", result
+    assert seen and seen[-1] == (len(result.losses), result.losses[-1])
+    assert all(loss == result.losses[step - 1] for step, loss in seen)
+
+
+def test_a_candidate_forging_progress_changes_no_result(process_backend, data_file, tmp_path):
+    """The candidate owns out/: it links the progress file to a host file and writes
+    forged lines. The relay sees nothing it did not accept, the result is the harness's."""
+    secret = tmp_path / "host.jsonl"
+    secret.write_text('{"step": 1, "loss": 0.0}\n')
+    os.chmod(tmp_path, 0o755)
+    src = candidate("import os\n", f"""
+        os.symlink({str(secret)!r}, "out/{PROGRESS_FILE}")
+        """)
+    seen = []
+    result = process_backend.execute(make_job(src, data_file, kind="train_lm"), tmp_path / "a",
+                             on_progress=lambda s, v: seen.append((s, v)))
+    assert result.status == "ok", result                 # training went on without progress
+    assert seen == []                                    # the host file was not relayed
+    forged = candidate("import os, json\n", f"""
+        with open("out/{PROGRESS_FILE}", "w") as f:
+            f.write(json.dumps({{"step": 10**6, "loss": -1.0}}) + "\\n" + "x" * 10**6 + "\\n")
+        """)
+    seen.clear()
+    result = process_backend.execute(make_job(forged, data_file, kind="train_lm"), tmp_path / "b",
+                             on_progress=lambda s, v: seen.append((s, v)))
+    assert result.status == "ok", result
+    # Well-formed forgeries can reach the display (and a flood can hide the real lines
+    # from it: bounded reads), never the result: the same losses as an honest run.
+    assert all(type(s) is int and type(v) is float for s, v in seen)
+    honest = process_backend.execute(make_job(TINY, data_file, kind="train_lm"), tmp_path / "c")
+    assert (result.losses, result.score) == (honest.losses, honest.score)
