@@ -227,8 +227,9 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
             chord(header)(body)
         else:
             body.apply_async(args=([],))
-    elif stage == "selecting":
-        finish_iteration.apply_async(args=([],), kwargs=dict(candidate_ids=[], **kw))
+    elif stage == "selecting":   # the winner's re-score may have been lost: send it again
+        finish_iteration.apply_async(args=([],), kwargs=dict(candidate_ids=[], recovering=True,
+                                                             **kw))
 
 
 def _wire(job) -> dict:
@@ -311,8 +312,12 @@ def _random_refinements(ctx: RunContext, source: str, index: int) -> list[str]:
 
 @coordinator_task
 def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str = "lm",
-                     candidate_ids: list[int]) -> None:
-    """Record every evaluation, apply the selection rule, start the next iteration."""
+                     candidate_ids: list[int], recovering: bool = False) -> None:
+    """Record every evaluation, apply the selection rule, start the next iteration.
+
+    A would-be new winner is re-scored first (confirm_winner comes back here). That job
+    is sent by the delivery that moves the iteration to `selecting`, and again only by
+    a redelivery or by `recover` (`recovering`), whose first sender may have died."""
     store, ctx = _context(run_id)
     started = time.monotonic()
     if len(results) != len(candidate_ids):
@@ -336,7 +341,9 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
     if decision == "replaced" and winner.rescore is None:
         # Reward-hacking guard: a winner's score is trusted only once a second, fresh
         # sandbox reproduces it. confirm_winner records the verdict and comes back here.
-        store.advance_stage(run_id, index, arm, "evaluating", "selecting")
+        won = store.advance_stage(run_id, index, arm, "evaluating", "selecting")
+        if not (won or recovering or _redelivered.get()):
+            return   # a duplicate delivery: the re-score is on its way already
         job = ctx.evaluate_job(arm, index, winner.index, winner.source)
         job = dataclasses.replace(job, job_id=job.job_id + ".rescore")
         chain(run_job.si(_wire(job), str(ctx.dir / "evaluate")).set(queue=queue_for(job)),

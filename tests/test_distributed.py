@@ -80,6 +80,7 @@ def test_cli_launch_goes_through_celery_workers_and_lands_in_postgres(
         assert any(c.status == "evaluated" for c in cands)
         # live events came back over Redis to the attached CLI
         assert "[iteration 1]" in p.stderr and "lm_trained" in p.stderr, p.stderr
+        assert "LM step" in p.stderr, p.stderr           # per-step losses, from the trainer
         # the chord spread over both sandbox workers; LM jobs went to the trainer
         evaluations = sum(1 for c in cands if c.status != "rejected")
         s1, s2 = cl.workers["sandbox1"].succeeded(), cl.workers["sandbox2"].succeeded()
@@ -244,3 +245,23 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     assert store.get_iteration(run_id, 1).stage == "training"
     assert _queue_lengths(redis_url)["trainer"] == 4
     assert len(store.candidates(run_id, iteration=1)) == 1
+
+    # Iteration 1: a candidate beats the incumbent, so its score is checked again in a
+    # fresh sandbox before it wins. That re-score job is sent once per delivery that
+    # needs it: never by a duplicate, again by a redelivery and by `recover`.
+    kw1 = dict(kw, index=1)
+    stage["after_training"](dict(trained, job_id=f"{run_id}.lm.i1.train"), **kw1)
+    stage["after_generation"](dict(generated, job_id=f"{run_id}.lm.i1.generate"), **kw1)
+    rows = store.candidates(run_id, iteration=1)
+    sandbox = _queue_lengths(redis_url)["sandbox"]
+    better = [Result(job_id=f"{run_id}.lm.i1.c{c.index}", kind="evaluate", status="ok",
+                     score=s, duration_s=1.0).to_dict() for c, s in zip(rows, (1.0, 0.5, 3.0))]
+    for _ in range(2):
+        stage["finish_iteration"](better, candidate_ids=[c.id for c in rows], **kw1)
+    assert store.get_iteration(run_id, 1).stage == "selecting"
+    assert _queue_lengths(redis_url)["sandbox"] == sandbox + 1    # one re-score job
+    with loop.redelivery():
+        stage["finish_iteration"](better, candidate_ids=[c.id for c in rows], **kw1)
+    stage["finish_iteration"]([], candidate_ids=[], recovering=True, **kw1)
+    assert _queue_lengths(redis_url)["sandbox"] == sandbox + 3
+    assert store.get_iteration(run_id, 1).stage == "selecting"    # still waiting for it
