@@ -623,8 +623,9 @@ def watch(obj: Context, run_id: str, as_json: bool) -> None:
 def cancel(obj: Context, run_id: str, as_json: bool) -> None:
     """Cancel a run: no new stage starts, unfinished candidates end as 'cancelled'.
 
-    RUN is a run id or a unique prefix. Sandboxes already running finish within their
-    deadline; their results are not recorded. A finished run cannot be cancelled.
+    RUN is a run id or a unique prefix. Jobs already in a sandbox are stopped within a
+    few seconds (through Redis; embedded, through the lineage DB); their results are
+    not recorded. A finished run cannot be cancelled.
     """
     with obj.open_store() as store:
         run = store.get_run(run_id)

@@ -34,6 +34,7 @@ import logging
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from celery import chain, chord, current_task
@@ -204,13 +205,10 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
     kw = dict(run_id=run_id, index=index, arm=arm)
     if stage == "training":
         job = ctx.train_job(index, it.source_in)
-        live = {"run_id": run_id, "iteration": index, "arm": arm}   # lm_step events
-        chain(run_job.si(_wire(job), str(ctx.lm_dir(index)), progress=live).set(queue=queue_for(job)),
-              after_training.s(**kw)).apply_async()
+        chain(_job_task(job, ctx.lm_dir(index), **kw), after_training.s(**kw)).apply_async()
     elif stage == "generating" and arm == "lm":
         job = ctx.generate_job(index, it.source_in)
-        chain(run_job.si(_wire(job), str(ctx.dir / "generate")).set(queue=queue_for(job)),
-              after_generation.s(**kw)).apply_async()
+        chain(_job_task(job, ctx.dir / "generate", **kw), after_generation.s(**kw)).apply_async()
     elif stage == "generating":   # the control arm: random refinements instead of the LM
         # Deterministic sources: a second pass finds every row already there.
         _add_candidates(store, ctx, index, arm, _random_refinements(ctx, it.source_in, index))
@@ -221,7 +219,7 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
         todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in ACTIVE]
         store.mark_running([c.id for c in todo])
         jobs = [ctx.evaluate_job(arm, index, c.index, c.source) for c in todo]
-        header = [run_job.si(_wire(j), str(ctx.dir / "evaluate")).set(queue=queue_for(j)) for j in jobs]
+        header = [_job_task(j, ctx.dir / "evaluate", **kw) for j in jobs]
         body = finish_iteration.s(candidate_ids=[c.id for c in todo], **kw).set(queue="coordinator")
         if header:
             chord(header)(body)
@@ -230,6 +228,13 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
     elif stage == "selecting":   # the winner's re-score may have been lost: send it again
         finish_iteration.apply_async(args=([],), kwargs=dict(candidate_ids=[], recovering=True,
                                                              **kw))
+
+
+def _job_task(job, out_dir: Path, *, run_id: str, index: int, arm: str):
+    """The run_job task for one sandbox job of an iteration, on its job's queue. The run
+    it names lets the worker relay LM losses and stop the job if the run is cancelled."""
+    return run_job.si(_wire(job), str(out_dir),
+                      run={"run_id": run_id, "iteration": index, "arm": arm}).set(queue=queue_for(job))
 
 
 def _wire(job) -> dict:
@@ -346,7 +351,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
             return   # a duplicate delivery: the re-score is on its way already
         job = ctx.evaluate_job(arm, index, winner.index, winner.source)
         job = dataclasses.replace(job, job_id=job.job_id + ".rescore")
-        chain(run_job.si(_wire(job), str(ctx.dir / "evaluate")).set(queue=queue_for(job)),
+        chain(_job_task(job, ctx.dir / "evaluate", run_id=run_id, index=index, arm=arm),
               confirm_winner.s(run_id=run_id, index=index, arm=arm, candidate_id=winner.id)
               .set(queue="coordinator")).apply_async()
         return
@@ -464,10 +469,9 @@ def recover(*, run_id: str) -> None:
 
 
 def cancel(settings: Settings, run_id: str) -> int:
-    """Stop a run: no new stage starts, and unfinished candidates end as cancelled.
-
-    Jobs already running in a sandbox finish (they are bounded by their deadline); their
-    results are not recorded. Returns how many candidates were cancelled.
+    """Stop a run: no new stage starts, unfinished candidates end as cancelled, and jobs
+    already in a sandbox are stopped within seconds (worker.cancel_check; their results
+    are not recorded). Returns how many candidates were cancelled.
     """
     store = store_for(settings)
     run = store.get_run(run_id)
@@ -475,6 +479,7 @@ def cancel(settings: Settings, run_id: str) -> int:
         raise RunStateError(f"run {run.id} is already {run.status}; nothing to cancel")
     worker.configure(settings)
     store.set_run_status(run.id, "cancelled")
+    worker.announce_cancel(settings, run.id)
     n = store.cancel_pending(run.id)
     events.emit(run.id, "done", status="cancelled")
     return n

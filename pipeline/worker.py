@@ -34,6 +34,7 @@ from celery.signals import worker_process_init, worker_ready
 from pipeline import events
 from pipeline.settings import Settings
 from sandbox import runner
+from sandbox.backends.base import Watch
 from sandbox.schema import Job, Result, SchemaError
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def queue_for(job: Job) -> str:
 
 @app.task(name="selfprog.run_job", bind=True, acks_late=True, reject_on_worker_lost=True,
           max_retries=JOB_RETRIES)
-def run_job(self, job: dict, out_dir: str, progress: dict | None = None) -> dict:
+def run_job(self, job: dict, out_dir: str, run: dict | None = None) -> dict:
     """Run one job in a fresh sandbox; return its validated result as plain JSON data.
 
     The same job may run twice (a worker died after finishing but before acking); that
@@ -209,8 +210,9 @@ def run_job(self, job: dict, out_dir: str, progress: dict | None = None) -> dict
     not the candidate's fault: it is retried, and only then does the job end as
     `crashed` with the reason, so the run records it and goes on.
 
-    `progress` ({"run_id", "iteration", "arm"}, LM training jobs) asks for the training
-    losses to be relayed live as `lm_step` events while the job runs.
+    `run` ({"run_id", "iteration", "arm"}) names the run the job is for: an LM training
+    job relays its losses live as `lm_step` events, and any job is stopped when the
+    run is cancelled while it runs (`watch_for`).
     """
     try:
         job_obj = Job.from_dict(job)
@@ -219,8 +221,7 @@ def run_job(self, job: dict, out_dir: str, progress: dict | None = None) -> dict
                       status="rejected", reason=f"schema: {e}").validate().to_dict()
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        result = runner.run(job_obj, Path(out_dir), backend(),
-                            on_progress=relay_progress(progress))
+        result = runner.run(job_obj, Path(out_dir), backend(), watch=watch_for(job_obj, run))
     except Exception as e:
         if not isinstance(e, SchemaError) and not app.conf.task_always_eager \
                 and self.request.retries < JOB_RETRIES:
@@ -232,10 +233,19 @@ def run_job(self, job: dict, out_dir: str, progress: dict | None = None) -> dict
     return Result.from_dict(result.to_dict()).to_dict()   # validated on this side too
 
 
-def relay_progress(progress: dict | None):
+def watch_for(job: Job, run: dict | None) -> Watch | None:
+    """What the sandbox backend watches while `job` of `run` runs (None: nothing)."""
+    if not run or not run.get("run_id"):
+        return None
+    run_id = str(run["run_id"])
+    return Watch(on_progress=relay_progress(run) if job.kind == "train_lm" else None,
+                 cancelled=cancel_check(run_id))
+
+
+def relay_progress(run: dict | None):
     """An `on_progress(step, loss)` that publishes `lm_step` events for the run named in
-    `progress`, at most one every PROGRESS_RELAY_S seconds (None without `progress`)."""
-    if not progress or not progress.get("run_id"):
+    `run`, at most one every PROGRESS_RELAY_S seconds (None without `run`)."""
+    if not run or not run.get("run_id"):
         return None
     last = [float("-inf")]
 
@@ -243,9 +253,59 @@ def relay_progress(progress: dict | None):
         now = time.monotonic()
         if now - last[0] >= PROGRESS_RELAY_S:
             last[0] = now
-            events.emit(str(progress["run_id"]), "lm_step", iteration=progress.get("iteration"),
-                        arm=progress.get("arm"), step=step, loss=loss)
+            events.emit(str(run["run_id"]), "lm_step", iteration=run.get("iteration"),
+                        arm=run.get("arm"), step=step, loss=loss)
     return relay
+
+
+# Cancelling a run stops its jobs that are already in a sandbox. Workers have no database
+# (by design), so `cancel` also sets a flag on Redis that a running job's watch reads;
+# embedded, where the worker is the coordinator's own process, the watch reads the DB.
+CANCEL_TTL_S = 7 * 24 * 3600
+CANCEL_CHECK_S = 2.0
+
+
+def cancel_key(run_id: str) -> str:
+    return f"selfprog:cancelled:{run_id}"
+
+
+def announce_cancel(s: Settings, run_id: str) -> None:
+    """Tell running jobs of `run_id` to stop (distributed: a Redis flag; best effort,
+    the DB status is what stops new work)."""
+    if s.broker_url.startswith(("redis://", "rediss://")):
+        import redis
+        try:
+            redis.Redis.from_url(s.broker_url, socket_timeout=5).set(
+                cancel_key(run_id), "1", ex=CANCEL_TTL_S)
+        except Exception as e:
+            log.warning("could not tell running jobs of run %s to stop: %s", run_id, e)
+
+
+def cancel_check(run_id: str):
+    """A `cancelled()` for jobs of `run_id`: True once the run was cancelled; asks Redis
+    (or, embedded, the lineage DB) at most every CANCEL_CHECK_S seconds."""
+    s = settings()
+    if s.broker_url.startswith(("redis://", "rediss://")):
+        import redis
+        client = redis.Redis.from_url(s.broker_url, socket_timeout=2)
+
+        def ask() -> bool:
+            return bool(client.exists(cancel_key(run_id)))
+    elif s.embedded:
+        def ask() -> bool:
+            from pipeline.loop import store_for
+            return store_for(s).get_run(run_id).status == "cancelled"
+    else:
+        return None
+    state = {"at": float("-inf"), "stop": False}
+
+    def cancelled() -> bool:
+        now = time.monotonic()
+        if not state["stop"] and now - state["at"] >= CANCEL_CHECK_S:
+            state["at"] = now
+            state["stop"] = ask()
+        return state["stop"]
+    return cancelled
 
 
 @worker_process_init.connect

@@ -15,14 +15,14 @@ from sandbox.schema import MAX_REASON_CHARS, Job, Result
 
 
 def run(job: Job, out_dir: Path, backend, *, gate: bool = True,
-        policy: Policy = DEFAULT_POLICY, on_progress=None) -> Result:
+        policy: Policy = DEFAULT_POLICY, watch=None) -> Result:
     """Gate `job.source`, then run it in `backend`; `out_dir` receives the output files.
 
     The gate runs before `job.validate()` so that an LM-written source that is huge, has
     NUL bytes or is not encodable ends as `rejected` (a property of the candidate), not
     as a SchemaError (which means the trusted caller built a bad job). `gate=False` is
-    for tests of the sandbox itself. `on_progress(step, loss)` is called while the job
-    trains (sandbox.backends.base.ProgressTail: display only, never trusted).
+    for tests of the sandbox itself. `watch` (sandbox.backends.base.Watch) hears the
+    training losses while the job runs (display only) and can stop it.
     """
     if gate:
         verdict = check(job.source, policy)
@@ -30,6 +30,6 @@ def run(job: Job, out_dir: Path, backend, *, gate: bool = True,
             return Result(job_id=job.job_id, kind=job.kind, status="rejected",
                           reason=f"{verdict.rule}: {verdict.detail}"[:MAX_REASON_CHARS]).validate()
     job.validate()
-    if on_progress is None:
+    if watch is None:
         return backend.execute(job, Path(out_dir))
-    return backend.execute(job, Path(out_dir), on_progress=on_progress)
+    return backend.execute(job, Path(out_dir), watch=watch)

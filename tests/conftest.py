@@ -109,3 +109,31 @@ def process_backend():
     b.probe()
     yield b
     shutil.rmtree(workroot, ignore_errors=True)
+
+
+REDIS_URL = os.environ.get("SELFPROG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture
+def redis_url():
+    """The test Redis database, empty before and after (one DB number for these tests)."""
+    import redis
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is required in CI but unreachable: {exc}")
+        pytest.skip(f"Redis unreachable: {exc}")
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def restore_embedded():
+    """Tests here point the in-process Celery app at a broker; put it back after."""
+    yield
+    from pipeline import worker
+    from pipeline.settings import Settings
+    worker.configure(Settings.from_env(env={}))

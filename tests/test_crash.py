@@ -19,7 +19,6 @@ from pipeline import loop, worker
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
 from tests.cluster import Cluster, RedisServer, check_complete_run, quick_config, wait_for
-from tests.test_distributed import redis_url, restore_embedded  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 VT = 5.0

@@ -20,29 +20,6 @@ from pipeline.store import LineageStore
 from sandbox.schema import Result
 from tests.cluster import QUICK_ARGS, Cluster, check_complete_run, quick_config
 
-REDIS_URL = os.environ.get("SELFPROG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@pytest.fixture
-def redis_url():
-    """The test Redis database, empty before and after (one DB number for these tests)."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    try:
-        client.flushdb()
-    except redis.RedisError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is required in CI but unreachable: {exc}")
-        pytest.skip(f"Redis unreachable: {exc}")
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
-def restore_embedded():
-    """Tests here point the in-process Celery app at a broker; put it back after."""
-    yield
-    worker.configure(Settings.from_env(env={}))
 
 
 def _start(cl: Cluster, *specs: tuple[str, str]) -> None:

@@ -42,14 +42,16 @@ import stat
 import struct
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sandbox.schema import (MAX_LOG_CHARS, MAX_REASON_CHARS, MAX_RESULT_BYTES, Job, Result,
                             SchemaError)
 
 __all__ = ["HARNESS_COMMAND", "WARM_COMMAND", "SandboxError", "stage", "check_inputs",
            "stage_skeleton", "stage_job", "collect", "cleanup", "read_tail",
-           "check_safetensors", "ProgressTail", "PACKAGE_DIR"]
+           "check_safetensors", "Watch", "Watching", "Stopped", "ProgressTail", "PACKAGE_DIR"]
 
 # What every backend runs inside the job directory (the contract's exact command line).
 HARNESS_COMMAND = "import sys; sys.path.insert(0, 'lib'); from sandbox.harness import main; main('.')"
@@ -325,13 +327,14 @@ def format_logs(stdout_tail: bytes | str, stderr_tail: bytes | str) -> str:
 
 def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, timed_out: bool,
             oom_killed: bool, stdout_tail: bytes | str, stderr_tail: bytes | str,
-            duration_s: float) -> Result:
+            duration_s: float, stopped: bool = False) -> Result:
     """Decide what a finished run ended as, and bring its declared outputs across.
 
     Call it only after every process of the run is gone (so nothing in `out/` changes).
     `exit_code` follows subprocess: a negative value -N means killed by signal N (a
     Docker backend converts 128+N itself); None means it never got an exit status.
-    Order of decisions: timeout (the backend's deadline fired) > oom (the OS or the
+    Order of decisions: stopped (the caller cancelled it: `crashed`, saying so) >
+    timeout (the backend's deadline fired) > oom (the OS or the
     backend killed it for memory, or the harness reported oom) > crashed (signal,
     non-zero exit, no or invalid result.json, result for another job, bad outputs) >
     the harness's own ok / invalid.
@@ -346,6 +349,8 @@ def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, tim
     def fail(status: str, reason: str) -> Result:
         return Result.failure(job, status, reason, **extra)
 
+    if stopped:
+        return fail("crashed", STOPPED_REASON)
     if timed_out:
         return fail("timeout", f"killed after the {job.limits.timeout_s:g} s deadline")
     if oom_killed:
@@ -520,7 +525,52 @@ def check_safetensors(f, size: int) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------- progress
+# --------------------------------------------------------------------------- watching a job
+STOPPED_REASON = "stopped: its run was cancelled while it ran"
+
+
+@dataclass
+class Watch:
+    """What the caller of `execute` wants while a job runs; both parts optional.
+
+    `on_progress(step, loss)` hears the training losses (display only, ProgressTail);
+    `cancelled()` returning True stops the job: the backend kills it like a deadline
+    and returns `crashed` with STOPPED_REASON. Backends poll both every half second.
+    """
+    on_progress: Callable[[int, float], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+
+
+class Stopped(Exception):
+    """Raised by Watching.poll once the caller has cancelled the job."""
+
+
+class Watching:
+    """One running job seen through a Watch (the backends' wait loops call `poll`)."""
+
+    def __init__(self, jobdir: Path, watch: Watch | None):
+        self.watch = watch or Watch()
+        self.progress = ProgressTail(jobdir, self.watch.on_progress)
+
+    @property
+    def active(self) -> bool:
+        return self.watch.on_progress is not None or self.watch.cancelled is not None
+
+    def poll(self, final: bool = False) -> None:
+        """Relay new progress; raise Stopped if cancelled (not on the `final` poll,
+        after the job has ended by itself)."""
+        self.progress.poll()
+        if final or self.watch.cancelled is None:
+            return
+        try:
+            stop = self.watch.cancelled()
+        except Exception as e:     # cannot tell: keep running, the deadline still holds
+            log.warning("could not check whether the job was cancelled: %s", e)
+            return
+        if stop:
+            raise Stopped()
+
+
 
 class ProgressTail:
     """Relays a running job's training losses: the new lines of out/progress.jsonl

@@ -44,8 +44,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, ProgressTail, SandboxError,
-                                   check_inputs, cleanup, collect, format_logs,
+from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, Stopped, Watch,
+                                   Watching, check_inputs, cleanup, collect, format_logs,
                                    sabotage_enabled, stage, stage_job, stage_skeleton)
 from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard
 from sandbox.schema import Job, Result
@@ -588,17 +588,17 @@ class DockerBackend:
             self._pool.target(self._profile(job))
 
     # ------------------------------------------------------------------ running
-    def execute(self, job: Job, out_dir: Path, on_progress=None) -> Result:
+    def execute(self, job: Job, out_dir: Path, watch: Watch | None = None) -> Result:
         """Run one job to completion and return its Result (never the candidate's exception).
 
         Raises SandboxError only when the sandbox itself cannot be made (engine or image
-        missing, profile refused): that is not the candidate's doing. `on_progress(step,
-        loss)` is called with the training losses while it runs (base.ProgressTail).
+        missing, profile refused): that is not the candidate's doing. `watch`
+        (base.Watch): relay its training losses, stop it when cancelled.
         """
         docker = _docker()
         job.validate()
         if self._pool is not None:
-            result = self._execute_warm(job, Path(out_dir), on_progress)
+            result = self._execute_warm(job, Path(out_dir), watch)
             if result is not None:
                 return result
         jobdir = stage(job, self.workroot, seal=True)
@@ -613,14 +613,14 @@ class DockerBackend:
             except docker.errors.APIError as e:
                 raise SandboxError(f"the sandbox container did not start: {e}") from None
             return self._supervise(job, container, jobdir, Path(out_dir), time.monotonic(),
-                                   ProgressTail(jobdir, on_progress))
+                                   Watching(jobdir, watch))
         finally:
             if container is not None:
                 _remove(container)
             if not self.keep_jobdirs:
                 cleanup(jobdir)
 
-    def _execute_warm(self, job: Job, out_dir: Path, on_progress=None) -> Result | None:
+    def _execute_warm(self, job: Job, out_dir: Path, watch: Watch | None = None) -> Result | None:
         """Run `job` in a pre-warmed container; None when there is none to use (the
         caller then runs it cold). Nothing of the job reaches a container before it is
         taken, and a container is never given a second job."""
@@ -643,23 +643,23 @@ class DockerBackend:
         self.last_run = DockerRun(warm.container.id, warm.jobdir, warm=True)
         try:
             return self._supervise(job, warm.container, warm.jobdir, out_dir, started,
-                                   ProgressTail(warm.jobdir, on_progress))
+                                   Watching(warm.jobdir, watch))
         finally:
             _remove(warm.container)
             if not self.keep_jobdirs:
                 cleanup(warm.jobdir)
 
     def _supervise(self, job: Job, container, jobdir: Path, out_dir: Path, started: float,
-                   progress: ProgressTail) -> Result:
+                   watching: Watching) -> Result:
         """Wait for a started container under the job's deadline (from `started`) and
-        output bound, relaying its training progress; kill it if need be, and collect
-        its result."""
+        output bound, polling the caller's Watch; kill it if need be (or when the caller
+        cancels), and collect its result."""
         docker = _docker()
         import requests
 
         lim = job.limits
         exit_code: int | None = None
-        timed_out = False
+        timed_out = stopped = False
         over_output = ""
         out_path = jobdir / "out"
         deadline = started + lim.timeout_s
@@ -674,7 +674,11 @@ class DockerBackend:
                 break
             except requests.exceptions.RequestException:
                 pass   # still running: the wait timed out
-            progress.poll()
+            try:
+                watching.poll()
+            except Stopped:
+                stopped = True
+                break
             used, entries = dir_usage(out_path)
             if used > lim.output_mb * 1024 * 1024 or entries > MAX_OUT_ENTRIES:
                 over_output = (f"out/ grew past the {lim.output_mb} MB output limit"
@@ -682,8 +686,9 @@ class DockerBackend:
                                f"out/ holds more than {MAX_OUT_ENTRIES} entries")
                 break
         duration = time.monotonic() - started
-        progress.poll()         # the last step
-        if exit_code is None:   # deadline or output bound: kill the whole container
+        if not stopped:
+            watching.poll(final=True)   # the last step
+        if exit_code is None:   # deadline, output bound or cancel: kill the whole container
             try:
                 container.kill()
             except docker.errors.APIError:
@@ -694,7 +699,7 @@ class DockerBackend:
                 raise SandboxError(f"sandbox {container.short_id} survives SIGKILL") from None
         state = self.client.api.inspect_container(container.id)["State"]
         oom_killed = bool(state.get("OOMKilled")) and not timed_out
-        if exit_code is None and not timed_out and not over_output:
+        if exit_code is None and not (timed_out or over_output or stopped):
             exit_code = _exit_code({"StatusCode": state.get("ExitCode")})
         stdout = _tail(container, stdout=True)
         stderr = _tail(container, stdout=False)
@@ -703,7 +708,7 @@ class DockerBackend:
                                   logs=format_logs(stdout, stderr))
         return collect(job, jobdir, out_dir, exit_code=exit_code, timed_out=timed_out,
                        oom_killed=oom_killed, stdout_tail=stdout, stderr_tail=stderr,
-                       duration_s=duration)
+                       duration_s=duration, stopped=stopped)
 
 
 def _hand_out_dir(jobdir: Path, user: tuple[int, int]) -> None:

@@ -65,9 +65,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, ProgressTail, SandboxError,
-                                   check_inputs, cleanup, collect, read_tail, sabotage_enabled,
-                                   stage, stage_job, stage_skeleton)
+from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, Stopped, Watch,
+                                   Watching, check_inputs, cleanup, collect, read_tail,
+                                   sabotage_enabled, stage, stage_job, stage_skeleton)
 from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard
 from sandbox.schema import Job, Result
 
@@ -87,7 +87,7 @@ AS_HEADROOM_MB = 4096
 AS_PER_THREAD_MB = 256
 MAX_OPEN_FILES = 256
 LOG_TAIL_BYTES = 64 * 1024
-PROGRESS_POLL_S = 0.5            # how often a waiting backend relays training progress
+WATCH_POLL_S = 0.5               # how often a waiting backend polls the caller's Watch
 WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
 
 # uids handed to pre-warmed sandboxes that may not have a process yet: never picked twice.
@@ -263,15 +263,14 @@ class ProcessBackend:
         return ""
 
     # ------------------------------------------------------------------ running
-    def execute(self, job: Job, out_dir: Path, on_progress=None) -> Result:
+    def execute(self, job: Job, out_dir: Path, watch: Watch | None = None) -> Result:
         """Run one job to completion; always returns a Result (never the candidate's exception).
 
-        `on_progress(step, loss)` is called with the training losses while it runs
-        (base.ProgressTail)."""
+        `watch` (base.Watch): relay its training losses, stop it when cancelled."""
         job.validate()
         iso = self.probe()
         if self._pool is not None:
-            result = self._execute_warm(job, Path(out_dir), iso, on_progress)
+            result = self._execute_warm(job, Path(out_dir), iso, watch)
             if result is not None:
                 return result
         uid = self._pick_uid() if iso.uid_drop else None
@@ -279,7 +278,7 @@ class ProcessBackend:
         threads = int(job.params.get("num_threads", 1))
         started = time.monotonic()
         stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
-        timed_out = False
+        timed_out = stopped = False
         exit_code: int | None = None
         proc = None
         try:
@@ -294,9 +293,11 @@ class ProcessBackend:
                                              [] if sabotage_enabled() else self._rlimits(job)))
             self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir)
             try:
-                exit_code = wait(proc, job.limits.timeout_s, ProgressTail(jobdir, on_progress))
+                exit_code = wait(proc, job.limits.timeout_s, Watching(jobdir, watch))
             except subprocess.TimeoutExpired:
                 timed_out = True
+            except Stopped:
+                stopped = True
         except (OSError, subprocess.SubprocessError) as e:
             # The child never started (e.g. preexec failed): nothing of the candidate ran.
             reason = f"the sandbox could not start: {type(e).__name__}: {e}"
@@ -315,7 +316,7 @@ class ProcessBackend:
             timed_out = True
         try:
             return collect(job, jobdir, Path(out_dir), exit_code=exit_code, timed_out=timed_out,
-                           oom_killed=False,
+                           oom_killed=False, stopped=stopped,
                            stdout_tail=read_tail(stdout_path, LOG_TAIL_BYTES),
                            stderr_tail=read_tail(stderr_path, LOG_TAIL_BYTES),
                            duration_s=time.monotonic() - started)
@@ -332,7 +333,7 @@ class ProcessBackend:
             self._pool.target(self._profile(job, self._rlimits(job), iso))
 
     def _execute_warm(self, job: Job, out_dir: Path, iso: Isolation,
-                      on_progress=None) -> Result | None:
+                      watch: Watch | None = None) -> Result | None:
         """Run `job` in a pre-warmed sandbox; None when there is none to use (the caller
         then runs it cold). Nothing of the job reaches the sandbox before it is taken."""
         if not iso.uid_drop or sabotage_enabled():
@@ -358,12 +359,14 @@ class ProcessBackend:
             return None
         self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir, warm=True)
         stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
-        timed_out = False
+        timed_out = stopped = False
         exit_code: int | None = None
         try:
-            exit_code = wait(proc, job.limits.timeout_s, ProgressTail(jobdir, on_progress))
+            exit_code = wait(proc, job.limits.timeout_s, Watching(jobdir, watch))
         except subprocess.TimeoutExpired:
             timed_out = True
+        except Stopped:
+            stopped = True
         finally:
             self.last_run.survivors_killed = kill_run(proc, uid)
             warm.release()
@@ -373,7 +376,7 @@ class ProcessBackend:
             timed_out = True
         try:
             return collect(job, jobdir, out_dir, exit_code=exit_code, timed_out=timed_out,
-                           oom_killed=False,
+                           oom_killed=False, stopped=stopped,
                            stdout_tail=read_tail(stdout_path, LOG_TAIL_BYTES),
                            stderr_tail=read_tail(stderr_path, LOG_TAIL_BYTES),
                            duration_s=time.monotonic() - started)
@@ -468,21 +471,21 @@ class ProcessBackend:
         _kill_uid(uid)
 
 
-def wait(proc: subprocess.Popen, timeout: float, progress: ProgressTail) -> int:
-    """proc.wait(timeout), relaying training progress every PROGRESS_POLL_S meanwhile
-    and once more at the end (the last step)."""
-    if progress.on_progress is None:
+def wait(proc: subprocess.Popen, timeout: float, watching: Watching) -> int:
+    """proc.wait(timeout), polling the caller's Watch every WATCH_POLL_S meanwhile
+    (raises Stopped when it cancels) and once more at the end (the last step)."""
+    if not watching.active:
         return proc.wait(timeout=timeout)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            code = proc.wait(timeout=max(0.0, min(PROGRESS_POLL_S, deadline - time.monotonic())))
+            code = proc.wait(timeout=max(0.0, min(WATCH_POLL_S, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            progress.poll()
             if time.monotonic() >= deadline:
                 raise
+            watching.poll()
         else:
-            progress.poll()
+            watching.poll(final=True)
             return code
 
 

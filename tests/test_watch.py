@@ -1,9 +1,13 @@
-"""Live training losses: harness.fit writes out/progress.jsonl, the backend relays it
-(base.ProgressTail), the worker publishes `lm_step` events, the CLI prints them.
+"""What a backend watches while a job runs (base.Watch), against real sandboxes.
 
-The file is written inside the sandbox, so it is attacked here like every other thing
-that crosses back: forged, huge, non-finite, a link. It may only ever produce
-well-formed (step, loss) pairs for display, and never change a result.
+Live training losses: harness.fit writes out/progress.jsonl, the backend relays it
+(base.ProgressTail), the worker publishes `lm_step` events, the CLI prints them. The
+file is written inside the sandbox, so it is attacked here like every other thing that
+crosses back: forged, huge, non-finite, a link. It may only ever produce well-formed
+(step, loss) pairs for display, and never change a result.
+
+Cancellation: `cancel` stops the jobs of a run that are already in a sandbox, through a
+Redis flag (distributed) or the lineage DB (embedded) that the job's watch reads.
 """
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ import pytest
 
 from pipeline import events
 from pipeline.cli import print_progress
+from pipeline import worker
+from pipeline.settings import Settings
+from pipeline.store import LineageStore
 from pipeline.worker import relay_progress
-from sandbox.backends.base import MAX_PROGRESS_LINE, ProgressTail
+from sandbox.backends.base import MAX_PROGRESS_LINE, STOPPED_REASON, ProgressTail, Watch
 from sandbox.harness import PROGRESS_FILE
 from tests.test_process_backend import TINY, candidate, make_job
 
@@ -116,7 +123,7 @@ def test_train_lm_relays_its_losses_up_to_the_last_step(process_backend, data_fi
     seen = []
     job = make_job(TINY, data_file, kind="train_lm")
     job.params["epochs"] = 3
-    result = process_backend.execute(job, tmp_path, on_progress=lambda s, v: seen.append((s, v)))
+    result = process_backend.execute(job, tmp_path, watch=Watch(on_progress=lambda s, v: seen.append((s, v))))
     assert result.status == "ok", result
     assert seen and seen[-1] == (len(result.losses), result.losses[-1])
     assert all(loss == result.losses[step - 1] for step, loss in seen)
@@ -133,7 +140,7 @@ def test_a_candidate_forging_progress_changes_no_result(process_backend, data_fi
         """)
     seen = []
     result = process_backend.execute(make_job(src, data_file, kind="train_lm"), tmp_path / "a",
-                             on_progress=lambda s, v: seen.append((s, v)))
+                             watch=Watch(on_progress=lambda s, v: seen.append((s, v))))
     assert result.status == "ok", result                 # training went on without progress
     assert seen == []                                    # the host file was not relayed
     forged = candidate("import os, json\n", f"""
@@ -142,10 +149,103 @@ def test_a_candidate_forging_progress_changes_no_result(process_backend, data_fi
         """)
     seen.clear()
     result = process_backend.execute(make_job(forged, data_file, kind="train_lm"), tmp_path / "b",
-                             on_progress=lambda s, v: seen.append((s, v)))
+                             watch=Watch(on_progress=lambda s, v: seen.append((s, v))))
     assert result.status == "ok", result
     # Well-formed forgeries can reach the display (and a flood can hide the real lines
     # from it: bounded reads), never the result: the same losses as an honest run.
     assert all(type(s) is int and type(v) is float for s, v in seen)
     honest = process_backend.execute(make_job(TINY, data_file, kind="train_lm"), tmp_path / "c")
     assert (result.losses, result.score) == (honest.losses, honest.score)
+
+
+# ----------------------------------------------------------------- cancelling running jobs
+
+def cancel_after(seconds: float):
+    import time
+    t0 = time.monotonic()
+    return lambda: time.monotonic() - t0 > seconds
+
+
+def test_a_cancelled_job_is_stopped_and_leaves_nothing(process_backend, data_file, tmp_path):
+    from sandbox.backends.process import _processes
+    src = candidate("import time\n", """
+        while True:
+            time.sleep(0.1)
+        """)
+    job = make_job(src, data_file, timeout_s=300)
+    result = process_backend.execute(job, tmp_path, watch=Watch(cancelled=cancel_after(1.0)))
+    assert (result.status, result.reason) == ("crashed", STOPPED_REASON), result
+    assert not [pid for pid, uid in _processes() if uid == process_backend.last_run.uid]
+    assert not process_backend.last_run.jobdir.exists()
+
+
+def test_an_unanswerable_cancel_check_keeps_the_job_running(process_backend, data_file, tmp_path):
+    def broken():
+        raise ConnectionError("redis is away")
+    result = process_backend.execute(make_job(TINY, data_file), tmp_path,
+                                     watch=Watch(cancelled=broken))
+    assert result.status == "ok", result
+
+
+@pytest.mark.docker
+def test_a_cancelled_container_is_stopped_and_removed(data_file, tmp_path):
+    from sandbox.backends.docker import DockerBackend, docker_available
+    from tests.test_docker_backend import IMAGE
+    ok, why = docker_available(IMAGE)
+    if not ok:
+        if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    b = DockerBackend(image=IMAGE, workroot=tmp_path / "work")
+    src = candidate("import time\n", """
+        while True:
+            time.sleep(0.1)
+        """)
+    job = make_job(src, data_file, timeout_s=300, memory_mb=2048, pids=256)
+    result = b.execute(job, tmp_path / "out", watch=Watch(cancelled=cancel_after(1.0)))
+    assert (result.status, result.reason) == ("crashed", STOPPED_REASON), result
+    import docker
+    with pytest.raises(docker.errors.NotFound):
+        b.client.containers.get(b.last_run.container_id)
+    assert not list((tmp_path / "work").iterdir())
+
+
+def test_cancel_reaches_running_jobs_over_redis(redis_url, restore_embedded, tmp_path):
+    s = Settings.from_env(env={}, broker_url=redis_url, database_url=f"sqlite:///{tmp_path}/l.db")
+    worker.configure(s)
+    check = worker.cancel_check("run-a")
+    assert check() is False
+    worker.announce_cancel(s, "run-a")
+    assert worker.cancel_check("run-a")() is True
+    assert worker.cancel_check("run-b")() is False            # only that run's jobs
+    import redis
+    assert 0 < redis.Redis.from_url(redis_url).ttl(worker.cancel_key("run-a")) <= worker.CANCEL_TTL_S
+
+
+def test_cancel_reaches_running_jobs_embedded_through_the_db(tmp_path, restore_embedded):
+    from pipeline import loop
+    from pipeline.settings import preset
+    url = f"sqlite:///{tmp_path}/lineage.db"
+    s = Settings.from_env(env={}, database_url=url, artifact_dir=str(tmp_path / "a"))
+    worker.configure(s)
+    with LineageStore(url) as store:
+        run_id = store.create_run(config=preset("quick").to_dict(), task="self",
+                                  preset="quick", seed=0)
+        store.set_run_status(run_id, "running")
+    check = worker.cancel_check(run_id)
+    assert check() is False
+    loop.cancel(s, run_id)
+    assert worker.cancel_check(run_id)() is True
+
+
+def test_every_job_of_a_run_carries_its_run(tmp_path):
+    from pipeline import loop
+    from sandbox.schema import Job, Limits
+    job = Job(job_id="r.lm.i0.c1", kind="evaluate", source="pass\n",
+              limits=Limits(timeout_s=10)).validate()
+    sig = loop._job_task(job, tmp_path, run_id="r", index=0, arm="lm")
+    assert sig.kwargs["run"] == {"run_id": "r", "iteration": 0, "arm": "lm"}
+    assert sig.options["queue"] == "sandbox"
+    watch = worker.watch_for(job, sig.kwargs["run"])
+    assert watch.on_progress is None                  # losses are relayed for LM training only
+    assert worker.watch_for(job, None) is None
