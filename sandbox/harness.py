@@ -59,7 +59,14 @@ SEAL_FILE = "result.seal"        # hex HMAC-SHA256, see seal_digest()
 READY_FILE = ".warm-ready"       # warm_main(ready="file"): imports done, waiting for "go"
 PROGRESS_FILE = "progress.jsonl"  # {"step": n, "loss": x} lines while fit() trains
 PROGRESS_EVERY_S = 0.5           # at most two lines a second: display only
+SETUP_EXIT_CODE = 3              # the sandbox cannot run the job at all (not the candidate)
+SETUP_ERROR_PREFIX = "selfprog-setup-error: "
 SEAL_CONTEXT = b"selfprog-result-seal-v1\x00"
+
+
+class SetupError(Exception):
+    """The sandbox cannot run this job (e.g. CUDA asked for, none visible); raised
+    before any candidate code runs. main() exits SETUP_EXIT_CODE saying why."""
 
 
 class CandidateError(Exception):
@@ -232,6 +239,10 @@ def main(jobdir: str | os.PathLike = ".") -> None:
                 del os.environ[name]
         integrity = _Integrity()
         result = run(job, root, trusted, integrity)
+    except SetupError as e:
+        sys.stderr.write(f"{SETUP_ERROR_PREFIX}{e}\n")
+        sys.stderr.flush()
+        os._exit(SETUP_EXIT_CODE)
     except MemoryError:
         result = Result.failure(job, "oom", "MemoryError: the candidate ran out of memory")
     except CandidateError as e:
@@ -666,7 +677,12 @@ def _fingerprint(model, t: _Trusted) -> list[float]:
 
 
 def _device(name: str):
+    """'auto': CUDA when the sandbox sees a GPU, else the CPU. 'cuda' without a visible
+    GPU is refused (SetupError) rather than quietly trained on the CPU."""
     import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SetupError("device 'cuda' was asked for, but no CUDA device is visible in the "
+                         "sandbox (see SELFPROG_SANDBOX_GPUS and the compose 'gpu' profile)")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

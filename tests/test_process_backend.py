@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.families import transformer
 from sandbox.backends import make_backend
@@ -331,6 +332,18 @@ def test_exit_zero_without_result_is_crashed(backend, data_file, tmp_path):
     result = backend.execute(make_job(src, data_file), tmp_path)
     assert result.status == "crashed"
     assert "without a valid result" in result.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_asked_for_without_a_gpu_is_the_sandboxs_error(backend, data_file, tmp_path):
+    # Not trained on the CPU behind the user's back, not blamed on the candidate.
+    job = make_job(TINY, data_file)
+    job.params["device"] = "cuda"
+    result = backend.execute(job.validate(), tmp_path)
+    assert result.status == "crashed", result
+    assert result.reason.startswith("the sandbox cannot run this job: device 'cuda'"), result.reason
+    job.params["device"] = "auto"                      # auto: the CPU here
+    assert backend.execute(job.validate(), tmp_path).status == "ok"
 
 
 def test_probe_refuses_an_interpreter_the_sandbox_uid_cannot_run(tmp_path):

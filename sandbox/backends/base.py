@@ -365,6 +365,9 @@ def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, tim
         return fail("crashed", f"killed by signal {-exit_code}"
                     + (f"; {why}" if result is None else ""))
     if exit_code != 0:
+        setup = _setup_error(exit_code, stderr_tail)
+        if result is None and setup:
+            return fail("crashed", f"the sandbox cannot run this job: {setup}")
         if result is None and _looks_oom(logs):
             return fail("oom", f"exited with code {exit_code} after a memory allocation failed")
         return fail("crashed", f"exited with code {exit_code}" + (f"; {why}" if why else ""))
@@ -391,6 +394,17 @@ def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, tim
     result.logs = logs
     result.duration_s = extra["duration_s"]
     return result.validate()
+
+
+def _setup_error(exit_code: int, stderr_tail: bytes | str) -> str:
+    """The harness's set-up error (harness.SetupError), if it exited saying one. Text
+    from the sandbox: it only ever words a `crashed` result's reason."""
+    from sandbox.harness import SETUP_ERROR_PREFIX, SETUP_EXIT_CODE
+    if exit_code != SETUP_EXIT_CODE:
+        return ""
+    text = _clean_text(stderr_tail, 4 * MAX_REASON_CHARS)
+    lines = [line for line in text.splitlines() if line.startswith(SETUP_ERROR_PREFIX)]
+    return lines[-1][len(SETUP_ERROR_PREFIX):][:MAX_REASON_CHARS // 2] if lines else ""
 
 
 def _looks_oom(logs: str) -> bool:
