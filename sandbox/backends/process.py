@@ -550,8 +550,9 @@ def _kill_uid(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _processes() -> list[tuple[int, int]]:
-    """(pid, real uid) of every live, non-zombie process, from /proc."""
+def _proc_table() -> list[tuple[int, int, int, int]]:
+    """(pid, real uid, process group, session) of every live, non-zombie process, from
+    /proc/<pid>/status (ids as seen from this /proc's PID namespace)."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -561,31 +562,25 @@ def _processes() -> list[tuple[int, int]]:
                 status = f.read().decode(errors="replace")
         except OSError:
             continue
-        uid = state = None
+        fields = {}
         for line in status.splitlines():
-            if line.startswith("State:"):
-                state = line.split()[1]
-            elif line.startswith("Uid:"):
-                uid = int(line.split()[1])
-        if uid is not None and state not in ("Z", "X"):
-            out.append((int(entry), uid))
+            key, _, value = line.partition(":")
+            if key in ("State", "Uid", "NSpgid", "NSsid") and value.split():
+                fields[key] = value.split()[0]
+        if len(fields) == 4 and fields["State"] not in ("Z", "X"):
+            out.append((int(entry), int(fields["Uid"]), int(fields["NSpgid"]),
+                        int(fields["NSsid"])))
     return out
+
+
+def _processes() -> list[tuple[int, int]]:
+    """(pid, real uid) of every live, non-zombie process."""
+    return [(pid, uid) for pid, uid, _, _ in _proc_table()]
 
 
 def _session_members(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()   # after "(comm)": state ppid pgrp session
-        if fields and fields[0] not in ("Z", "X") and (int(fields[2]) == sid or int(fields[3]) == sid):
-            out.append(int(entry))
-    return out
+    """Live processes in session (or process group) `sid`: a run's tree without a uid."""
+    return [pid for pid, _, pgrp, session in _proc_table() if sid in (pgrp, session)]
 
 
 # --------------------------------------------------------------------------- pre-warming
