@@ -57,6 +57,8 @@ CANDIDATE_FILE = "<candidate>"
 SEAL_KEY_FILE = ".seal-key"      # written by the backend into out/, removed by main()
 SEAL_FILE = "result.seal"        # hex HMAC-SHA256, see seal_digest()
 READY_FILE = ".warm-ready"       # warm_main(ready="file"): imports done, waiting for "go"
+GO_FILE = "go"                   # warm_main(ready="file"): the backend's "go", in the job dir
+GO_POLL_S = 0.01
 PROGRESS_FILE = "progress.jsonl"  # {"step": n, "loss": x} lines while fit() trains
 PROGRESS_EVERY_S = 0.5           # at most two lines a second: display only
 SETUP_EXIT_CODE = 3              # the sandbox cannot run the job at all (not the candidate)
@@ -270,13 +272,16 @@ def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: s
     Started in a job directory that holds no job yet (no job.json, no inputs, no seal
     key): it imports what `main` would (torch, safetensors, torch._dynamo and, for a T5
     job, transformers), initialises CUDA when the job will use it, says it is ready and
-    blocks on stdin. `ready` is a file descriptor to write one byte to (process
-    backend), or "file": create out/READY_FILE, removed again at "go" (Docker: no fd
-    crosses into a container, and out/ is the one place both sides see). The backend
-    stages the job's files, then writes "go" (or closes the pipe: leave). Only this trusted code runs before "go"; `main`
-    then reads the seal key and takes the integrity snapshot before any candidate
-    code runs, exactly as in a cold sandbox. Environment variables the imports set
-    are removed again, as `main` does.
+    waits for "go". The backend stages the job's files, then says "go".
+
+    `ready` picks the signals. A file descriptor number (process backend): one byte
+    written to it for ready; "go" is a line on stdin, EOF means leave. "file" (Docker:
+    no fd or open stdin crosses into a container, so the profile stays the cold one):
+    out/READY_FILE for ready (removed at "go"); "go" is GO_FILE appearing in the job
+    dir, which only the backend can write. Only this trusted code runs before "go";
+    `main` then reads the seal key and takes the integrity snapshot before any
+    candidate code runs, exactly as in a cold sandbox. Environment variables the
+    imports set are removed again, as `main` does.
     """
     env = dict(os.environ)
     import safetensors.torch  # noqa: F401
@@ -302,6 +307,13 @@ def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: s
             os.write(int(ready), b"r")
         finally:
             os.close(int(ready))
+    if ready == "file":
+        go = Path(jobdir) / GO_FILE
+        while not go.exists():
+            time.sleep(GO_POLL_S)
+        marker.unlink()
+        main(jobdir)
+        return
     line = b""
     while not line.endswith(b"\n") and len(line) < 16:
         chunk = os.read(0, 1)
@@ -310,8 +322,6 @@ def warm_main(jobdir: str | os.PathLike = ".", model_kind: str = "t5", device: s
         line += chunk
     if line != b"go\n":
         os._exit(2)
-    if ready == "file":
-        marker.unlink()
     devnull = os.open(os.devnull, os.O_RDONLY)   # stdin as in a cold sandbox
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -289,8 +289,8 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
 
     This is the only profile there is. Anything in `refused` is an attempt to step
     outside it and raises HardeningError, as do values that would weaken it.
-    `warm=True` is a pre-warmed sandbox: its job directory holds no job yet (no
-    job.json, nothing in in/) and stdin stays open for the one "go" (attach once).
+    `warm=True` is a pre-warmed sandbox: the same profile, but its job directory must
+    hold no job yet (no job.json, nothing in in/) and its command is `warm_command`.
     """
     docker = _docker()
     if refused:
@@ -343,7 +343,7 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
                 LABEL_PID: str(pid), LABEL_PID_START: _process_start(pid) or ""},
         hostname="sandbox",
         detach=True,
-        stdin_open=warm,    # a warm sandbox reads its one "go" line, then drops stdin
+        stdin_open=False,
         tty=False,
         # isolation
         network_mode="none",
@@ -429,7 +429,7 @@ def check_profile(attrs: dict, config: dict[str, Any]) -> list[str]:
     want(hc.get("UsernsMode") in ("", None), f"UsernsMode {hc.get('UsernsMode')!r}")
     want(not hc.get("Binds") and not hc.get("VolumesFrom"), "extra volumes")
     want(not hc.get("Devices"), f"Devices {hc.get('Devices')}")
-    want(bool(cfg.get("OpenStdin")) == config["stdin_open"], "stdin")
+    want(not cfg.get("OpenStdin"), "stdin open")
     want(hc.get("Init") is True, "no init process")
     mounts = sorted((m.get("Target"), m.get("Source"), bool(m.get("ReadOnly")))
                     for m in hc.get("Mounts") or [])
@@ -520,10 +520,10 @@ class DockerBackend:
     """Run each job in a fresh hardened container (same interface as ProcessBackend).
 
     With `prewarm=N` (Settings.sandbox_prewarm) it keeps N containers of the latest
-    job's profile started ahead (sandbox/backends/warm.py): same hardened profile, plus
-    an open stdin; the harness has imported torch (and initialised CUDA) and waits for
-    "go". `execute` stages the job into one, sends "go" over an attach, and supervises
-    it exactly like a cold container; each serves one job and is then removed.
+    job's profile started ahead (sandbox/backends/warm.py): the same hardened profile,
+    in an empty job dir; the harness has imported torch (and initialised CUDA) and
+    waits for "go". `execute` stages the job into one, writes the "go" file, and
+    supervises it exactly like a cold container; each serves one job and is removed.
     """
 
     name = "docker"
@@ -633,7 +633,7 @@ class DockerBackend:
         try:
             stage_job(job, warm.jobdir, sources, seal=True)
             started = time.monotonic()
-            _send_go(warm.container)
+            _send_go(warm.jobdir)
         except Exception as e:
             # Never started: nothing of the candidate ran.
             log.warning("pre-warmed sandbox %s unusable (%s); running the job cold",
@@ -721,17 +721,14 @@ def _hand_out_dir(jobdir: Path, user: tuple[int, int]) -> None:
         os.chmod(jobdir / "out", 0o777)
 
 
-def _send_go(container) -> None:
-    """Write "go" to a warm container's stdin over an attach, then detach. The harness
-    reads that one line and then reads stdin no more (it points it at /dev/null)."""
-    sock = container.attach_socket(params={"stdin": 1, "stream": 1})
-    raw = getattr(sock, "_sock", sock)
-    try:
-        raw.sendall(b"go\n")
-    finally:
-        raw.close()
-        if raw is not sock:
-            sock.close()
+def _send_go(jobdir: Path) -> None:
+    """Tell a warm container its job is staged: GO_FILE in the job dir, which is
+    read-only to the container (so only the backend can say it) and which
+    harness.warm_main polls for. Written after the job's files and its seal key."""
+    from sandbox.harness import GO_FILE
+    fd = os.open(jobdir / GO_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o444)
+    os.close(fd)
 
 
 @dataclass(eq=False)
