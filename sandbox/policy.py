@@ -57,6 +57,7 @@ Rules, each with a stable id (the ``rule`` of a rejected ``Verdict``):
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass
 
 __all__ = ["Policy", "Verdict", "DEFAULT_POLICY", "check"]
@@ -123,6 +124,16 @@ def _is_dunder(name: str | None) -> bool:
     return bool(name) and len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
+def parse_untrusted(text: str) -> ast.Module:
+    """`ast.parse` for LM-written text, without the SyntaxWarning/DeprecationWarning that
+    odd literals (`1if`, `"\\d"`) raise: they would land in the coordinator's log, one
+    per candidate. Errors are still raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(text, mode="exec")
+
+
 def check(source: str | bytes, policy: Policy = DEFAULT_POLICY) -> Verdict:
     """Decide whether `source` may be run in a sandbox. Never raises for any input."""
     # Encoding and size first, on bytes, so a huge or binary input costs nothing more.
@@ -150,7 +161,7 @@ def check(source: str | bytes, policy: Policy = DEFAULT_POLICY) -> Verdict:
         return Verdict(False, "encoding", "contains a NUL byte")
 
     try:
-        tree = ast.parse(text, mode="exec")
+        tree = parse_untrusted(text)
     except (RecursionError, MemoryError):
         return Verdict(False, "nesting", "too deeply nested for the parser")
     except SyntaxError as e:

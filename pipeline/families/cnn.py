@@ -34,6 +34,8 @@ import math
 import random
 from dataclasses import asdict, dataclass, replace
 
+from sandbox.policy import parse_untrusted
+
 RANGES = {
     "hidden_layers": (1, 8),
     "conv_layers": (0, 8),
@@ -210,7 +212,7 @@ def parse(source: str) -> dict[str, int] | None:
     this family's shape (no parse, fewer than two Linear layers, a non-literal width).
     """
     try:
-        tree = ast.parse(source)
+        tree = parse_untrusted(source)
     except (SyntaxError, ValueError, MemoryError, RecursionError):   # a source nested past
         return None                                                   # the parser's limits
     convs, linears = [], []

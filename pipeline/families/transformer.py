@@ -9,6 +9,8 @@ import ast
 import random
 from dataclasses import asdict, dataclass, replace
 
+from sandbox.policy import parse_untrusted
+
 RANGES = {
     "num_layers": (1, 8),
     "num_decoder_layers": (1, 8),
@@ -105,7 +107,7 @@ def parse(source: str) -> dict[str, int] | None:
     candidate may not); the sandbox still decides whether it runs.
     """
     try:
-        tree = ast.parse(source)
+        tree = parse_untrusted(source)
     except (SyntaxError, ValueError, MemoryError, RecursionError):   # a source nested past
         return None                                                   # the parser's limits
     found: dict[str, int] = {}
