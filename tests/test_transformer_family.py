@@ -34,7 +34,9 @@ def test_a_refinement_changes_exactly_one_parameter_within_range(seed, rseed):
     if p == "d_ff":
         pct = abs(r.d_ff - d.d_ff) / d.d_ff * 100
         # the integer result of a 1%..50% change; rounding moves it by at most 0.5/d_ff
-        assert 1 - 50 / d.d_ff <= pct <= 50 + 50 / d.d_ff
+        # (exactly that at a tie such as 1129 * 1.5, hence the float tolerance)
+        eps = 1e-9
+        assert 1 - 50 / d.d_ff - eps <= pct <= 50 + 50 / d.d_ff + eps
     else:
         assert abs(getattr(r, p) - getattr(d, p)) == 1
 
