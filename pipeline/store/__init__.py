@@ -417,20 +417,7 @@ class LineageStore:
             return [_view(IterationView, r) for r in rows]
 
     def update_iteration(self, run_id: str, index: int, arm: str = "lm", **fields: Any) -> None:
-        unknown = set(fields) - _ITERATION_FIELDS
-        if unknown:
-            raise ValueError(f"cannot update iteration field(s) {', '.join(sorted(unknown))}")
-        if "stage" in fields:
-            _check(fields["stage"], ITERATION_STAGES, "iteration stage")
-        if fields.get("decision") is not None:
-            _check(fields["decision"], DECISIONS, "decision")
-        if "lm_losses" in fields:
-            fields["lm_losses"] = _floats(fields["lm_losses"] or [], "lm_losses")
-        for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
-            if name in fields:
-                fields[name] = _finite(fields[name], name)
-        if fields.get("stage") == "done":
-            fields.setdefault("finished_at", utcnow())
+        fields = _iteration_values(fields, _ITERATION_FIELDS)
         with self._session() as s, s.begin():
             run_id = self._run_id(s, run_id)
             row = self._iteration_row(s, run_id, index, arm)
@@ -449,20 +436,9 @@ class LineageStore:
         the same statement, so they land only with the winning transition.
         """
         sources = (from_stage,) if isinstance(from_stage, str) else tuple(from_stage)
-        for stage in sources + (to_stage,):
+        for stage in sources:
             _check(stage, ITERATION_STAGES, "iteration stage")
-        unknown = set(fields) - (_ITERATION_FIELDS - {"stage"})
-        if unknown:
-            raise ValueError(f"cannot update iteration field(s) {', '.join(sorted(unknown))}")
-        if fields.get("decision") is not None:
-            _check(fields["decision"], DECISIONS, "decision")
-        if "lm_losses" in fields:
-            fields["lm_losses"] = _floats(fields["lm_losses"] or [], "lm_losses")
-        for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
-            if name in fields:
-                fields[name] = _finite(fields[name], name)
-        if to_stage == "done":
-            fields.setdefault("finished_at", utcnow())
+        fields = _iteration_values(fields, _ITERATION_FIELDS - {"stage"}, to_stage=to_stage)
         with self._session() as s, s.begin():
             run_id = self._run_id(s, run_id)
             result = s.execute(update(Iteration)
@@ -641,6 +617,29 @@ class LineageStore:
             if name is not None:
                 q = q.where(MetricCurve.name == name)
             return [_view(CurveView, r) for r in s.scalars(q.order_by(MetricCurve.id)).all()]
+
+
+def _iteration_values(fields: dict[str, Any], allowed: set[str],
+                      to_stage: str | None = None) -> dict[str, Any]:
+    """Checked, normalised column values for an iteration update (update_iteration,
+    advance_stage). `to_stage`: the stage the update moves it to, when not in `fields`."""
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"cannot update iteration field(s) {', '.join(sorted(unknown))}")
+    fields = dict(fields)
+    stage = fields.get("stage", to_stage)
+    if stage is not None:
+        _check(stage, ITERATION_STAGES, "iteration stage")
+    if fields.get("decision") is not None:
+        _check(fields["decision"], DECISIONS, "decision")
+    if "lm_losses" in fields:
+        fields["lm_losses"] = _floats(fields["lm_losses"] or [], "lm_losses")
+    for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
+        if name in fields:
+            fields[name] = _finite(fields[name], name)
+    if stage == "done":
+        fields.setdefault("finished_at", utcnow())
+    return fields
 
 
 def _check(value: Any, allowed: tuple[str, ...], what: str) -> None:
