@@ -433,11 +433,14 @@ ATTACKS = [
                 r["kill"] = "DENIED " + type(e).__name__
         """ + REPORT), "import", both("invalid"), check_signal, frozenset(BACKENDS)),
     Attack("leave_background_process", lambda c: cnn_source("import os", f"""
+        ready_r, ready_w = os.pipe()              # close-on-exec: EOF once sleep runs
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
                 os.execv("/bin/sleep", ["sleep", "{c.marker}"])
             os._exit(0)
+        os.close(ready_w)
+        os.read(ready_r, 1)                       # the escapee is in place before we go on
         """), "import", both("ok"), check_background, frozenset({"process"}),
         needs=("marker",)),
     Attack("print_fake_result_json", lambda c: cnn_source("", f"""
