@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.jobs import RunContext  # noqa: E402
+from bench_core import seed_evaluation_job  # noqa: E402
 from pipeline.settings import Settings, preset  # noqa: E402
 from sandbox import runner  # noqa: E402
 from sandbox.backends import make_backend  # noqa: E402
@@ -38,10 +38,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         settings = Settings.from_env(env={}, artifact_dir=str(Path(d) / "artifacts"))
-        config = preset("quick", fewshot_samples=args.fewshot_samples)
-        ctx = RunContext("benchbackend", config, settings)
-        ctx.prepare()
-        job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source())
+        job = seed_evaluation_job(settings, preset("quick", fewshot_samples=args.fewshot_samples))
         backends = {"docker": make_backend("docker", image=args.image),
                     "process": make_backend("process")}
         times: dict[str, list[float]] = {name: [] for name in backends}

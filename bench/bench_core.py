@@ -33,6 +33,14 @@ def _settings(tmp: Path, backend: str = "process") -> Settings:
                              artifact_dir=str(tmp / "artifacts"), sandbox_backend=backend)
 
 
+def seed_evaluation_job(settings: Settings, cfg):
+    """The few-shot evaluation job of the seed source in a fresh run directory: what
+    one candidate costs (bench_prewarm and bench_backends measure this job too)."""
+    ctx = RunContext("bench", cfg, settings)
+    ctx.prepare()
+    return ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
+
+
 def stages(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         s = _settings(Path(d), args.backend)
@@ -59,11 +67,7 @@ def overhead(args) -> None:
         s = _settings(Path(d), args.backend)
         worker.configure(s)
         cfg = preset("quick", **_sets(args))
-        store = loop.store_for(s)
-        run_id = store.create_run(config=cfg.to_dict(), task="self", preset="quick", seed=0)
-        ctx = RunContext(run_id, cfg, s)
-        ctx.prepare()
-        job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
+        job = seed_evaluation_job(s, cfg)
         backend = worker.backend()
         sandboxed, inproc = [], []
         for _ in range(args.repeat):

@@ -31,15 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import loop, worker  # noqa: E402
-from pipeline.jobs import RunContext  # noqa: E402
-from pipeline.settings import Settings, preset  # noqa: E402
+from bench_core import _sets, _settings, seed_evaluation_job  # noqa: E402
+from pipeline.settings import preset  # noqa: E402
 from sandbox.backends.docker import DockerBackend, docker_available  # noqa: E402
 from sandbox.backends.process import ProcessBackend  # noqa: E402
-
-
-def _sets(args) -> dict:
-    return dict(item.partition("=")[::2] for item in args.set or [])
 
 
 def series(backend, job, out: Path, n: int, wait_ready: bool) -> list[float]:
@@ -75,15 +70,9 @@ def measure(make, job, out: Path, n: int) -> tuple[dict[str, list[float]], dict]
 def main(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        s = Settings.from_env(database_url=f"sqlite:///{tmp / 'bench.db'}",
-                              artifact_dir=str(tmp / "artifacts"), sandbox_backend="process")
-        worker.configure(s)
+        s = _settings(tmp)
         cfg = preset("quick", **_sets(args))
-        store = loop.store_for(s)
-        run_id = store.create_run(config=cfg.to_dict(), task="self", preset="quick", seed=0)
-        ctx = RunContext(run_id, cfg, s)
-        ctx.prepare()
-        job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
+        job = seed_evaluation_job(s, cfg)
         workroot = Path(tempfile.mkdtemp(prefix="selfprog-bench-"))
         os.chmod(workroot, 0o711)
 

@@ -278,9 +278,6 @@ class ProcessBackend:
         threads = int(job.params.get("num_threads", 1))
         started = time.monotonic()
         stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
-        timed_out = stopped = False
-        exit_code: int | None = None
-        proc = None
         try:
             with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
                 os.chmod(stdout_path, 0o600)
@@ -291,38 +288,13 @@ class ProcessBackend:
                     stdout=out, stderr=err, close_fds=True, start_new_session=True,
                     preexec_fn=self._preexec(uid, iso.netns,
                                              [] if sabotage_enabled() else self._rlimits(job)))
-            self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir)
-            try:
-                exit_code = wait(proc, job.limits.timeout_s, Watching(jobdir, watch))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            except Stopped:
-                stopped = True
         except (OSError, subprocess.SubprocessError) as e:
             # The child never started (e.g. preexec failed): nothing of the candidate ran.
-            reason = f"the sandbox could not start: {type(e).__name__}: {e}"
-            if proc is None:
-                cleanup(jobdir)
-                return Result.failure(job, "crashed", reason)
-        finally:
-            if proc is not None:
-                killed = self._kill_all(proc, uid)
-                if self.last_run is not None:
-                    self.last_run.survivors_killed = killed
-                if exit_code is None and not timed_out:
-                    exit_code = proc.returncode
-        # SIGXCPU (the CPU-seconds backstop) is a deadline too, measured in CPU time.
-        if exit_code is not None and exit_code in (-signal.SIGXCPU,):
-            timed_out = True
-        try:
-            return collect(job, jobdir, Path(out_dir), exit_code=exit_code, timed_out=timed_out,
-                           oom_killed=False, stopped=stopped,
-                           stdout_tail=read_tail(stdout_path, LOG_TAIL_BYTES),
-                           stderr_tail=read_tail(stderr_path, LOG_TAIL_BYTES),
-                           duration_s=time.monotonic() - started)
-        finally:
-            if not self.keep_jobdirs:
-                cleanup(jobdir)
+            cleanup(jobdir)
+            return Result.failure(job, "crashed",
+                                  f"the sandbox could not start: {type(e).__name__}: {e}")
+        self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir)
+        return self._supervise(job, proc, uid, jobdir, Path(out_dir), started, watch)
 
     def prewarm_for(self, job: Job) -> None:
         """Start warming sandboxes for jobs like `job` now, instead of after the first
@@ -358,7 +330,15 @@ class ProcessBackend:
             discard(warm)
             return None
         self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir, warm=True)
-        stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
+        return self._supervise(job, proc, uid, jobdir, out_dir, started, watch,
+                               after_kill=warm.release)
+
+    def _supervise(self, job: Job, proc: subprocess.Popen, uid: int | None, jobdir: Path,
+                   out_dir: Path, started: float, watch: Watch | None,
+                   after_kill=None) -> Result:
+        """Wait for a started sandbox under the job's deadline (from `started`) and the
+        caller's Watch; then kill everything of the run (its process group, its uid),
+        collect its result and remove its directory. Cold and warm runs alike."""
         timed_out = stopped = False
         exit_code: int | None = None
         try:
@@ -368,17 +348,19 @@ class ProcessBackend:
         except Stopped:
             stopped = True
         finally:
-            self.last_run.survivors_killed = kill_run(proc, uid)
-            warm.release()
+            self.last_run.survivors_killed = self._kill_all(proc, uid)
+            if after_kill is not None:
+                after_kill()
             if exit_code is None and not timed_out:
                 exit_code = proc.returncode
+        # SIGXCPU (the CPU-seconds backstop) is a deadline too, measured in CPU time.
         if exit_code is not None and exit_code in (-signal.SIGXCPU,):
             timed_out = True
         try:
             return collect(job, jobdir, out_dir, exit_code=exit_code, timed_out=timed_out,
                            oom_killed=False, stopped=stopped,
-                           stdout_tail=read_tail(stdout_path, LOG_TAIL_BYTES),
-                           stderr_tail=read_tail(stderr_path, LOG_TAIL_BYTES),
+                           stdout_tail=read_tail(jobdir / "stdout", LOG_TAIL_BYTES),
+                           stderr_tail=read_tail(jobdir / "stderr", LOG_TAIL_BYTES),
                            duration_s=time.monotonic() - started)
         finally:
             if not self.keep_jobdirs:
