@@ -475,6 +475,17 @@ def _copy_output(src_dir: Path, name: str, out_dir: Path, output_mb: int) -> str
     return ""
 
 
+def _strict_json(raw: bytes):
+    """JSON bytes from the sandbox as Python data, or None: UTF-8 only, no NaN or
+    Infinity, no nesting past the parser's limit."""
+    def no_constants(name):
+        raise ValueError(name)
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def check_safetensors(f, size: int) -> str:
     """Check a safetensors file's header against its size; return the problem or ''.
 
@@ -492,12 +503,8 @@ def check_safetensors(f, size: int) -> str:
         return f"safetensors header of {n} bytes is larger than {MAX_HEADER_BYTES}"
     if 8 + n > size:
         return "safetensors header runs past the end of the file"
-    raw = f.read(n)
-    try:
-        def no_constants(name):
-            raise ValueError(name)
-        header = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    header = _strict_json(f.read(n))
+    if header is None:
         return "safetensors header is not valid JSON"
     if not isinstance(header, dict):
         return "safetensors header is not a JSON object"
@@ -585,7 +592,6 @@ class Watching:
             raise Stopped()
 
 
-
 class ProgressTail:
     """Relays a running job's training losses: the new lines of out/progress.jsonl
     (harness.fit writes {"step": n, "loss": x}) become `on_progress(step, loss)` calls.
@@ -635,12 +641,7 @@ class ProgressTail:
 def _progress_point(line: bytes) -> tuple[int, float] | None:
     if not line or len(line) > MAX_PROGRESS_LINE:
         return None
-    try:
-        def no_constants(name):
-            raise ValueError(name)
-        d = json.loads(line.decode("utf-8"), parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
+    d = _strict_json(line)
     if not isinstance(d, dict) or set(d) != {"step", "loss"}:
         return None
     step, loss = d["step"], d["loss"]

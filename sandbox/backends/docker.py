@@ -47,7 +47,7 @@ from typing import Any
 from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, Stopped, Watch,
                                    Watching, check_inputs, cleanup, collect, format_logs,
                                    sabotage_enabled, stage, stage_job, stage_skeleton)
-from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard
+from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard, imports_of
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -532,22 +532,21 @@ class DockerBackend:
                  runtime: str | None = None, gpus: str | None = None, client=None,
                  owner: str | None = None, keep_jobdirs: bool = False, prewarm: int = 0,
                  prewarm_max_age_s: float = WARM_MAX_AGE_S):
-        self.image = image
-        # The engine resolves bind-mount sources on *its* host: a worker that runs in a
-        # container must have the workroot at the same path as on the host.
-        self.workroot = (Path(workroot) if workroot
-                         else Path(tempfile.gettempdir()) / "selfprog-docker-jobs").resolve()
-        self.runtime = runtime or None
-        self.gpus = (gpus or "").strip()
-        # The hostname, plus the pid labels: reaping at start removes what dead processes
-        # of this host left behind and leaves live ones (siblings, other workers) alone.
-        self.owner = owner or socket.gethostname()
         self.keep_jobdirs = keep_jobdirs
         self.client = client or connect()
-        self.user = image_user(self.client, image)
         self.last_run: DockerRun | None = None
-        self.spec = ContainerSpec(image=image, workroot=self.workroot, owner=self.owner,
-                                  user=self.user, runtime=self.runtime, gpus=self.gpus)
+        # Every setting a container gets, in one place (the warm pool's thread holds it).
+        self.spec = ContainerSpec(
+            image=image,
+            # The engine resolves bind-mount sources on *its* host: a worker that runs in
+            # a container must have the workroot at the same path as on the host.
+            workroot=(Path(workroot) if workroot
+                      else Path(tempfile.gettempdir()) / "selfprog-docker-jobs").resolve(),
+            # The hostname, plus the pid labels: reaping at start removes what dead
+            # processes of this host left behind and leaves live ones alone.
+            owner=owner or socket.gethostname(),
+            user=image_user(self.client, image),
+            runtime=runtime or None, gpus=(gpus or "").strip())
         reap_orphans(self.client, owner=self.owner, keep_live_owners=True,
                      workroot=self.workroot)
         self.prewarm = max(0, int(prewarm))
@@ -557,6 +556,13 @@ class DockerBackend:
             spawn = partial(spawn_warm_container, client=self.client, spec=self.spec)
             self._pool = WarmPool(self.prewarm, spawn, max_age_s=prewarm_max_age_s)
             self._finalizer = weakref.finalize(self, self._pool.close)
+
+    image = property(lambda self: self.spec.image)
+    workroot = property(lambda self: self.spec.workroot)
+    owner = property(lambda self: self.spec.owner)
+    user = property(lambda self: self.spec.user)
+    runtime = property(lambda self: self.spec.runtime)
+    gpus = property(lambda self: self.spec.gpus)
 
     def close(self) -> None:
         """Remove the idle pre-warmed containers and stop making new ones."""
@@ -575,11 +581,8 @@ class DockerBackend:
         """What a container must have been created with to run `job`: its limits but
         the deadline (counted from "go"), threads, GPUs, model kind and device."""
         lim = job.limits
-        device = str(job.params.get("device", "auto"))
         return (lim.memory_mb, lim.cpus, lim.pids, lim.output_mb, lim.gpus,
-                int(job.params.get("num_threads", 1)),
-                "t5" if job.model_kind == "t5" else "other",
-                device if device in ("auto", "cpu", "cuda") else "cpu")
+                int(job.params.get("num_threads", 1)), *imports_of(job))
 
     def prewarm_for(self, job: Job) -> None:
         """Start warming containers for jobs like `job` now (no-op without prewarm)."""

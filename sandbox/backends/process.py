@@ -68,7 +68,7 @@ from pathlib import Path
 from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, Stopped, Watch,
                                    Watching, check_inputs, cleanup, collect, read_tail,
                                    sabotage_enabled, stage, stage_job, stage_skeleton)
-from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard
+from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard, imports_of
 from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
@@ -372,11 +372,8 @@ class ProcessBackend:
         CPU (set at "go"), threads (environment), model kind and device (what it
         imports), and whether it has a network namespace."""
         threads = int(job.params.get("num_threads", 1))
-        device = str(job.params.get("device", "auto"))
-        device = device if device in ("auto", "cpu", "cuda") else "cpu"
-        model_kind = "t5" if job.model_kind == "t5" else "other"
         limits = tuple((res, v) for res, v in rlimits if res != resource.RLIMIT_CPU)
-        return (limits, threads, model_kind, device, iso.netns)
+        return (limits, threads, *imports_of(job), iso.netns)
 
     @staticmethod
     def _env(tmp: Path, threads: int) -> dict[str, str]:

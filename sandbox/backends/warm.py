@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 WARM_MAX_AGE_S = 30 * 60.0       # an idle pre-warmed sandbox older than this is recycled
 
 
+def imports_of(job) -> tuple[str, str]:
+    """(model kind, device): what a warm sandbox for `job` imports and initialises
+    before "go" (harness.warm_main); part of every backend's profile."""
+    device = str(job.params.get("device", "auto"))
+    return ("t5" if job.model_kind == "t5" else "other",
+            device if device in ("auto", "cpu", "cuda") else "cpu")
+
+
 class WarmSandbox(Protocol):
     key: tuple
     born: float
