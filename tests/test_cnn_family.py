@@ -6,10 +6,8 @@ only because these are the family's own renderings, never generated candidates.
 from __future__ import annotations
 
 import importlib.util
-import io
 import math
 import random
-import tokenize
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from hypothesis import strategies as st
 
 from pipeline.catalog import get_task, task_names
 from pipeline.families import cnn, get_family
+from pipeline.families.source import int_literals
 
 TASK_SHAPES = [((1, 28, 28), 10), ((1, 28, 28), 62), ((3, 32, 32), 10), ((1, 8, 8), 10), ((1, 40), 10)]
 # every registered task of the family, as (input_shape, num_classes)
@@ -45,12 +44,6 @@ def build(source, input_shape, num_classes):
     ns: dict = {}
     exec(compile(source, "<rendered>", "exec"), ns)  # our own rendering, see module docstring
     return ns["build_model"](input_shape, num_classes), ns["train"]
-
-
-def int_literals(source: str) -> list[str]:
-    """The integer literals of a source, in source order, as written."""
-    return [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
-            if t.type == tokenize.NUMBER and t.string.isdigit()]
 
 
 def linears(model) -> list[torch.nn.Linear]:

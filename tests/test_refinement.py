@@ -1,7 +1,5 @@
 """Refinement corpus and tokenizer: deterministic, and digits stay single tokens."""
-import io
 import random
-import tokenize
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from pipeline import refinement
 from pipeline import tokenizer as tk
 from pipeline.catalog import get_task
 from pipeline.families import get_family
+from pipeline.families.source import int_literals
 from pipeline.settings import preset
 from sandbox.policy import check
 
@@ -70,11 +69,6 @@ def test_random_refinement_of_a_parsed_source_changes_one_parameter():
     assert sum(a[k] != b[k] for k in ("num_layers", "num_decoder_layers", "d_ff", "num_heads")) == 1
 
 
-def int_literals(source: str) -> list[str]:
-    return [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
-            if t.type == tokenize.NUMBER and t.string.isdigit()]
-
-
 @settings(max_examples=20, deadline=None)
 @given(task=st.sampled_from(["self", "digits", "mnist1d", "cifar10"]), seed=st.integers(0, 2**31))
 def test_every_corpus_pair_differs_in_exactly_one_integer_literal(task, seed):
@@ -102,3 +96,9 @@ def test_the_seed_source_round_trips_and_passes_the_gate(task):
     assert check(src).ok
     assert refinement.design_from_params(refinement.parse(src, spec), cfg, spec) == seed
     assert get_family(spec.family).MODEL_KIND == ("t5" if spec.self_programming else "cnn")
+
+
+def test_int_literals_lists_the_integers_as_written_in_order():
+    src = "A = 10\nB = 0.5\nC = f(3, 1e3 if x else 2)  # 99\nD = 'text 5'\n"
+    assert int_literals(src) == ["10", "3", "2"]
+    assert int_literals("x = (1,\n") is None   # does not tokenize

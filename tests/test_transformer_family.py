@@ -1,12 +1,11 @@
 """The transformer random refinement dataset: the paper's ranges and operators, exactly."""
-import io
 import random
-import tokenize
 
 from hypothesis import given, settings, strategies as st
 
 from pipeline.families import get_family
 from pipeline.families import transformer as T
+from pipeline.families.source import int_literals
 from pipeline.settings import RunConfig, preset
 from sandbox.policy import check
 
@@ -100,12 +99,6 @@ def test_a_rendered_source_builds_a_t5_without_any_download(seed):
 def test_parse_refuses_what_is_not_a_t5_source():
     assert T.parse("x = 1") is None
     assert T.parse("def (") is None
-
-
-def int_literals(source: str) -> list[str]:
-    """The integer literals of a source, in source order, as written."""
-    return [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
-            if t.type == tokenize.NUMBER and t.string.isdigit()]
 
 
 @given(seeds, seeds, st.sampled_from([16, 32, 64, 512]))

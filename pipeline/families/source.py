@@ -3,6 +3,8 @@ constants (`HIDDEN_SIZE = 64`), one literal each, read back by parsing, never by
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 
 from sandbox.policy import parse_untrusted
 
@@ -42,3 +44,14 @@ def call_name(func: ast.expr) -> str:
     if isinstance(func, ast.Name):
         return func.id
     return ""
+
+
+def int_literals(source: str) -> list[str] | None:
+    """The integer literals of a source, as written, in source order; None when the
+    text does not tokenize. Two sources of one family differ by one refinement when
+    these lists differ in exactly one place."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    return [t.string for t in tokens if t.type == tokenize.NUMBER and t.string.isdigit()]
