@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from pipeline.families import get_family
+
 SCORES = {"loss": "min", "accuracy": "max"}   # score -> which way is better
 
 
@@ -49,6 +51,8 @@ _vision_registered = False
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task (its family must be registered already); returns it."""
+    get_family(spec.family)   # raises UnknownFamily
     TASKS[spec.name] = spec
     return spec
 

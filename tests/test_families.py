@@ -158,6 +158,12 @@ def test_unknown_names_say_what_exists():
         get_task("nope")
     with pytest.raises(ValueError, match="unknown family 'nope'.*transformer.*cnn"):
         get_family("nope")
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        register_task(TaskSpec("orphan", family="nope", score="loss"))
+    with pytest.raises(ValueError, match="unknown task 'orphan'"):
+        get_task("orphan")
+    with pytest.raises(ValueError, match="score must be"):
+        TaskSpec("x", family="cnn", score="f1")
 
 
 @pytest.mark.slow
