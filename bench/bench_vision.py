@@ -87,14 +87,14 @@ def main() -> None:
             from pipeline.datasets import load_file
             data = load_file(ctx.dir / "task.safetensors")
             print(f"\n== {size}: {len(data.train_y)} train / {len(data.eval_y)} eval samples, "
-                  f"{cfg.task_epochs} epochs, input {list(ctx.target.input_shape)}")
+                  f"{cfg.task_epochs} epochs, input {list(ctx.task.input_shape)}")
             head = f"{'candidate':<28} {'params':>8} {'acc':>6} {'in-proc s':>9}"
             for b in backends:
                 head += f" {b + ' s':>10} {b + '/in-proc':>15}"
             print(head)
             times: dict[str, list[float]] = {b: [] for b in ["inproc", *backends]}
             for name, design in DESIGNS.items():
-                source = cnn.render(design, ctx.target.input_shape, ctx.target.num_classes)
+                source = cnn.render(design)
                 job = ctx.evaluate_job("lm", 0, 0, source).validate()
                 per: dict[str, list[float]] = {b: [] for b in ["inproc", *backends]}
                 acc = params = None

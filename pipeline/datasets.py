@@ -12,6 +12,9 @@ subset, normalizes them and writes one safetensors file (`train_x`, `train_y`,
   digits) and `mnist1d` (the mnist1d generator, 40-long signals) work offline. They are
   one pool each; a seeded permutation splits it into the two subsets.
 
+pipeline/catalog.py registers every task of `TASKS` as a task of the CNN family scored
+by accuracy; adding a vision task here is one `TASKS` entry.
+
 Subset sizes are clamped to what exists: from one pool, both sizes shrink in proportion
 to the request; from two splits, each is clamped to its split. Normalization uses the
 training subset's per-channel mean and std (never the evaluation subset's).

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pipeline import refinement
 from pipeline import tokenizer as tk
-from pipeline.refinement import Target
+from pipeline.catalog import SELF, TaskSpec, get_task
+from pipeline.families import get_family
 from pipeline.settings import RunConfig, Settings
 from sandbox.schema import Job, Limits
 
@@ -33,20 +34,23 @@ class RunContext:
         return self.settings.artifacts / self.run_id
 
     @cached_property
-    def target(self) -> Target:
-        if self.config.task == "self":
-            return Target("transformer")
-        from pipeline.datasets import get_task
-        task = get_task(self.config.task)
-        return Target("cnn", tuple(task.input_shape), task.num_classes)
+    def task(self) -> TaskSpec:
+        """What the run's sources are for (pipeline/catalog.py)."""
+        return get_task(self.config.task)
+
+    @property
+    def family(self):
+        """The family module of the run's sources (pipeline/families/)."""
+        return get_family(self.task.family)
+
+    # Older names, kept for the callers that still use them: the task, and its direction.
+    @property
+    def target(self) -> TaskSpec:
+        return self.task
 
     @property
     def direction(self) -> str:
-        return "min" if self.score_kind == "loss" else "max"
-
-    @property
-    def score_kind(self) -> str:
-        return "loss" if self.config.task == "self" else "accuracy"
+        return self.task.direction
 
     @cached_property
     def tokenizer(self):
@@ -54,16 +58,20 @@ class RunContext:
 
     # -- the sources ---------------------------------------------------------------
     def seed_source(self) -> str:
-        """The source the run starts from: the seed LM (self) or the seed network."""
-        return refinement.render(refinement.seed_design(self.config, self.target), self.target)
+        """The source the run starts from: its family's seed design."""
+        return self.family.render(self.family.seed_design(self.config))
 
     def lm_source(self, current: str) -> str:
         """The LM that does the reprogramming: the current source itself when the LM
         programs itself, the seed LM when it programs another network."""
-        if self.config.task == "self":
+        if self.task.self_programming:
             return current
-        return refinement.render(refinement.seed_design(self.config, Target("transformer")),
-                                 Target("transformer"))
+        return self.lm_family.render(self.lm_family.seed_design(self.config))
+
+    @property
+    def lm_family(self):
+        """The family of the LM's own sources: the self-programming task's."""
+        return get_family(SELF.family)
 
     # -- preparation (trusted, once per run) -----------------------------------------
     def prepare(self) -> None:
@@ -73,18 +81,18 @@ class RunContext:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         cfg = self.config
-        pairs = refinement.make_pairs(cfg, self.target, cfg.dataset_size, seed=cfg.seed)
+        pairs = refinement.make_pairs(cfg, self.task, cfg.dataset_size, seed=cfg.seed)
         texts = [t for p in pairs for t in p] + [self.seed_source(), self.lm_source(self.seed_source())]
         tok = tk.train_tokenizer(texts, cfg.vocab_size)
         tk.save(tok, self.dir / "tokenizer.json")
         refinement.encode_pairs(tok, pairs, self.dir / "corpus.safetensors")
-        if cfg.task == "self":
+        if self.task.self_programming:
             # "extended few-shot": the first samples of the same corpus
             refinement.encode_pairs(tok, pairs[:cfg.fewshot_samples], self.dir / "fewshot.safetensors")
         else:
-            from pipeline.datasets import get_task, save
-            data = get_task(cfg.task).load(self.settings.data_dir or None, train_samples=cfg.train_samples,
-                                           eval_samples=cfg.eval_samples, seed=cfg.seed)
+            from pipeline.datasets import save
+            data = self.task.load(self.settings.data_dir or None, train_samples=cfg.train_samples,
+                                  eval_samples=cfg.eval_samples, seed=cfg.seed)
             save(data, self.dir / "task.safetensors")
         (self.dir / "prepared").write_text("ok\n")
 
@@ -99,13 +107,13 @@ class RunContext:
 
     def lm_dir(self, iteration: int) -> Path:
         # Programming another network: one LM for the whole run, trained once.
-        return self.dir / ("lm" if self.config.task != "self" else f"lm-i{iteration}")
+        return self.dir / (f"lm-i{iteration}" if self.task.self_programming else "lm")
 
     def train_job(self, iteration: int, current: str) -> Job:
         cfg = self.config
         return Job(
             job_id=self._job_id("lm", iteration, "train"), kind="train_lm",
-            source=self.lm_source(current), model_kind="t5",
+            source=self.lm_source(current), model_kind=self.lm_family.MODEL_KIND,
             inputs={"data": str(self.dir / "corpus.safetensors")},
             params={"vocab_size": self.tokenizer.get_vocab_size(), "epochs": cfg.lm_epochs,
                     "max_steps": cfg.lm_max_steps, "seed": cfg.seed + iteration,
@@ -118,7 +126,7 @@ class RunContext:
         cfg = self.config
         return Job(
             job_id=self._job_id("lm", iteration, "generate"), kind="generate",
-            source=self.lm_source(current), model_kind="t5",
+            source=self.lm_source(current), model_kind=self.lm_family.MODEL_KIND,
             inputs={"weights": str(self.lm_dir(iteration) / "weights.safetensors")},
             params={"vocab_size": self.tokenizer.get_vocab_size(), "n": cfg.candidates,
                     "prompt_ids": tk.encode(self.tokenizer, current),
@@ -132,15 +140,16 @@ class RunContext:
     def evaluate_job(self, arm: str, iteration: int, index: int, source: str) -> Job:
         cfg = self.config
         params = {"seed": cfg.seed, "num_threads": cfg.num_threads, "device": self.settings.device,
-                  "score": self.score_kind, "max_params": cfg.max_candidate_params}
-        if cfg.task == "self":
-            model_kind, data = "t5", self.dir / "fewshot.safetensors"
+                  "score": self.task.score, "max_params": cfg.max_candidate_params}
+        if self.task.self_programming:
+            # the LM's own source, scored by its few-shot loss on the refinement corpus
+            data = self.dir / "fewshot.safetensors"
             params.update(vocab_size=self.tokenizer.get_vocab_size(), epochs=cfg.fewshot_epochs)
         else:
-            model_kind, data = "cnn", self.dir / "task.safetensors"
-            params.update(input_shape=list(self.target.input_shape),
-                          num_classes=self.target.num_classes, epochs=cfg.task_epochs)
+            data = self.dir / "task.safetensors"
+            params.update(input_shape=list(self.task.input_shape),
+                          num_classes=self.task.num_classes, epochs=cfg.task_epochs)
         return Job(job_id=self._job_id(arm, iteration, f"c{index}"), kind="evaluate",
-                   source=source, model_kind=model_kind, inputs={"data": str(data)},
+                   source=source, model_kind=self.family.MODEL_KIND, inputs={"data": str(data)},
                    params=params, limits=self._limits(cfg.eval_timeout_s))
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.catalog import UnknownTask, get_task
+
 
 class ConfigError(ValueError):
     """Bad configuration: the message is meant for the user, one line."""
@@ -189,12 +191,13 @@ PRESETS: dict[str, RunConfig] = {
 }
 
 
-# Programming another network (a vision task) changes two defaults of every preset,
-# unless the run sets them itself:
+# Programming another network (a task that is not self-programming, e.g. a vision task)
+# changes two defaults of every preset, unless the run sets them itself:
 # - arms: the random control arm runs beside the LM, same budget and seeds, same run;
-# - max_new_tokens: at least 256, because CNN sources are longer than LM sources (up to
-#   ~200 tokens with 8 convs and 8 dense layers); a shorter budget cuts candidates off
-#   mid-source and they end rejected as syntax errors.
+# - max_new_tokens: at least 256, because CNN sources are longer than LM sources (~100
+#   tokens against ~40 with the run's own tokenizer, the same for every design); a budget
+#   near the source's length cuts off a candidate that wanders a little, and it ends
+#   rejected as a syntax error.
 VISION_ARMS = ("lm", "random")
 VISION_MIN_NEW_TOKENS = 256
 
@@ -203,7 +206,12 @@ def preset(name: str, **overrides: Any) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (choose {', '.join(sorted(PRESETS))})")
     base = PRESETS[name]
-    if overrides.get("task", base.task) != "self":
+    task = overrides.get("task") or base.task
+    try:
+        self_programming = get_task(task).self_programming
+    except UnknownTask as exc:
+        raise ConfigError(str(exc)) from None
+    if not self_programming:
         vision: dict[str, Any] = {"arms": VISION_ARMS,
                                   "max_new_tokens": max(base.max_new_tokens, VISION_MIN_NEW_TOKENS)}
         overrides = {**vision, **{k: v for k, v in overrides.items() if v is not None}}

@@ -5,7 +5,6 @@ only because these are the family's own renderings, never generated candidates.
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import math
 import random
@@ -15,9 +14,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.families import cnn
+from pipeline.catalog import get_task, task_names
+from pipeline.families import cnn, get_family
+from pipeline.families.source import int_literals
 
 TASK_SHAPES = [((1, 28, 28), 10), ((1, 28, 28), 62), ((3, 32, 32), 10), ((1, 8, 8), 10), ((1, 40), 10)]
+# every registered task of the family, as (input_shape, num_classes)
+CATALOG_SHAPES = sorted({(get_task(n).input_shape, get_task(n).num_classes) for n in task_names()
+                         if get_task(n).family == "cnn"})
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
 
@@ -31,8 +35,7 @@ def designs(max_channels=512, max_hidden=1024):
             d = cnn.refine(d, rng)
         # keep the exec'd networks small enough for a CPU test; the wide corners are
         # built once each in test_extreme_designs_build
-        return cnn.Design(d.hidden_layers, d.conv_layers,
-                          min(d.channels, max_channels) if d.conv_layers else cnn.NO_CONV_CHANNELS,
+        return cnn.Design(d.hidden_layers, d.conv_layers, min(d.channels, max_channels),
                           min(d.hidden_size, max_hidden))
     return build()
 
@@ -41,6 +44,14 @@ def build(source, input_shape, num_classes):
     ns: dict = {}
     exec(compile(source, "<rendered>", "exec"), ns)  # our own rendering, see module docstring
     return ns["build_model"](input_shape, num_classes), ns["train"]
+
+
+def linears(model) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def convs(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
 
 
 def in_range(d: cnn.Design) -> bool:
@@ -89,8 +100,31 @@ def test_refine_changes_exactly_one_parameter_by_one_step(d, seed):
 def test_refinement_always_changes_the_source(d, seed):
     # A pair (source, refined) with identical text would teach the LM nothing.
     r = cnn.refine(d, random.Random(seed))
-    for shape, classes in TASK_SHAPES:
-        assert cnn.render(d, shape, classes) != cnn.render(r, shape, classes)
+    assert cnn.render(d) != cnn.render(r)
+
+
+@given(designs(), seeds)
+def test_every_refinement_changes_exactly_one_integer_literal(d, seed):
+    r = cnn.refine(d, random.Random(seed))
+    a, b = int_literals(cnn.render(d)), int_literals(cnn.render(r))
+    assert len(a) == len(b)
+    assert sum(x != y for x, y in zip(a, b)) == 1, (a, b)
+    # and that literal is the whole edit: one line differs
+    la, lb = cnn.render(d).splitlines(), cnn.render(r).splitlines()
+    assert len(la) == len(lb) and sum(x != y for x, y in zip(la, lb)) == 1
+
+
+def test_the_seed_is_a_member_of_the_sample_space():
+    assert in_range(cnn.SEED) and is_pow2(cnn.SEED.channels) and is_pow2(cnn.SEED.hidden_size)
+    # sampling reaches it, and its source has the shape every sampled source has
+    rng = random.Random(0)
+    assert any(cnn.sample(rng).params() == cnn.SEED.params() for _ in range(60_000))
+    seed_src = cnn.render(cnn.SEED)
+    for d in (cnn.sample(random.Random(i)) for i in range(20)):
+        assert len(int_literals(cnn.render(d))) == len(int_literals(seed_src))
+    fam = get_family("cnn")
+    assert fam is cnn and fam.MODEL_KIND == "cnn" and fam.seed_design(None) == cnn.SEED
+    assert fam.design_from_params(fam.parse(seed_src), None) == cnn.SEED
 
 
 def test_refine_reaches_every_move():
@@ -104,6 +138,7 @@ def test_refine_reaches_every_move():
 def test_refine_at_the_corners_stays_in_range():
     rng = random.Random(2)
     for d in [cnn.SEED,
+              cnn.Design(hidden_layers=1, conv_layers=0, channels=512, hidden_size=1024),
               cnn.Design(hidden_layers=8, conv_layers=8, channels=512, hidden_size=1024),
               cnn.Design(hidden_layers=1, conv_layers=1, channels=16, hidden_size=16)]:
         for _ in range(200):
@@ -119,18 +154,25 @@ def test_design_rejects_out_of_range_and_non_power_of_two():
         cnn.Design(hidden_layers=1, conv_layers=1, channels=32, hidden_size=2048)
 
 
+def test_no_channels_move_without_convs():
+    # the edit could not change the network; its candidate would repeat the incumbent
+    rng = random.Random(3)
+    d = cnn.Design(hidden_layers=4, conv_layers=0, channels=64, hidden_size=64)
+    assert all(cnn.refine(d, rng).channels == 64 for _ in range(300))
+
+
 def test_seed_is_the_papers_initial_network():
-    src = cnn.render(cnn.SEED, (1, 28, 28), 10)
-    assert cnn.parse(src) == {"hidden_layers": 1, "conv_layers": 0, "channels": cnn.NO_CONV_CHANNELS,
-                              "hidden_size": 16}
-    assert "nn.Linear(784, 16)" in src and "nn.Linear(16, 10)" in src
-    assert "Conv" not in src
+    src = cnn.render(cnn.SEED)
+    assert cnn.parse(src) == {"hidden_layers": 1, "conv_layers": 0, "channels": 32, "hidden_size": 16}
+    assert "CONV_LAYERS = 0\nCHANNELS = 32\nHIDDEN_LAYERS = 1\nHIDDEN_SIZE = 16\n" in src
+    model, _ = build(src, (1, 28, 28), 10)
+    assert [(m.in_features, m.out_features) for m in linears(model)] == [(784, 16), (16, 10)]
+    assert not convs(model)
 
 
-@given(designs(), st.sampled_from(TASK_SHAPES))
-def test_parse_reads_back_the_design(d, task):
-    shape, classes = task
-    assert cnn.parse(cnn.render(d, shape, classes)) == d.params()
+@given(designs())
+def test_parse_reads_back_the_design(d):
+    assert cnn.parse(cnn.render(d)) == d.params()
 
 
 def test_parse_rejects_other_shapes():
@@ -138,10 +180,14 @@ def test_parse_rejects_other_shapes():
     assert cnn.parse("import torch\nx = 1\n") is None
     assert cnn.parse("from torch import nn\nm = nn.Linear(4, 2)\n") is None  # no hidden layer
     assert cnn.parse("from torch import nn\nw = 8\nm = nn.Sequential(nn.Linear(4, w), nn.Linear(w, 2))\n") is None
+    src = cnn.render(cnn.SEED)
+    assert cnn.parse(src.replace("HIDDEN_SIZE = 16", "HIDDEN_SIZE = 2 * 8")) is None   # not a literal
+    assert cnn.parse(src.replace("CHANNELS = 32\n", "")) is None                       # one missing
+    assert cnn.parse(src.replace("CHANNELS = 32\n", "CHANNELS = True\n")) is None
 
 
 def test_parse_does_not_run_the_source():
-    src = cnn.render(cnn.SEED, (1, 28, 28), 10) + "\nraise SystemExit('ran')\n"
+    src = cnn.render(cnn.SEED) + "\nraise SystemExit('ran')\n"
     assert cnn.parse(src)["hidden_size"] == 16
 
 
@@ -149,7 +195,7 @@ def test_parse_does_not_run_the_source():
 @given(designs(max_channels=32, max_hidden=64), st.sampled_from(TASK_SHAPES))
 def test_every_rendered_source_builds_and_runs_a_forward_pass(d, task):
     shape, classes = task
-    model, train = build(cnn.render(d, shape, classes), shape, classes)
+    model, train = build(cnn.render(d), shape, classes)
     assert isinstance(model, torch.nn.Module)
     with torch.no_grad():
         out = model(torch.randn(3, *shape))
@@ -158,13 +204,12 @@ def test_every_rendered_source_builds_and_runs_a_forward_pass(d, task):
     assert isinstance(optimizer, torch.optim.Optimizer) and batch_size == d.batch_size
 
 
-@pytest.mark.parametrize("shape,classes", TASK_SHAPES)
+@pytest.mark.parametrize("shape,classes", sorted(set(TASK_SHAPES) | set(CATALOG_SHAPES)))
 def test_deepest_conv_stacks_build_on_every_input(shape, classes):
     # 0..8 convs: the spatial size must never fall below 1 (padding/pool clamps).
     for conv_layers in range(9):
-        channels = 16 if conv_layers else cnn.NO_CONV_CHANNELS
-        d = cnn.Design(hidden_layers=2, conv_layers=conv_layers, channels=channels, hidden_size=16)
-        model, _ = build(cnn.render(d, shape, classes), shape, classes)
+        d = cnn.Design(hidden_layers=2, conv_layers=conv_layers, channels=16, hidden_size=16)
+        model, _ = build(cnn.render(d), shape, classes)
         with torch.no_grad():
             assert model(torch.randn(2, *shape)).shape == (2, classes)
 
@@ -173,27 +218,28 @@ def test_deepest_conv_stacks_build_on_every_input(shape, classes):
 def test_extreme_designs_build(shape, classes):
     for d in [cnn.Design(hidden_layers=8, conv_layers=8, channels=512, hidden_size=1024),
               cnn.Design(hidden_layers=1, conv_layers=2, channels=512, hidden_size=1024)]:
-        model, _ = build(cnn.render(d, shape, classes), shape, classes)
+        model, _ = build(cnn.render(d), shape, classes)
         with torch.no_grad():
             assert model(torch.randn(1, *shape)).shape == (1, classes)
 
 
-def _linear_in_features(source):
-    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and cnn._name(n.func) == "Linear"]
-    calls.sort(key=lambda n: (n.lineno, n.col_offset))
-    return [c.args[0].value for c in calls]
+def _linear_in_features(source, shape, classes=10):
+    model, _ = build(source, shape, classes)
+    return [m.in_features for m in linears(model)]
 
 
 def test_adding_convs_recomputes_in_features_table2():
     # Paper Table 2: an MLP on 28x28 gains two 3x3 convs and a 2x2 max-pool; the first
     # dense layer's input is re-computed. Here: 28 -> 26 -> 24 -> pool 12, so 128*12*12.
-    mlp = cnn.Design(hidden_layers=2, conv_layers=0, channels=cnn.NO_CONV_CHANNELS, hidden_size=64)
-    assert _linear_in_features(cnn.render(mlp, (1, 28, 28), 62)) == [784, 64, 64]
+    mlp = cnn.Design(hidden_layers=2, conv_layers=0, channels=128, hidden_size=64)
+    assert _linear_in_features(cnn.render(mlp), (1, 28, 28), 62) == [784, 64, 64]
     convnet = cnn.Design(hidden_layers=2, conv_layers=2, channels=128, hidden_size=64)
-    src = cnn.render(convnet, (1, 28, 28), 62)
-    assert "nn.Conv2d(1, 128, 3)" in src and "nn.Conv2d(128, 128, 3)" in src and "nn.MaxPool2d(2)" in src
-    assert _linear_in_features(src) == [128 * 12 * 12, 64, 64]
+    src = cnn.render(convnet)
     model, _ = build(src, (1, 28, 28), 62)
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs(model)] == \
+        [(1, 128, (3, 3), (0, 0)), (128, 128, (3, 3), (0, 0))]
+    assert [type(m).__name__ for m in model.features] == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d"]
+    assert _linear_in_features(src, (1, 28, 28), 62) == [128 * 12 * 12, 64, 64]
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 62)
 
@@ -212,11 +258,11 @@ HAND_SPATIAL = {
 @pytest.mark.parametrize("shape", list(HAND_SPATIAL))
 def test_each_conv_refinement_recomputes_in_features(shape):
     d = cnn.Design(hidden_layers=1, conv_layers=0, channels=32, hidden_size=16)
-    assert _linear_in_features(cnn.render(d, shape, 10))[0] == math.prod(shape)
+    assert _linear_in_features(cnn.render(d), shape)[0] == math.prod(shape)
     for conv_layers in (1, 2, 3):
         d = cnn.Design(d.hidden_layers, conv_layers, d.channels, d.hidden_size)
-        src = cnn.render(d, shape, 10)
-        assert _linear_in_features(src)[0] == 32 * HAND_SPATIAL[shape][conv_layers]
+        src = cnn.render(d)
+        assert _linear_in_features(src, shape)[0] == 32 * HAND_SPATIAL[shape][conv_layers]
         model, _ = build(src, shape, 10)
         with torch.no_grad():
             assert model(torch.randn(2, *shape)).shape == (2, 10)
@@ -224,16 +270,18 @@ def test_each_conv_refinement_recomputes_in_features(shape):
 
 def test_one_dimensional_inputs_use_conv1d():
     d = cnn.Design(hidden_layers=1, conv_layers=2, channels=16, hidden_size=16)
-    src = cnn.render(d, (1, 40), 10)
-    assert "nn.Conv1d(1, 16, 3)" in src and "nn.MaxPool1d(2)" in src and "Conv2d" not in src
-    assert _linear_in_features(src)[0] == 16 * 18  # 40 -> 38 -> 36 -> pool 18
+    model, _ = build(cnn.render(d), (1, 40), 10)
+    assert [type(m).__name__ for m in model.features] == ["Conv1d", "ReLU", "Conv1d", "ReLU", "MaxPool1d"]
+    assert (convs(model)[0].in_channels, convs(model)[0].out_channels) == (1, 16)
+    assert _linear_in_features(cnn.render(d), (1, 40))[0] == 16 * 18  # 40 -> 38 -> 36 -> pool 18
 
 
 def test_flat_inputs_render_no_convs():
     d = cnn.Design(hidden_layers=1, conv_layers=3, channels=16, hidden_size=16)
-    src = cnn.render(d, (20,), 5)
-    assert "Conv" not in src and _linear_in_features(src)[0] == 20
+    src = cnn.render(d)
+    assert _linear_in_features(src, (20,), 5)[0] == 20
     model, _ = build(src, (20,), 5)
+    assert not convs(model)
     assert model(torch.randn(2, 20)).shape == (2, 5)
 
 
@@ -241,7 +289,9 @@ def test_wrong_in_features_would_fail():
     # Guard that the forward-pass tests can fail: a source whose first dense layer has
     # the wrong input size does not run.
     d = cnn.Design(hidden_layers=1, conv_layers=2, channels=16, hidden_size=16)
-    src = cnn.render(d, (1, 28, 28), 10).replace(f"nn.Linear({16 * 12 * 12}, 16)", "nn.Linear(784, 16)")
+    right = "in_features = in_channels * math.prod(size)"
+    assert right in cnn.render(d)
+    src = cnn.render(d).replace(right, "in_features = 784")
     model, _ = build(src, (1, 28, 28), 10)
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 1, 28, 28))
@@ -252,17 +302,17 @@ _policy_missing = importlib.util.find_spec("sandbox.policy") is None
 
 @pytest.mark.skipif(_policy_missing, reason="sandbox/policy.py (the AST gate) is not in the tree yet")
 @settings(max_examples=30, deadline=None)
-@given(designs(), st.sampled_from(TASK_SHAPES))
-def test_rendered_sources_pass_the_policy_gate(d, task):
+@given(designs(), seeds)
+def test_rendered_sources_pass_the_policy_gate(d, seed):
     from sandbox import policy
-    shape, classes = task
-    verdict = policy.check(cnn.render(d, shape, classes))
-    assert verdict.ok, verdict
+    for design in (d, cnn.refine(d, random.Random(seed))):
+        verdict = policy.check(cnn.render(design))
+        assert verdict.ok, verdict
 
 
 @pytest.mark.skipif(_policy_missing, reason="sandbox/policy.py (the AST gate) is not in the tree yet")
 def test_policy_gate_test_can_fail():
     # The gate really looks at our sources: the same source with an open() is refused.
     from sandbox import policy
-    src = cnn.render(cnn.SEED, (1, 28, 28), 10) + "\nopen('/etc/passwd')\n"
+    src = cnn.render(cnn.SEED) + "\nopen('/etc/passwd')\n"
     assert not policy.check(src).ok

@@ -27,14 +27,13 @@ def test_rendered_transformer_sources_pass(seed, d_model, lr, batch_size):
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1),
-       shape=st.sampled_from([(1, 28, 28), (3, 32, 32), (1, 8, 8)]),
-       classes=st.sampled_from([10, 62]))
-def test_rendered_cnn_sources_pass(seed, shape, classes):
+@given(seed=st.integers(0, 2**32 - 1))
+def test_rendered_cnn_sources_pass(seed):
+    # one source text per design, whatever the task's input shape
     rng = random.Random(seed)
     design = cnn.sample(rng)
     for d in (design, cnn.refine(design, rng)):
-        verdict = check(cnn.render(d, shape, classes))
+        verdict = check(cnn.render(d))
         assert verdict.ok, verdict
 
 

@@ -1,15 +1,20 @@
 """Refinement corpus and tokenizer: deterministic, and digits stay single tokens."""
 import random
 
+import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 from pipeline import refinement
 from pipeline import tokenizer as tk
-from pipeline.refinement import Target
+from pipeline.catalog import get_task
+from pipeline.families import get_family
+from pipeline.families.source import int_literals
 from pipeline.settings import preset
+from sandbox.policy import check
 
-T5 = Target("transformer")
+T5 = get_task("self")
 
 
 def test_pairs_are_deterministic_for_a_seed_and_differ_across_seeds():
@@ -62,3 +67,38 @@ def test_random_refinement_of_a_parsed_source_changes_one_parameter():
     out = refinement.render(refinement.refine(design, random.Random(0), T5), T5)
     a, b = refinement.parse(seed_src, T5), refinement.parse(out, T5)
     assert sum(a[k] != b[k] for k in ("num_layers", "num_decoder_layers", "d_ff", "num_heads")) == 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(task=st.sampled_from(["self", "digits", "mnist1d", "cifar10"]), seed=st.integers(0, 2**31))
+def test_every_corpus_pair_differs_in_exactly_one_integer_literal(task, seed):
+    spec = get_task(task)
+    cfg = preset("quick", task=task)
+    seed_literals = int_literals(refinement.render(refinement.seed_design(cfg, spec), spec))
+    for src, ref in refinement.make_pairs(cfg, spec, 10, seed=seed):
+        a, b = int_literals(src), int_literals(ref)
+        # every source of a family has the seed's shape: the same literals, in place
+        assert len(a) == len(b) == len(seed_literals)
+        assert sum(x != y for x, y in zip(a, b)) == 1, (a, b)
+        for text in (src, ref):
+            assert check(text).ok
+            parsed = refinement.parse(text, spec)
+            design = refinement.design_from_params(parsed, cfg, spec)
+            assert refinement.render(design, spec) == text          # render/parse round trip
+
+
+@pytest.mark.parametrize("task", ["self", "digits"])
+def test_the_seed_source_round_trips_and_passes_the_gate(task):
+    spec = get_task(task)
+    cfg = preset("quick", task=task)
+    seed = refinement.seed_design(cfg, spec)
+    src = refinement.render(seed, spec)
+    assert check(src).ok
+    assert refinement.design_from_params(refinement.parse(src, spec), cfg, spec) == seed
+    assert get_family(spec.family).MODEL_KIND == ("t5" if spec.self_programming else "cnn")
+
+
+def test_int_literals_lists_the_integers_as_written_in_order():
+    src = "A = 10\nB = 0.5\nC = f(3, 1e3 if x else 2)  # 99\nD = 'text 5'\n"
+    assert int_literals(src) == ["10", "3", "2"]
+    assert int_literals("x = (1,\n") is None   # does not tokenize

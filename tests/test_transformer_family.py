@@ -3,7 +3,10 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
+from pipeline.families import get_family
 from pipeline.families import transformer as T
+from pipeline.families.source import int_literals
+from pipeline.settings import RunConfig, preset
 from sandbox.policy import check
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
@@ -96,3 +99,50 @@ def test_a_rendered_source_builds_a_t5_without_any_download(seed):
 def test_parse_refuses_what_is_not_a_t5_source():
     assert T.parse("x = 1") is None
     assert T.parse("def (") is None
+
+
+@given(seeds, seeds, st.sampled_from([16, 32, 64, 512]))
+def test_every_refinement_changes_exactly_one_integer_literal(seed, rseed, d_model):
+    d = T.sample(random.Random(seed), d_model=d_model, lr=1e-3, batch_size=16)
+    r = T.refine(d, random.Random(rseed))
+    a, b = int_literals(T.render(d)), int_literals(T.render(r))
+    assert len(a) == len(b)
+    assert sum(x != y for x, y in zip(a, b)) == 1, (a, b)
+    # and the rest of the text is the same: the literal is the whole edit
+    ta, tb = T.render(d).splitlines(), T.render(r).splitlines()
+    assert len(ta) == len(tb) and sum(x != y for x, y in zip(ta, tb)) == 1
+
+
+def test_a_heads_change_edits_one_number_and_d_kv_follows():
+    d = T.Design(2, 2, 1024, 8, d_model=512)
+    r = T.Design(2, 2, 1024, 9, d_model=512)
+    a, b = int_literals(T.render(d)), int_literals(T.render(r))
+    assert [(x, y) for x, y in zip(a, b) if x != y] == [("8", "9")]
+    assert T.parse(T.render(r))["d_kv"] == 512 // 9
+    assert "d_kv=D_MODEL // NUM_HEADS" in T.render(r)
+
+
+def test_parse_reads_literals_written_into_the_config_call_too():
+    # A generated candidate may inline a number instead of naming the constant.
+    src = T.render(T.Design(2, 2, 1024, 8, d_model=64)).replace("d_ff=D_FF", "d_ff=333") \
+        .replace("d_kv=D_MODEL // NUM_HEADS", "d_kv=16")
+    parsed = T.parse(src)
+    assert parsed["d_ff"] == 333 and parsed["d_kv"] == 16 and parsed["num_heads"] == 8
+
+
+@given(st.sampled_from([preset("quick"), preset("paper"), RunConfig(d_model=64, seed_heads=4)]))
+def test_the_seed_is_a_member_of_the_sample_space(config):
+    fam = get_family("transformer")
+    seed = fam.seed_design(config)
+    for p, (lo, hi) in T.RANGES.items():
+        assert lo <= getattr(seed, p) <= hi
+    # same shape as every sampled source: same text around the same number of literals
+    sampled = fam.render(fam.sample_design(random.Random(0), config))
+    assert len(int_literals(fam.render(seed))) == len(int_literals(sampled))
+    src = fam.render(seed)
+    assert fam.design_from_params(fam.parse(src), config) == seed
+    assert check(src).ok
+
+
+def test_the_family_is_registered_with_its_model_kind():
+    assert get_family("transformer") is T and T.MODEL_KIND == "t5" and T.NAME == "transformer"

@@ -113,13 +113,12 @@ def test_digits_quick_run_both_arms_end_to_end(database_url, tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000, f
 
 
-def _source_with_in_features(design: cnn.Design, shape, classes, wrong: int) -> str:
+def _source_with_in_features(design: cnn.Design, wrong: int) -> str:
     """A rendered source whose first dense layer expects `wrong` input features."""
-    src = cnn.render(design, shape, classes)
-    _, right = cnn.conv_plan(design, shape)
-    first = f"nn.Linear({right}, {design.hidden_size})"
-    assert first in src and wrong != right
-    return src.replace(first, f"nn.Linear({wrong}, {design.hidden_size})", 1)
+    src = cnn.render(design)
+    right = "in_features = in_channels * math.prod(size)"
+    assert right in src
+    return src.replace(right, f"in_features = {wrong}", 1)
 
 
 def test_wrong_in_features_ends_invalid_with_the_shape_error(sqlite_url, tmp_path):
@@ -130,14 +129,15 @@ def test_wrong_in_features_ends_invalid_with_the_shape_error(sqlite_url, tmp_pat
     two_convs = cnn.Design(hidden_layers=1, conv_layers=2, channels=32, hidden_size=16)
 
     def sources(ctx):
-        shape, classes = ctx.target.input_shape, ctx.target.num_classes
+        assert ctx.task.input_shape == (1, 8, 8)   # the right sizes below are digits'
         return [
             # the paper's Table 2 edit done wrong: convs added, in_features not recomputed
-            _source_with_in_features(two_convs, shape, classes, wrong=64),
-            # a dense-only network with the wrong flattened size
-            _source_with_in_features(cnn.SEED, shape, classes, wrong=60),
+            # (8x8 -> 6x6 -> 4x4 -> pool 2x2: 32 * 4 = 128 is right)
+            _source_with_in_features(two_convs, wrong=64),
+            # a dense-only network with the wrong flattened size (64 is right)
+            _source_with_in_features(cnn.SEED, wrong=60),
             # the same edit done right: it runs and is scored
-            cnn.render(two_convs, shape, classes),
+            cnn.render(two_convs),
         ]
     store, ctx, inc = iteration_at_evaluation(settings, config, sources)
     run_id = ctx.run_id

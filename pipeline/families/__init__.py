@@ -1,15 +1,66 @@
-"""Families of model sources the LM learns to refine.
+"""The family registry: each family of model sources the LM learns to refine is one module.
 
-A family knows its design parameters and their ranges, how to sample a design, how to
-refine one (change exactly one parameter), how to render a design as a runnable Python
-module, and how to read the design back from a source by parsing it (never by running it).
+A family module knows its design parameters and their ranges, how to sample a design,
+how to refine one (change exactly one parameter), how to render a design as a runnable
+Python module, and how to read the design back from a source by parsing it (never by
+running it). The rest of the pipeline reaches a family only through `get_family(name)`
+and the attributes below; a task (pipeline/catalog.py) names its family.
+
+What a family module provides:
+
+    NAME            the registry key ("transformer", "cnn")
+    MODEL_KIND      how the sandbox harness builds its sources (a sandbox.schema MODEL_KINDS
+                    entry): "t5" calls build_model(vocab_size), "cnn" calls
+                    build_model(input_shape, num_classes)
+    PARAMS          the design parameter names, in display order
+    RANGES          {param: (lo, hi)}
+    Design          a frozen dataclass with .params() -> {param: int} and .to_dict()
+    seed_design(config)              the run's starting design (config: a RunConfig)
+    sample_design(rng, config)       a design drawn from the family's sample space
+    refine(design, rng)              the same design with exactly one parameter moved
+    render(design) -> str            the source; one integer literal per design parameter
+    parse(source) -> dict | None     the design parameters a source writes, or None
+    design_from_params(params, config)  the Design a parsed source of ours describes
+
+Adding a family: one module with these names, and one `register_family(module)` line
+(below for the built-in ones).
 """
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 from pipeline.families import cnn, transformer
 
-FAMILIES = {"transformer": transformer, "cnn": cnn}
+REQUIRED = ("NAME", "MODEL_KIND", "PARAMS", "RANGES", "Design", "seed_design", "sample_design",
+            "refine", "render", "parse", "design_from_params")
+
+FAMILIES: dict[str, Any] = {}
 
 
-def family_for_task(task: str):
-    return transformer if task == "self" else cnn
+class UnknownFamily(ValueError):
+    pass
+
+
+def register_family(family: ModuleType | Any) -> Any:
+    """Add a family (a module, or any object with the REQUIRED attributes); returns it."""
+    missing = [a for a in REQUIRED if not hasattr(family, a)]
+    if missing:
+        raise TypeError(f"family {getattr(family, 'NAME', family)!r} lacks {', '.join(missing)}")
+    FAMILIES[family.NAME] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    FAMILIES.pop(name, None)
+
+
+def get_family(name: str) -> Any:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnknownFamily(f"unknown family {name!r}; families: {', '.join(FAMILIES)}") from None
+
+
+register_family(transformer)
+register_family(cnn)

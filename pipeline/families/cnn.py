@@ -1,41 +1,49 @@
 """CNN sources: the family the LM programs for vision tasks (paper sections 3.2, 4.2).
 
-A design is the paper's four parameters: hidden (dense) layers 1..8, conv layers 0..8,
-channels 16..512 (the width of every conv layer) and hidden size 16..1024 (the width of
+A design is the paper's four parameters: conv layers 0..8, channels 16..512 (the width
+of every conv layer), hidden (dense) layers 1..8 and hidden size 16..1024 (the width of
 every hidden dense layer). Depths move by one; widths are powers of two and move by a
-factor of two, because the paper reads widths on a log2 scale (its Figure 5).
+factor of two, because the paper reads widths on a log2 scale (its Figure 5): a +-1
+step on a width of 16..1024 would take hundreds of refinements to cross the range.
 
-Rendering rules (what `render` writes, and what `conv_plan` computes):
-- A source is a `Net(nn.Module)` with two `nn.Sequential`s, `features` (the convs) and
-  `classifier` (Flatten, then `hidden_layers` Linear+ReLU blocks, then the output
-  Linear). Every size is written out as a literal, like the paper's Table 2, so a
-  refinement changes few tokens: one layer's lines and the first dense `in_features`.
+A source writes the design as four module-level integer constants, one literal each:
+
+    CONV_LAYERS = 0
+    CHANNELS = 32
+    HIDDEN_LAYERS = 1
+    HIDDEN_SIZE = 16
+
+and the same code for every design: `Net(input_shape, num_classes)` builds its layers
+in loops over those constants and computes every size (the first dense layer's
+`in_features` included) from the input shape it is given, so the source is the same
+for every task and one refinement changes exactly one integer literal. The seed (one
+hidden layer of 16 units, no convs) is a member of the sample space like any design.
+
+What the code builds (the rules of `render`'s `Net`):
 - Convs are 3-wide kernels (Conv2d on [C, H, W] inputs, Conv1d on [C, L] inputs), each
   followed by a ReLU. A conv has no padding (it shrinks the size by 2) while the
   smallest spatial side is at least 5; below that it uses `padding=1` and keeps the
   size, so a deep stack never shrinks a side below 3 (or below the input's own size).
 - After every second conv comes a 2-wide max-pool, while the smallest side is at least
   4 (so a pool never leaves a side below 2).
-- The first dense layer's `in_features` is channels x the spatial size after that plan,
-  or the flattened input size when there are no convs.
-- Flat inputs ([D], no channel axis) cannot take convs: their sources render the conv
-  layers as nothing, so for them `parse(render(d))` reports 0 conv layers.
-- A network without convs has no conv width to show, so a design with 0 conv layers
-  always has `channels == NO_CONV_CHANNELS` (the width the first conv gets when one is
-  added). That keeps the source the whole design: `parse(render(d)) == d.params()`.
-  It is why `refine` does not change channels while there are no convs, and removes the
-  last conv only when the conv width is back at NO_CONV_CHANNELS: either move would
-  otherwise be invisible in the source, or change two parameters at once.
+- Then Flatten, `HIDDEN_LAYERS` blocks of Linear(HIDDEN_SIZE) + ReLU, and the output
+  Linear(num_classes).
+- Flat inputs ([D], no channel axis) take no convs: CONV_LAYERS is read but builds
+  nothing.
+
+CHANNELS is written even when there are no convs (the seed writes 32); `refine` does
+not move it while CONV_LAYERS is 0, because that edit could not change the network
+and its candidate would only repeat the incumbent's score.
 """
 from __future__ import annotations
 
-import ast
-import math
 import random
 from dataclasses import asdict, dataclass, replace
 
-from sandbox.policy import parse_untrusted
+from pipeline.families.source import constants_block, int_constants, parse_module
 
+NAME = "cnn"
+MODEL_KIND = "cnn"
 RANGES = {
     "hidden_layers": (1, 8),
     "conv_layers": (0, 8),
@@ -44,7 +52,9 @@ RANGES = {
 }
 PARAMS = tuple(RANGES)
 WIDTHS = ("channels", "hidden_size")  # powers of two, moved by x2 / /2
-NO_CONV_CHANNELS = 32
+# design parameter -> the constant a source writes it as, in the order the source does
+CONSTANTS = {"conv_layers": "CONV_LAYERS", "channels": "CHANNELS",
+             "hidden_layers": "HIDDEN_LAYERS", "hidden_size": "HIDDEN_SIZE"}
 
 
 def _is_pow2(n: int) -> bool:
@@ -70,8 +80,6 @@ class Design:
         for p in WIDTHS:
             if not _is_pow2(getattr(self, p)):
                 raise ValueError(f"{p}={getattr(self, p)} is not a power of two")
-        if self.conv_layers == 0 and self.channels != NO_CONV_CHANNELS:
-            raise ValueError(f"a design without convs has channels={NO_CONV_CHANNELS}")
 
     def params(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in PARAMS}
@@ -81,7 +89,7 @@ class Design:
 
 
 # The paper's initial network: one hidden layer of 16 units, no convs.
-SEED = Design(hidden_layers=1, conv_layers=0, channels=NO_CONV_CHANNELS, hidden_size=16)
+SEED = Design(hidden_layers=1, conv_layers=0, channels=32, hidden_size=16)
 
 
 def _pow2_choices(param: str) -> list[int]:
@@ -91,21 +99,36 @@ def _pow2_choices(param: str) -> list[int]:
 
 def sample(rng: random.Random, lr: float = 1e-3, batch_size: int = 32) -> Design:
     conv_layers = rng.randint(*RANGES["conv_layers"])
-    channels = rng.choice(_pow2_choices("channels"))  # drawn always, so the rng stream does not depend on it
     return Design(
         hidden_layers=rng.randint(*RANGES["hidden_layers"]),
         conv_layers=conv_layers,
-        channels=channels if conv_layers else NO_CONV_CHANNELS,
+        channels=rng.choice(_pow2_choices("channels")),
         hidden_size=rng.choice(_pow2_choices("hidden_size")),
         lr=lr, batch_size=batch_size,
     )
 
 
+def sample_design(rng: random.Random, config=None) -> Design:
+    """A design from the paper's ranges (the network's lr and batch are the seed's)."""
+    return sample(rng, SEED.lr, SEED.batch_size)
+
+
+def seed_design(config=None) -> Design:
+    return SEED
+
+
+def design_from_params(params: dict | None, config=None) -> Design:
+    """The design a parsed source describes (for sources we rendered ourselves)."""
+    if params is None:
+        raise ValueError("the source does not have the shape of the cnn family")
+    return Design(**{k: params[k] for k in PARAMS}, lr=SEED.lr, batch_size=SEED.batch_size)
+
+
 def refine(design: Design, rng: random.Random) -> Design:
     """Change exactly one design parameter by one step: a depth by +-1, a width x2 or /2.
 
-    Moves that leave the range, or that the source could not show (see the module
-    docstring), are not taken; another (parameter, direction) is drawn instead.
+    Moves that leave the range are not taken, nor a channels move while there are no
+    convs (see the module docstring); another (parameter, direction) is drawn instead.
     """
     moves = [(p, s) for p in PARAMS for s in (+1, -1)]
     rng.shuffle(moves)
@@ -120,78 +143,55 @@ def refine(design: Design, rng: random.Random) -> Design:
             continue
         if param == "channels" and design.conv_layers == 0:
             continue
-        if param == "conv_layers" and new == 0 and design.channels != NO_CONV_CHANNELS:
-            continue
         return replace(design, **{param: new})
     raise AssertionError("unreachable: hidden_layers can always move one way")
 
 
-def conv_plan(design: Design, input_shape: tuple[int, ...]) -> tuple[list[tuple[int, bool]], int]:
-    """The conv stack for an input shape: [(padding, pool_after)] per conv, and the
-    number of features the first dense layer receives. Rules in the module docstring."""
-    input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) not in (1, 2, 3):
-        raise ValueError(f"input_shape must be [D], [C, L] or [C, H, W], got {input_shape}")
-    if len(input_shape) == 1 or design.conv_layers == 0:
-        return [], math.prod(input_shape)
-    spatial = list(input_shape[1:])
-    plan = []
-    for i in range(1, design.conv_layers + 1):
-        if min(spatial) >= 5:
-            padding = 0
-            spatial = [s - 2 for s in spatial]
-        else:
-            padding = 1
-        pool = i % 2 == 0 and min(spatial) >= 4
-        if pool:
-            spatial = [s // 2 for s in spatial]
-        plan.append((padding, pool))
-    return plan, design.channels * math.prod(spatial)
-
-
-def render(design: Design, input_shape: tuple[int, ...], num_classes: int) -> str:
+def render(design: Design) -> str:
     """The design as a complete module: `Net`, `build_model(input_shape, num_classes)`
-    and `train(model)`, with every layer size written out for this input shape."""
-    plan, in_features = conv_plan(design, input_shape)
-    dim = "1d" if len(input_shape) == 2 else "2d"
-    in_channels = input_shape[0]
+    and `train(model)`. The same text for every task; the sizes come from the input
+    shape when the sandbox builds the model."""
+    constants = constants_block({name: getattr(design, p) for p, name in CONSTANTS.items()})
+    return f'''import math
 
-    features = []
-    for padding, pool in plan:
-        pad = ", padding=1" if padding else ""
-        features.append(f"nn.Conv{dim}({in_channels}, {design.channels}, 3{pad}),")
-        features.append("nn.ReLU(),")
-        if pool:
-            features.append(f"nn.MaxPool{dim}(2),")
-        in_channels = design.channels
-
-    classifier = ["nn.Flatten(),"]
-    width = in_features
-    for _ in range(design.hidden_layers):
-        classifier.append(f"nn.Linear({width}, {design.hidden_size}),")
-        classifier.append("nn.ReLU(),")
-        width = design.hidden_size
-    classifier.append(f"nn.Linear({width}, {num_classes}),")
-
-    indent = "\n" + " " * 12
-    features_src = (indent + indent.join(features) + "\n        ") if features else ""
-    return f'''import torch
+import torch
 from torch import nn
 
+{constants}
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, input_shape, num_classes):
         super().__init__()
-        self.features = nn.Sequential({features_src})
-        self.classifier = nn.Sequential({indent}{indent.join(classifier)}
-        )
+        in_channels = input_shape[0]
+        size = list(input_shape[1:])
+        conv = nn.Conv2d if len(size) == 2 else nn.Conv1d
+        pool = nn.MaxPool2d if len(size) == 2 else nn.MaxPool1d
+        features = []
+        for i in range(CONV_LAYERS if size else 0):
+            padding = 0 if min(size) >= 5 else 1
+            features.append(conv(in_channels, CHANNELS, 3, padding=padding))
+            features.append(nn.ReLU())
+            size = [s + 2 * padding - 2 for s in size]
+            in_channels = CHANNELS
+            if i % 2 == 1 and min(size) >= 4:
+                features.append(pool(2))
+                size = [s // 2 for s in size]
+        in_features = in_channels * math.prod(size)
+        classifier = [nn.Flatten()]
+        for _ in range(HIDDEN_LAYERS):
+            classifier.append(nn.Linear(in_features, HIDDEN_SIZE))
+            classifier.append(nn.ReLU())
+            in_features = HIDDEN_SIZE
+        classifier.append(nn.Linear(in_features, num_classes))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(*classifier)
 
     def forward(self, x):
         return self.classifier(self.features(x))
 
 
 def build_model(input_shape, num_classes):
-    return Net()
+    return Net(input_shape, num_classes)
 
 
 def train(model):
@@ -202,58 +202,14 @@ def train(model):
 
 
 def parse(source: str) -> dict[str, int] | None:
-    """Read the four design parameters from a source without running it.
-
-    conv_layers counts Conv1d/Conv2d calls, hidden_layers is the number of Linear calls
-    less the output layer; channels and hidden_size are the out-widths of the first conv
-    and the first Linear (the family's sources use one width per kind; a generated
-    candidate may not, and then the first layer speaks for it). Values are read as
-    written, not checked against RANGES. Returns None when the source does not have
-    this family's shape (no parse, fewer than two Linear layers, a non-literal width).
-    """
-    try:
-        tree = parse_untrusted(source)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):   # a source nested past
-        return None                                                   # the parser's limits
-    convs, linears = [], []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            name = _name(node.func)
-            if name in ("Conv1d", "Conv2d"):
-                convs.append(node)
-            elif name == "Linear":
-                linears.append(node)
-    if len(linears) < 2:
+    """Read the four design parameters from a source without running it: the values of
+    its module-level constants CONV_LAYERS, CHANNELS, HIDDEN_LAYERS and HIDDEN_SIZE,
+    as written (not checked against RANGES). Returns None when the source does not
+    parse or lacks one of them as an integer literal."""
+    tree = parse_module(source)
+    if tree is None:
         return None
-    # ast.walk is breadth-first: put the layers back in source order.
-    convs.sort(key=lambda n: (n.lineno, n.col_offset))
-    linears.sort(key=lambda n: (n.lineno, n.col_offset))
-    channels = _out_width(convs[0], "out_channels") if convs else NO_CONV_CHANNELS
-    hidden_size = _out_width(linears[0], "out_features")
-    if channels is None or hidden_size is None:
+    constants = int_constants(tree)
+    if any(name not in constants for name in CONSTANTS.values()):
         return None
-    return {
-        "hidden_layers": len(linears) - 1,
-        "conv_layers": len(convs),
-        "channels": channels,
-        "hidden_size": hidden_size,
-    }
-
-
-def _out_width(call: ast.Call, keyword: str) -> int | None:
-    """The second argument of Conv/Linear (positional or by keyword), if an int literal."""
-    value = call.args[1] if len(call.args) >= 2 else None
-    for kw in call.keywords:
-        if kw.arg == keyword:
-            value = kw.value
-    if isinstance(value, ast.Constant) and isinstance(value.value, int) and not isinstance(value.value, bool):
-        return value.value
-    return None
-
-
-def _name(func: ast.expr) -> str:
-    if isinstance(func, ast.Attribute):
-        return func.attr
-    if isinstance(func, ast.Name):
-        return func.id
-    return ""
+    return {p: constants[CONSTANTS[p]] for p in PARAMS}

@@ -1,7 +1,13 @@
 """T5 sources: the family the LM uses to program itself (paper section 4.1).
 
 A design is the four parameters the paper samples and refines. `d_model` is not a
-design parameter: it is fixed per run (preset), and `d_kv = d_model // num_heads`.
+design parameter: it is fixed per run (preset), and the source derives
+`d_kv = D_MODEL // NUM_HEADS`, so a heads refinement edits one number.
+
+A source writes each design parameter once, as a module-level integer constant
+(`NUM_LAYERS = 2`, ..., then `D_MODEL`), and the `T5Config` call names the constants.
+Every source of the family has the same text around those five numbers, the seed
+included, so one refinement changes exactly one integer literal.
 """
 from __future__ import annotations
 
@@ -9,8 +15,10 @@ import ast
 import random
 from dataclasses import asdict, dataclass, replace
 
-from sandbox.policy import parse_untrusted
+from pipeline.families.source import call_name, constants_block, int_constants, is_int, parse_module
 
+NAME = "transformer"
+MODEL_KIND = "t5"
 RANGES = {
     "num_layers": (1, 8),
     "num_decoder_layers": (1, 8),
@@ -18,6 +26,9 @@ RANGES = {
     "num_heads": (1, 16),
 }
 PARAMS = tuple(RANGES)
+# design parameter -> the constant a source writes it as
+CONSTANTS = {"num_layers": "NUM_LAYERS", "num_decoder_layers": "NUM_DECODER_LAYERS",
+             "d_ff": "D_FF", "num_heads": "NUM_HEADS", "d_model": "D_MODEL"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,27 @@ def sample(rng: random.Random, d_model: int, lr: float, batch_size: int) -> Desi
     )
 
 
+def sample_design(rng: random.Random, config) -> Design:
+    """A design from the paper's ranges, with the run's d_model, learning rate and batch."""
+    return sample(rng, config.d_model, config.lm_lr, config.lm_batch_size)
+
+
+def seed_design(config) -> Design:
+    """The paper's seed LM (2 encoder / 2 decoder layers, 8 heads, d_ff 1024) as the
+    run's config sets it."""
+    return Design(num_layers=config.seed_layers, num_decoder_layers=config.seed_decoder_layers,
+                  d_ff=config.seed_d_ff, num_heads=config.seed_heads, d_model=config.d_model,
+                  lr=config.lm_lr, batch_size=config.lm_batch_size)
+
+
+def design_from_params(params: dict | None, config) -> Design:
+    """The design a parsed source describes (for sources we rendered ourselves)."""
+    if params is None:
+        raise ValueError("the source does not have the shape of the transformer family")
+    return Design(**{k: params[k] for k in PARAMS}, d_model=params.get("d_model", config.d_model),
+                  lr=config.lm_lr, batch_size=config.lm_batch_size)
+
+
 def refine(design: Design, rng: random.Random) -> Design:
     """Change exactly one design parameter, the way the paper's refinements do.
 
@@ -71,20 +103,21 @@ def refine(design: Design, rng: random.Random) -> Design:
 
 def render(design: Design) -> str:
     """The design as a complete module: `build_model(vocab_size)` and `train(model)`."""
-    d_kv = design.d_model // design.num_heads
+    constants = constants_block({CONSTANTS[k]: getattr(design, k) for k in (*PARAMS, "d_model")})
     return f'''import torch
 import transformers
 
+{constants}
 
 def build_model(vocab_size):
     config = transformers.T5Config(
         vocab_size=vocab_size,
-        d_model={design.d_model},
-        d_kv={d_kv},
-        num_layers={design.num_layers},
-        num_decoder_layers={design.num_decoder_layers},
-        num_heads={design.num_heads},
-        d_ff={design.d_ff},
+        d_model=D_MODEL,
+        d_kv=D_MODEL // NUM_HEADS,
+        num_layers=NUM_LAYERS,
+        num_decoder_layers=NUM_DECODER_LAYERS,
+        num_heads=NUM_HEADS,
+        d_ff=D_FF,
         dropout_rate=0.0,
         decoder_start_token_id=0,
         pad_token_id=0,
@@ -103,26 +136,33 @@ def train(model):
 def parse(source: str) -> dict[str, int] | None:
     """Read the design parameters (and d_model, d_kv) from a source without running it.
 
+    The values are what the `T5Config` call receives: an integer literal, a module-level
+    integer constant, or the floor division of two such (`D_MODEL // NUM_HEADS`).
     Returns None when the source does not have the shape of this family (a generated
     candidate may not); the sandbox still decides whether it runs.
     """
-    try:
-        tree = parse_untrusted(source)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):   # a source nested past
-        return None                                                   # the parser's limits
+    tree = parse_module(source)
+    if tree is None:
+        return None
+    constants = int_constants(tree)
     found: dict[str, int] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _name(node.func) == "T5Config":
+        if isinstance(node, ast.Call) and call_name(node.func) == "T5Config":
             for kw in node.keywords:
-                if kw.arg in (*PARAMS, "d_model", "d_kv") and isinstance(kw.value, ast.Constant) \
-                        and isinstance(kw.value.value, int) and not isinstance(kw.value.value, bool):
-                    found[kw.arg] = kw.value.value
+                if kw.arg in (*PARAMS, "d_model", "d_kv"):
+                    value = _value(kw.value, constants)
+                    if value is not None:
+                        found[kw.arg] = value
     return found if all(p in found for p in PARAMS) else None
 
 
-def _name(func: ast.expr) -> str:
-    if isinstance(func, ast.Attribute):
-        return func.attr
-    if isinstance(func, ast.Name):
-        return func.id
-    return ""
+def _value(node: ast.expr, constants: dict[str, int]) -> int | None:
+    if is_int(node):
+        return node.value
+    if isinstance(node, ast.Name):
+        return constants.get(node.id)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
+        a, b = _value(node.left, constants), _value(node.right, constants)
+        if a is not None and b:
+            return a // b
+    return None
