@@ -23,8 +23,11 @@ import torch
 
 from pipeline.families import transformer
 from sandbox.backends import make_backend
-from sandbox.backends.base import SandboxError, check_safetensors, collect, stage
-from sandbox.backends.process import ProcessBackend, _processes
+from sandbox.backends import SandboxError
+from sandbox.backends.collect import check_safetensors, collect
+from sandbox.backends.process import ProcessBackend
+from sandbox.backends.process_tree import processes as _processes
+from sandbox.backends.staging import stage
 from sandbox.runner import run
 from sandbox.schema import MAX_LOG_CHARS, Job, Limits
 
