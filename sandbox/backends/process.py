@@ -2,8 +2,8 @@
 
 For machines without Docker (the embedded default). What confines a run:
 
-* a fresh job directory (sandbox/backends/staging.py), cwd of the child; the candidate may write only
-  `out/` and `tmp/`;
+* a fresh job directory (sandbox/backends/staging.py), cwd of the child; the candidate
+  may write only `out/` and `tmp/`;
 * as root, a per-job unprivileged uid/gid (uid_base + random offset, no supplementary
   groups): host files that are not world-readable (0600 secrets, the lineage DB if its
   mode is right, /etc/shadow) are unreadable, and RLIMIT_NPROC counts only this job;
@@ -71,7 +71,8 @@ from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, pick
                                            set_cpu_limit)
 from sandbox.backends.staging import cleanup, stage, stage_job, stage_skeleton
 from sandbox.backends.warm import WARM_MAX_AGE_S, imports_of
-from sandbox.protocol import HARNESS_COMMAND, STDERR_FILE, STDOUT_FILE, WARM_COMMAND
+from sandbox.protocol import (HARNESS_COMMAND, OUT_DIR, STDERR_FILE, STDOUT_FILE, TMP_DIR,
+                              WARM_COMMAND)
 from sandbox.schema import Job
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,8 @@ class ProcessBackend(Backend):
         return stage(job, self.workroot, uid=uid, gid=uid, seal=True)
 
     def _start(self, job: Job, jobdir: Path) -> RunInfo:
-        uid = os.stat(jobdir / "out").st_uid if self.isolation.uid_drop else None
+        # The uid `_stage` picked owns out/ (nothing of the sandbox has run yet).
+        uid = os.stat(jobdir / OUT_DIR).st_uid if self.isolation.uid_drop else None
         threads = int(job.params.get("num_threads", 1))
         started = time.monotonic()
         stdout_path, stderr_path = jobdir / STDOUT_FILE, jobdir / STDERR_FILE
@@ -272,7 +274,7 @@ class ProcessBackend(Backend):
                 os.chmod(stderr_path, 0o600)
                 proc = subprocess.Popen(
                     [self.python, "-I", "-c", HARNESS_COMMAND], cwd=jobdir,
-                    env=self._env(jobdir / "tmp", threads), stdin=subprocess.DEVNULL,
+                    env=self._env(jobdir / TMP_DIR, threads), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=err, close_fds=True, start_new_session=True,
                     preexec_fn=self._preexec(uid, self.isolation.netns,
                                              [] if sabotage_enabled() else self._rlimits(job)))
