@@ -38,7 +38,8 @@ def _first_line(e: BaseException) -> str:
 
 def check_docker(s: Settings) -> tuple[Check, Check]:
     """The engine, then the sandbox image."""
-    from sandbox.backends.docker import SandboxError, connect, image_user
+    from sandbox.backends import SandboxError
+    from sandbox.backends.docker import connect, image_user
     need = FAIL if s.sandbox_backend == "docker" else WARN
     try:
         client = connect(timeout=10)

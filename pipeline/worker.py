@@ -34,7 +34,7 @@ from celery.signals import worker_process_init, worker_ready
 from pipeline import events
 from pipeline.settings import Settings
 from sandbox import runner
-from sandbox.backends.base import Watch
+from sandbox.backends.watch import Watch
 from sandbox.schema import Job, Result, SchemaError
 
 log = logging.getLogger(__name__)

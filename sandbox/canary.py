@@ -3,7 +3,7 @@
     report = check_confinement(backend)
     if not report.ok: ...   # report.checks: {name: (ok, detail)}
 
-DESIGN.md 3.6: the service checks that its sandbox really confines before it runs a
+The service (pipeline/worker.py, `doctor`) checks that its sandbox really confines before it runs a
 single candidate, instead of assuming so. The canaries are candidates that try, from
 inside the sandbox, what a hostile one would (they go straight to `backend.execute`:
 the policy gate would refuse them, and the gate is not what is being checked):

@@ -21,7 +21,7 @@ def run(job: Job, out_dir: Path, backend, *, gate: bool = True,
     The gate runs before `job.validate()` so that an LM-written source that is huge, has
     NUL bytes or is not encodable ends as `rejected` (a property of the candidate), not
     as a SchemaError (which means the trusted caller built a bad job). `gate=False` is
-    for tests of the sandbox itself. `watch` (sandbox.backends.base.Watch) hears the
+    for tests of the sandbox itself. `watch` (sandbox/backends/watch.py Watch) hears the
     training losses while the job runs (display only) and can stop it.
     """
     if gate:

@@ -196,7 +196,7 @@ class Job:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Job":
-        return cls.from_dict(_load(text))
+        return cls.from_dict(strict_json(text))
 
 
 @dataclass
@@ -270,7 +270,7 @@ class Result:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Result":
-        return cls.from_dict(_load(text))
+        return cls.from_dict(strict_json(text))
 
     @classmethod
     def failure(cls, job: Job, status: str, reason: str, **kw: Any) -> "Result":
@@ -278,16 +278,20 @@ class Result:
                    reason=reason[:MAX_REASON_CHARS], **kw).validate()
 
 
-def _load(text: str | bytes) -> Any:
+def strict_json(text: str | bytes, limit: int = MAX_RESULT_BYTES) -> Any:
+    """JSON from the other side of the sandbox boundary as Python data: at most `limit`
+    bytes, UTF-8 only, no NaN or Infinity, no nesting past the parser's limit. The one
+    JSON reader for sandbox documents (job.json, result.json, progress lines,
+    safetensors headers); raises SchemaError."""
     if isinstance(text, bytes):
-        if len(text) > MAX_RESULT_BYTES:
-            raise SchemaError(f"document larger than {MAX_RESULT_BYTES} bytes")
+        if len(text) > limit:
+            raise SchemaError(f"document larger than {limit} bytes")
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise SchemaError("document is not valid UTF-8") from None
-    if len(text) > MAX_RESULT_BYTES:
-        raise SchemaError(f"document larger than {MAX_RESULT_BYTES} bytes")
+    if len(text) > limit:
+        raise SchemaError(f"document larger than {limit} bytes")
 
     def no_constants(name: str) -> Any:  # NaN / Infinity are not JSON
         raise SchemaError(f"non-finite number {name} in document")
@@ -295,3 +299,5 @@ def _load(text: str | bytes) -> Any:
         return json.loads(text, parse_constant=no_constants)
     except json.JSONDecodeError as e:
         raise SchemaError(f"not JSON: {e.msg}") from None
+    except RecursionError:
+        raise SchemaError("document nested too deeply") from None

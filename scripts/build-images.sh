@@ -34,10 +34,13 @@ docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || {
 ctx=build/sandbox-context
 rm -rf "$ctx/sandbox"
 mkdir -p "$ctx/wheels" "$ctx/sandbox"
-# Only the harness package, top level (schema, harness, policy...): not backends/ (the
-# trusted side that starts sandboxes) and never pipeline/. The same set that
-# sandbox/backends/base.py stages into each job's lib/.
-cp sandbox/*.py "$ctx/sandbox/"
+# Only the modules that run inside a sandbox: SANDBOX_MODULES of sandbox/protocol.py,
+# the same tuple sandbox/backends/staging.py stages into each job's lib/. Never
+# backends/, the gate or pipeline/ (trusted-side code). protocol.py is standard library
+# only, so any python3 can read the tuple.
+modules=$(python3 sandbox/protocol.py)
+[ -n "$modules" ] || { echo "build-images.sh: no SANDBOX_MODULES" >&2; exit 1; }
+for f in $modules; do cp "sandbox/$f" "$ctx/sandbox/$f"; done
 
 wheel="${SELFPROG_TORCH_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)}"
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")

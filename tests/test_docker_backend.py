@@ -28,11 +28,12 @@ import pytest
 
 docker = pytest.importorskip("docker")
 
-from sandbox.backends import base                                        # noqa: E402
-from sandbox.backends.docker import (ALLOWED_ENV, LABEL_JOB, LABEL_OWNER, DockerBackend,  # noqa: E402
-                                     HardeningError, check_profile, create_hardened_container,
-                                     docker_available, gpu_device_requests, hardened_config,
-                                     reap_orphans)
+from sandbox.backends import staging                                     # noqa: E402
+from sandbox.backends.docker import (DockerBackend, create_hardened_container,  # noqa: E402
+                                     docker_available, reap_orphans)
+from sandbox.backends.docker_profile import (ALLOWED_ENV, LABEL_JOB, LABEL_OWNER,  # noqa: E402
+                                             HardeningError, check_profile,
+                                             gpu_device_requests, hardened_config)
 from sandbox.schema import Job, Limits                                    # noqa: E402
 
 IMAGE = os.environ.get("SELFPROG_SANDBOX_IMAGE", "selfprog-sandbox:latest")
@@ -351,7 +352,7 @@ def test_orphans_are_reaped_by_owner(client, tmp_path):
                              ("sibling", OWNER + "-a", os.getpid()),  # live process, same host
                              ("other", OWNER + "-b", dead.pid)):      # another worker's
         job = _job("pass\n")
-        jobdir = base.stage(job, workroot)
+        jobdir = staging.stage(job, workroot)
         c = create_hardened_container(client, image=IMAGE, jobdir=jobdir, workroot=workroot,
                                       job_id=job.job_id, owner=owner, owner_pid=pid,
                                       user=(SANDBOX_UID, SANDBOX_UID), memory_mb=256, cpus=0.5,
@@ -424,7 +425,7 @@ def test_docker_available_names_what_is_missing(client):
 def staged(tmp_path):
     job = _job("pass\n")
     workroot = tmp_path / "work"
-    jobdir = base.stage(job, workroot)
+    jobdir = staging.stage(job, workroot)
     spec = dict(image=IMAGE, jobdir=jobdir, workroot=workroot, job_id=job.job_id, owner=OWNER,
                 user=(SANDBOX_UID, SANDBOX_UID), memory_mb=512, cpus=1.0, pids=64, output_mb=8)
     return spec

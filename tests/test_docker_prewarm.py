@@ -21,11 +21,11 @@ import pytest
 docker = pytest.importorskip("docker")
 
 
-from sandbox.backends import base                                         # noqa: E402
-from sandbox.backends.docker import (LABEL_JOB, LABEL_OWNER, DockerBackend,  # noqa: E402
-                                     HardeningError, check_profile, hardened_config,
-                                     reap_orphans)
-from sandbox.harness import READY_FILE                                    # noqa: E402
+from sandbox.backends import staging                                      # noqa: E402
+from sandbox.backends.docker import DockerBackend, reap_orphans           # noqa: E402
+from sandbox.backends.docker_profile import (LABEL_JOB, LABEL_OWNER,       # noqa: E402
+                                             HardeningError, check_profile, hardened_config)
+from sandbox.protocol import READY_FILE                                   # noqa: E402
 from tests.test_docker_backend import IMAGE, OWNER, SANDBOX_UID, client   # noqa: E402,F401
 from tests.test_process_backend import (DEADLINE_DODGER, TINY, candidate,  # noqa: E402
                                         check_loopback_server_unreachable,
@@ -256,10 +256,10 @@ def test_warm_profile_only_for_an_empty_job_directory(tmp_path):
     j = job("pass\n", Path(__file__))
     spec = dict(image=IMAGE, workroot=workroot, job_id=j.job_id, owner=OWNER,
                 user=(SANDBOX_UID, SANDBOX_UID), memory_mb=512, cpus=1.0, pids=64, output_mb=8)
-    empty = base.stage_skeleton(workroot, "warm-")
+    empty = staging.stage_skeleton(workroot, "warm-")
     cfg = hardened_config(**spec, jobdir=empty, warm=True)
     assert "warm_main" in " ".join(cfg["command"])
-    staged = base.stage(make_job("pass\n", Path(__file__)), workroot)
+    staged = staging.stage(make_job("pass\n", Path(__file__)), workroot)
     cold = hardened_config(**spec, jobdir=staged)
     # The same profile as a cold sandbox: only the command and the job dir differ.
     assert {k: v for k, v in cfg.items() if k not in ("command", "mounts")} == \

@@ -22,9 +22,11 @@ import pytest
 import torch
 
 from pipeline.families import transformer
-from sandbox.backends import make_backend
-from sandbox.backends.base import SandboxError, check_safetensors, collect, stage
-from sandbox.backends.process import ProcessBackend, _processes
+from sandbox.backends import SandboxError, backend_options, make_backend
+from sandbox.backends.collect import check_safetensors, collect
+from sandbox.backends.process import ProcessBackend
+from sandbox.backends.process_tree import processes as _processes
+from sandbox.backends.staging import stage
 from sandbox.runner import run
 from sandbox.schema import MAX_LOG_CHARS, Job, Limits
 
@@ -122,6 +124,21 @@ def test_make_backend_knows_process_only_by_name():
     assert isinstance(make_backend("process"), ProcessBackend)
     with pytest.raises(ValueError, match="unknown sandbox backend"):
         make_backend("nonsense")
+
+
+def test_backend_options_turns_settings_into_each_backends_arguments():
+    settings = dict(image="img:1", runtime="", gpus="0,1", prewarm=2, allow_unconfined=True)
+    assert backend_options("process", **settings) == {"prewarm": 2, "allow_unconfined": True}
+    assert backend_options("docker", **settings) == {"prewarm": 2, "image": "img:1",
+                                                     "runtime": None, "gpus": "0,1"}
+    auto = backend_options("auto", **settings)
+    assert auto == {**backend_options("process", **settings),
+                    **backend_options("docker", **settings)}
+    # empty settings mean the backend's own defaults
+    assert "image" not in backend_options("docker", image="", runtime=None, gpus=None,
+                                          prewarm=0, allow_unconfined=False)
+    b = make_backend("process", **backend_options("process", **{**settings, "prewarm": 0}))
+    assert isinstance(b, ProcessBackend) and b.allow_unconfined and b.prewarm == 0
 
 
 # ----------------------------------------------------------------- containment

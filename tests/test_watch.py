@@ -1,7 +1,7 @@
-"""What a backend watches while a job runs (base.Watch), against real sandboxes.
+"""What a backend watches while a job runs (watch.Watch), against real sandboxes.
 
 Live training losses: harness.fit writes out/progress.jsonl, the backend relays it
-(base.ProgressTail), the worker publishes `lm_step` events, the CLI prints them. The
+(watch.ProgressTail), the worker publishes `lm_step` events, the CLI prints them. The
 file is written inside the sandbox, so it is attacked here like every other thing that
 crosses back: forged, huge, non-finite, a link. It may only ever produce well-formed
 (step, loss) pairs for display, and never change a result.
@@ -22,8 +22,8 @@ from pipeline import worker
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
 from pipeline.worker import relay_progress
-from sandbox.backends.base import MAX_PROGRESS_LINE, STOPPED_REASON, ProgressTail, Watch
-from sandbox.harness import PROGRESS_FILE
+from sandbox.backends.watch import MAX_PROGRESS_LINE, STOPPED_REASON, ProgressTail, Watch
+from sandbox.protocol import PROGRESS_FILE
 from tests.test_process_backend import TINY, candidate, make_job
 
 
@@ -167,7 +167,7 @@ def cancel_after(seconds: float):
 
 
 def test_a_cancelled_job_is_stopped_and_leaves_nothing(process_backend, data_file, tmp_path):
-    from sandbox.backends.process import _processes
+    from sandbox.backends.process_tree import processes as _processes
     src = candidate("import time\n", """
         while True:
             time.sleep(0.1)

@@ -1,9 +1,15 @@
 """Sandbox backends: the ways a job directory gets run.
 
-`make_backend(name, **kw)` is the one place a backend is chosen by name (settings and
-CLI pass the name through). Every backend has `execute(job, out_dir) -> Result` and
-uses `sandbox.backends.base` for staging and collecting, so they differ only in how the
-harness process is started and confined.
+    backend = make_backend(name, **backend_options(name, image=..., runtime=..., gpus=...,
+                                                   prewarm=..., allow_unconfined=...))
+    result = backend.execute(job, out_dir)
+
+`make_backend` is the one place a backend is chosen by name; `backend_options` the one
+place settings become its constructor's arguments (the worker and `doctor` both call
+it with their settings' plain values: this package never imports pipeline/). Every
+backend follows the template of sandbox/backends/base.py (staging.py, collect.py,
+watch.py, warm.py), so they differ only in how the harness process is started and
+confined (process.py, docker.py with docker_profile.py).
 """
 from __future__ import annotations
 
@@ -12,6 +18,25 @@ import logging
 from typing import Any
 
 BACKENDS = ("process", "docker", "auto")
+
+
+class SandboxError(RuntimeError):
+    """The trusted side cannot run a job (bad input file, sandbox not usable)."""
+
+
+def backend_options(name: str, *, image: str | None = None, runtime: str | None = None,
+                    gpus: str | None = None, prewarm: int = 0,
+                    allow_unconfined: bool = False) -> dict[str, Any]:
+    """The constructor arguments of backend `name` from plain settings values (empty
+    strings mean "not set"); `auto` gets those of every backend it may pick."""
+    kw: dict[str, Any] = {"prewarm": int(prewarm or 0)}
+    if name in ("process", "auto"):
+        kw["allow_unconfined"] = bool(allow_unconfined)
+    if name in ("docker", "auto"):
+        kw.update(image=image or None, runtime=runtime or None, gpus=gpus or None)
+        if kw["image"] is None:
+            del kw["image"]
+    return kw
 
 
 def make_backend(name: str, **kw: Any):

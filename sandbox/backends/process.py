@@ -2,8 +2,8 @@
 
 For machines without Docker (the embedded default). What confines a run:
 
-* a fresh job directory (`base.stage`), cwd of the child; the candidate may write only
-  `out/` and `tmp/`;
+* a fresh job directory (sandbox/backends/staging.py), cwd of the child; the candidate
+  may write only `out/` and `tmp/`;
 * as root, a per-job unprivileged uid/gid (uid_base + random offset, no supplementary
   groups): host files that are not world-readable (0600 secrets, the lineage DB if its
   mode is right, /etc/shadow) are unreadable, and RLIMIT_NPROC counts only this job;
@@ -31,9 +31,9 @@ fresh sandbox pays a few seconds to import torch and transformers (and on a GPU 
 initialise CUDA) before its candidate runs. With prewarm on, the backend keeps N
 sandboxes started ahead, each confined exactly like a job (same `_preexec`: network
 namespace, its own uid, the job's rlimits, scrubbed environment, own session), running
-`harness.warm_main` in a job directory that holds no job (`base.stage_skeleton`): it
+`harness.warm_main` in a job directory that holds no job (`staging.stage_skeleton`): it
 imports, then blocks on stdin. `execute` takes one (`warm.WarmPool.take`), stages that one
-job's files into it (`base.stage_job`: inputs, job.json, seal key), sets its CPU limit
+job's files into it (`staging.stage_job`: inputs, job.json, seal key), sets its CPU limit
 to what it used warming up plus the job's own budget, writes "go", and from then on
 treats it as a cold run: the deadline counts from "go", and afterwards the process
 group and every process of its uid are killed and its directory removed. A sandbox
@@ -52,7 +52,6 @@ import json
 import logging
 import math
 import os
-import random
 import resource
 import signal
 import subprocess
@@ -60,16 +59,21 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sandbox.backends.base import (HARNESS_COMMAND, WARM_COMMAND, SandboxError, Stopped, Watch,
-                                   Watching, check_inputs, cleanup, collect, read_tail,
-                                   sabotage_enabled, stage, stage_job, stage_skeleton)
-from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, discard, imports_of
-from sandbox.schema import Job, Result
+from sandbox.backends import SandboxError
+from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, job_env,
+                                   sabotage_enabled)
+from sandbox.backends.collect import LOG_TAIL_BYTES, read_tail
+from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, pick_uid, release_uid,
+                                           set_cpu_limit)
+from sandbox.backends.staging import cleanup, stage, stage_job, stage_skeleton
+from sandbox.backends.warm import WARM_MAX_AGE_S, imports_of
+from sandbox.protocol import (HARNESS_COMMAND, OUT_DIR, STDERR_FILE, STDOUT_FILE, TMP_DIR,
+                              WARM_COMMAND)
+from sandbox.schema import Job
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +90,7 @@ PR_SET_NO_NEW_PRIVS = 38
 AS_HEADROOM_MB = 4096
 AS_PER_THREAD_MB = 256
 MAX_OPEN_FILES = 256
-LOG_TAIL_BYTES = 64 * 1024
-WATCH_POLL_S = 0.5               # how often a waiting backend polls the caller's Watch
 WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
-
-# uids handed to pre-warmed sandboxes that may not have a process yet: never picked twice.
-_RESERVED_UIDS: set[int] = set()
-_RESERVED_LOCK = threading.Lock()
 
 _libc = ctypes.CDLL(None, use_errno=True)   # loaded here: never dlopen after fork
 
@@ -111,17 +109,17 @@ class Isolation:
                 "python_ok": self.python_ok, "warnings": list(self.warnings)}
 
 
-@dataclass
-class RunInfo:
-    """The last run's identity, for tests and diagnostics."""
-    uid: int | None
-    pid: int
-    jobdir: Path
+@dataclass(eq=False)
+class RunInfo(Run):
+    """One process-backend run (`last_run`): its uid, its harness process."""
+    uid: int | None = None
+    pid: int = 0
     survivors_killed: int = 0
-    warm: bool = False          # ran in a pre-warmed sandbox
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    sandbox: "WarmProcess | None" = field(default=None, repr=False)   # when warm
 
 
-class ProcessBackend:
+class ProcessBackend(Backend):
     name = "process"
 
     def __init__(self, workroot: Path | str | None = None, python: str = sys.executable,
@@ -133,30 +131,12 @@ class ProcessBackend:
         self.uid_base = uid_base
         self.uid_range = uid_range
         self.allow_unconfined = allow_unconfined
-        self.keep_jobdirs = keep_jobdirs          # debugging only: leaves job dirs behind
         self.isolation: Isolation | None = None
-        self.last_run: RunInfo | None = None
         self._lock = threading.Lock()
-        self.prewarm = max(0, int(prewarm))
-        self._pool: WarmPool | None = None
-        if self.prewarm:
-            # The pool holds no reference to the backend: collecting the backend (or
-            # leaving the interpreter) runs the finalizer, which kills the idle sandboxes.
-            spawn = partial(spawn_warm_process, python=self.python, workroot=self.workroot,
-                            uid_base=uid_base, uid_range=uid_range)
-            self._pool = WarmPool(self.prewarm, spawn, max_age_s=prewarm_max_age_s)
-            self._finalizer = weakref.finalize(self, self._pool.close)
-
-    def close(self) -> None:
-        """Kill the idle pre-warmed sandboxes and stop making new ones (no-op without)."""
-        if self._pool is not None:
-            self._finalizer()
-
-    def __enter__(self) -> "ProcessBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        spawn = partial(spawn_warm_process, python=self.python, workroot=self.workroot,
+                        uid_base=uid_base, uid_range=uid_range)
+        super().__init__(keep_jobdirs=keep_jobdirs, prewarm=prewarm,
+                         prewarm_max_age_s=prewarm_max_age_s, spawn=spawn)
 
     # ------------------------------------------------------------------ probing
     def probe(self) -> Isolation:
@@ -169,7 +149,7 @@ class ProcessBackend:
         with self._lock:
             if self.isolation is not None:
                 return self.isolation
-            if sabotage_enabled():   # TEST ONLY (base.sabotage_enabled): nothing confines
+            if sabotage_enabled():   # TEST ONLY (base.py sabotage_enabled): nothing confines
                 iso = Isolation(python_ok=True, warnings=[
                     "SABOTAGE MODE (SELFPROG_SABOTAGE=1, tests only): no network namespace, "
                     "no uid drop, no rlimits, host environment"])
@@ -223,7 +203,7 @@ class ProcessBackend:
         code = ("import importlib.util as u, json, socket; "
                 "missing = [m for m in ('torch', 'transformers', 'safetensors') if u.find_spec(m) is None]; "
                 "print(json.dumps({'missing': missing, 'ifaces': [n for _, n in socket.if_nameindex()]}))")
-        uid = self._pick_uid() if drop else None
+        uid = pick_uid(self.uid_base, self.uid_range) if drop else None
         with tempfile.TemporaryDirectory() as tmp:
             os.chmod(tmp, 0o755)
             try:
@@ -235,7 +215,7 @@ class ProcessBackend:
                 return False, f"{type(e).__name__}: {e}{self._why_unreadable()}"
             finally:
                 if uid is not None:
-                    self._kill_uid(uid)
+                    kill_uid(uid)
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
             return False, f"exit {proc.returncode}: {err[0][:300]}{self._why_unreadable()}"
@@ -262,131 +242,83 @@ class ProcessBackend:
                     return f" ({d} is mode {oct(mode & 0o777)}: other users cannot enter it)"
         return ""
 
-    # ------------------------------------------------------------------ running
-    def execute(self, job: Job, out_dir: Path, watch: Watch | None = None) -> Result:
-        """Run one job to completion; always returns a Result (never the candidate's exception).
+    # ------------------------------------------------------------------ the template's parts
+    def _ready(self) -> None:
+        self.probe()
 
-        `watch` (base.Watch): relay its training losses, stop it when cancelled."""
-        job.validate()
-        iso = self.probe()
-        if self._pool is not None:
-            result = self._execute_warm(job, Path(out_dir), iso, watch)
-            if result is not None:
-                return result
-        uid = self._pick_uid() if iso.uid_drop else None
-        jobdir = stage(job, self.workroot, uid=uid, gid=uid, seal=True)
+    def _can_warm(self) -> bool:
+        # Needs the uid drop: kill and CPU limit work per uid.
+        return self.isolation.uid_drop and not sabotage_enabled()
+
+    def _profile(self, job: Job) -> tuple:
+        """What a warm sandbox must have been started with to run `job`: its rlimits but
+        CPU (set at "go"), threads (environment), model kind and device (what it
+        imports), and whether it has a network namespace."""
+        threads = int(job.params.get("num_threads", 1))
+        limits = tuple((res, v) for res, v in self._rlimits(job) if res != resource.RLIMIT_CPU)
+        return (limits, threads, *imports_of(job), self.isolation.netns)
+
+    def _stage(self, job: Job) -> Path:
+        uid = pick_uid(self.uid_base, self.uid_range) if self.isolation.uid_drop else None
+        return stage(job, self.workroot, uid=uid, gid=uid, seal=True)
+
+    def _start(self, job: Job, jobdir: Path) -> RunInfo:
+        # The uid `_stage` picked owns out/ (nothing of the sandbox has run yet).
+        uid = os.stat(jobdir / OUT_DIR).st_uid if self.isolation.uid_drop else None
         threads = int(job.params.get("num_threads", 1))
         started = time.monotonic()
-        stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
+        stdout_path, stderr_path = jobdir / STDOUT_FILE, jobdir / STDERR_FILE
         try:
             with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
                 os.chmod(stdout_path, 0o600)
                 os.chmod(stderr_path, 0o600)
                 proc = subprocess.Popen(
                     [self.python, "-I", "-c", HARNESS_COMMAND], cwd=jobdir,
-                    env=self._env(jobdir / "tmp", threads), stdin=subprocess.DEVNULL,
+                    env=self._env(jobdir / TMP_DIR, threads), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=err, close_fds=True, start_new_session=True,
-                    preexec_fn=self._preexec(uid, iso.netns,
+                    preexec_fn=self._preexec(uid, self.isolation.netns,
                                              [] if sabotage_enabled() else self._rlimits(job)))
         except (OSError, subprocess.SubprocessError) as e:
             # The child never started (e.g. preexec failed): nothing of the candidate ran.
-            cleanup(jobdir)
-            return Result.failure(job, "crashed",
-                                  f"the sandbox could not start: {type(e).__name__}: {e}")
-        self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir)
-        return self._supervise(job, proc, uid, jobdir, Path(out_dir), started, watch)
+            raise NotStarted(f"{type(e).__name__}: {e}") from None
+        return RunInfo(jobdir=jobdir, started=started, uid=uid, pid=proc.pid, proc=proc)
 
-    def prewarm_for(self, job: Job) -> None:
-        """Start warming sandboxes for jobs like `job` now, instead of after the first
-        such job ran cold (no-op without prewarm or without the uid drop)."""
-        job.validate()
-        iso = self.probe()
-        if self._pool is not None and iso.uid_drop and not sabotage_enabled():
-            self._pool.target(self._profile(job, self._rlimits(job), iso))
-
-    def _execute_warm(self, job: Job, out_dir: Path, iso: Isolation,
-                      watch: Watch | None = None) -> Result | None:
-        """Run `job` in a pre-warmed sandbox; None when there is none to use (the caller
-        then runs it cold). Nothing of the job reaches the sandbox before it is taken."""
-        if not iso.uid_drop or sabotage_enabled():
-            return None
-        sources = check_inputs(job)          # a bad input is refused as in a cold run
-        rlimits = self._rlimits(job)
-        warm = self._pool.take(self._profile(job, rlimits, iso))
-        if warm is None:
-            return None
+    def _go(self, job: Job, warm: "WarmProcess", sources: dict[str, Path]) -> RunInfo:
         proc, uid, jobdir = warm.proc, warm.uid, warm.jobdir
-        cpu_budget = dict(rlimits)[resource.RLIMIT_CPU]
-        try:
-            stage_job(job, jobdir, sources, uid=uid, gid=uid, seal=True)
-            # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
-            _set_cpu_limit(proc.pid, uid, math.ceil(_cpu_seconds(proc.pid)) + cpu_budget)
-            started = time.monotonic()
-            proc.stdin.write(b"go\n")
-            proc.stdin.close()
-        except (OSError, ValueError, SandboxError) as e:
-            # Not started (it died, or could not be limited): nothing of the candidate ran.
-            log.warning("pre-warmed sandbox %s unusable (%s); running the job cold", proc.pid, e)
-            discard(warm)
-            return None
-        self.last_run = RunInfo(uid=uid, pid=proc.pid, jobdir=jobdir, warm=True)
-        return self._supervise(job, proc, uid, jobdir, out_dir, started, watch,
-                               after_kill=warm.release)
+        cpu_budget = dict(self._rlimits(job))[resource.RLIMIT_CPU]
+        stage_job(job, jobdir, sources, uid=uid, gid=uid, seal=True)
+        # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
+        set_cpu_limit(proc.pid, uid, math.ceil(cpu_seconds(proc.pid)) + cpu_budget)
+        started = time.monotonic()
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+        return RunInfo(jobdir=jobdir, started=started, warm=True, uid=uid, pid=proc.pid,
+                       proc=proc, sandbox=warm)
 
-    def _supervise(self, job: Job, proc: subprocess.Popen, uid: int | None, jobdir: Path,
-                   out_dir: Path, started: float, watch: Watch | None,
-                   after_kill=None) -> Result:
-        """Wait for a started sandbox under the job's deadline (from `started`) and the
-        caller's Watch; then kill everything of the run (its process group, its uid),
-        collect its result and remove its directory. Cold and warm runs alike."""
-        timed_out = stopped = False
-        exit_code: int | None = None
+    def _wait_for_exit(self, run: RunInfo, timeout: float):
         try:
-            exit_code = wait(proc, job.limits.timeout_s, Watching(jobdir, watch))
+            return run.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            timed_out = True
-        except Stopped:
-            stopped = True
-        finally:
-            self.last_run.survivors_killed = self._kill_all(proc, uid)
-            if after_kill is not None:
-                after_kill()
-            if exit_code is None and not timed_out:
-                exit_code = proc.returncode
+            return RUNNING
+
+    def _stop(self, run: RunInfo, outcome: Outcome | None) -> None:
+        """Kill the run's process group, then everything the job uid still owns."""
+        run.survivors_killed = kill_run(run.proc, run.uid)
+        if run.sandbox is not None:
+            run.sandbox.release()
         # SIGXCPU (the CPU-seconds backstop) is a deadline too, measured in CPU time.
-        if exit_code is not None and exit_code in (-signal.SIGXCPU,):
-            timed_out = True
-        try:
-            return collect(job, jobdir, out_dir, exit_code=exit_code, timed_out=timed_out,
-                           oom_killed=False, stopped=stopped,
-                           stdout_tail=read_tail(jobdir / "stdout", LOG_TAIL_BYTES),
-                           stderr_tail=read_tail(jobdir / "stderr", LOG_TAIL_BYTES),
-                           duration_s=time.monotonic() - started)
-        finally:
-            if not self.keep_jobdirs:
-                cleanup(jobdir)
+        if outcome is not None and outcome.exit_code == -signal.SIGXCPU:
+            outcome.timed_out = True
 
-    @staticmethod
-    def _profile(job: Job, rlimits: list, iso: Isolation) -> tuple:
-        """What a warm sandbox must have been started with to run `job`: its rlimits but
-        CPU (set at "go"), threads (environment), model kind and device (what it
-        imports), and whether it has a network namespace."""
-        threads = int(job.params.get("num_threads", 1))
-        limits = tuple((res, v) for res, v in rlimits if res != resource.RLIMIT_CPU)
-        return (limits, threads, *imports_of(job), iso.netns)
+    def _logs(self, run: RunInfo) -> tuple[bytes, bytes]:
+        return (read_tail(run.jobdir / STDOUT_FILE, LOG_TAIL_BYTES),
+                read_tail(run.jobdir / STDERR_FILE, LOG_TAIL_BYTES))
 
+    # ------------------------------------------------------------------ confinement
     @staticmethod
     def _env(tmp: Path, threads: int) -> dict[str, str]:
-        # Built from nothing: no variable of the host (tokens, DB URLs, proxies) leaks in.
-        tmp = str(tmp)
-        host = dict(os.environ) if sabotage_enabled() else {}   # TEST ONLY: see base
-        return {**host,
-            "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp,
-            "XDG_CACHE_HOME": f"{tmp}/.cache", "TORCH_HOME": f"{tmp}/torch",
-            "HF_HOME": f"{tmp}/hf", "MPLCONFIGDIR": f"{tmp}/mpl",
-            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-        }
+        host = dict(os.environ) if sabotage_enabled() else {}   # TEST ONLY: see base.py
+        return {**host, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **job_env(str(tmp), threads)}
 
     @staticmethod
     def _rlimits(job: Job) -> list[tuple[int, int]]:
@@ -434,166 +366,6 @@ class ProcessBackend:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         return setup
 
-    def _pick_uid(self) -> int:
-        return _pick_uid(self.uid_base, self.uid_range)
-
-    # ------------------------------------------------------------------ killing
-    def _kill_all(self, proc: subprocess.Popen, uid: int | None) -> int:
-        """Kill the run's process group, then everything the job uid still owns.
-
-        Returns how many processes outside the process group had to be killed.
-        """
-        return kill_run(proc, uid)
-
-    @staticmethod
-    def _kill_uid(uid: int) -> None:
-        _kill_uid(uid)
-
-
-def wait(proc: subprocess.Popen, timeout: float, watching: Watching) -> int:
-    """proc.wait(timeout), polling the caller's Watch every WATCH_POLL_S meanwhile
-    (raises Stopped when it cancels) and once more at the end (the last step)."""
-    if not watching.active:
-        return proc.wait(timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            code = proc.wait(timeout=max(0.0, min(WATCH_POLL_S, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                raise
-            watching.poll()
-        else:
-            watching.poll(final=True)
-            return code
-
-
-def _pick_uid(base: int, span: int, reserve: bool = False) -> int:
-    """A uid in [base, base + span) that no process has and no pre-warmed sandbox holds."""
-    with _RESERVED_LOCK:
-        busy = {u for _, u in _processes()} | _RESERVED_UIDS
-        for _ in range(100):
-            uid = base + random.randrange(span)
-            if uid not in busy:
-                if reserve:
-                    _RESERVED_UIDS.add(uid)
-                return uid
-    raise SandboxError("no free sandbox uid")
-
-
-def kill_run(proc: subprocess.Popen, uid: int | None) -> int:
-    """Kill a run's process group, then everything its uid still owns (see
-    ProcessBackend._kill_all); returns how many outside the group had to be killed."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    survivors = 0
-    for _ in range(100):
-        if uid is not None:
-            alive = [pid for pid, u in _processes() if u == uid]
-        else:  # no uid of its own: the best we have is its session id
-            alive = [pid for pid in _session_members(proc.pid)]
-        if not alive:
-            return survivors
-        survivors += len(alive)
-        if uid is not None:
-            _kill_uid(uid)
-        else:
-            for pid in alive:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        time.sleep(0.01)
-    log.error("processes of sandbox run %s survive SIGKILL", proc.pid)
-    return survivors
-
-
-def _kill_uid(uid: int) -> None:
-    """kill(-1, SIGKILL) as the job uid: the kernel signals every process of that uid
-    at once (a fork bomb cannot outrun a scan-and-kill loop this way)."""
-    if os.geteuid() != 0:
-        return
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            os.kill(-1, signal.SIGKILL)   # the caller itself is spared
-        except BaseException:
-            os._exit(1)
-        os._exit(0)
-    os.waitpid(pid, 0)
-
-
-def _proc_table() -> list[tuple[int, int, int, int]]:
-    """(pid, real uid, process group, session) of every live, non-zombie process, from
-    /proc/<pid>/status (ids as seen from this /proc's PID namespace)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status", "rb") as f:
-                status = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = {}
-        for line in status.splitlines():
-            key, _, value = line.partition(":")
-            if key in ("State", "Uid", "NSpgid", "NSsid") and value.split():
-                fields[key] = value.split()[0]
-        if len(fields) == 4 and fields["State"] not in ("Z", "X"):
-            out.append((int(entry), int(fields["Uid"]), int(fields["NSpgid"]),
-                        int(fields["NSsid"])))
-    return out
-
-
-def _processes() -> list[tuple[int, int]]:
-    """(pid, real uid) of every live, non-zombie process."""
-    return [(pid, uid) for pid, uid, _, _ in _proc_table()]
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live processes in session (or process group) `sid`: a run's tree without a uid."""
-    return [pid for pid, _, pgrp, session in _proc_table() if sid in (pgrp, session)]
-
-
-# --------------------------------------------------------------------------- pre-warming
-
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used, from /proc."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        line = f.read().decode(errors="replace")
-    fields = line[line.rfind(")") + 2:].split()     # field 3 onward
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
-
-
-def _set_cpu_limit(pid: int, uid: int, seconds: int) -> None:
-    """Set RLIMIT_CPU (soft = hard = `seconds`) of a running sandbox, then check it.
-
-    Done as the sandbox's own uid (a forked helper, like _kill_uid): prlimit() on another
-    uid's process needs CAP_SYS_RESOURCE, which root in a container may lack; lowering
-    the hard limit of one's own process needs nothing.
-    """
-    child = os.fork()
-    if child == 0:
-        try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            resource.prlimit(pid, resource.RLIMIT_CPU, (seconds, seconds))
-        except BaseException:
-            os._exit(1)
-        os._exit(0)
-    _, status = os.waitpid(child, 0)
-    with open(f"/proc/{pid}/limits") as f:
-        row = next((line for line in f if line.startswith("Max cpu time")), "")
-    if os.waitstatus_to_exitcode(status) != 0 or row.split()[3:5] != [str(seconds)] * 2:
-        raise SandboxError(f"could not set the CPU limit of sandbox {pid}")
 
 
 @dataclass(eq=False)
@@ -629,8 +401,7 @@ class WarmProcess:
                 self.proc.stdin.close()   # EOF: a sandbox still waiting leaves by itself
         except OSError:
             pass
-        with _RESERVED_LOCK:
-            _RESERVED_UIDS.discard(self.uid)
+        release_uid(self.uid)
 
     def destroy(self) -> None:
         kill_run(self.proc, self.uid)
@@ -644,7 +415,7 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
     as a job of that profile would be. Runs in the pool's thread, which is the parent of
     every sandbox it starts, so they die with it (PR_SET_PDEATHSIG)."""
     limits, threads, model_kind, device, netns = key
-    uid = _pick_uid(uid_base, uid_range, reserve=True)
+    uid = pick_uid(uid_base, uid_range, reserve=True)
     jobdir = None
     ready_r = ready_w = -1
     try:
@@ -655,7 +426,7 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
         # The job's limits, except CPU: the warm-up's own allowance until "go" sets
         # the job's (hard limit ours until then: only the harness runs before "go").
         rlimits = [*limits, (resource.RLIMIT_CPU, WARM_CPU_S, cpu_hard)]
-        stdout_path, stderr_path = jobdir / "stdout", jobdir / "stderr"
+        stdout_path, stderr_path = jobdir / STDOUT_FILE, jobdir / STDERR_FILE
         with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
             os.chmod(stdout_path, 0o600)
             os.chmod(stderr_path, 0o600)
@@ -671,8 +442,7 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
                 os.close(fd)
         if jobdir is not None:
             cleanup(jobdir)
-        with _RESERVED_LOCK:
-            _RESERVED_UIDS.discard(uid)
+        release_uid(uid)
         raise
     os.close(ready_w)
     return WarmProcess(proc=proc, uid=uid, jobdir=jobdir, key=key,

@@ -2,9 +2,9 @@
 
 A fresh sandbox pays seconds to import torch and transformers (and on a GPU to
 initialise CUDA) before its candidate runs; on a GPU that start-up is most of the cost
-of a candidate (issue 4: 1.44 s warm against ~5 s of imports and CUDA set-up). A warm
-sandbox is confined exactly like a cold one and runs `harness.warm_main` in a job
-directory that holds no job (`base.stage_skeleton`): it imports, signals that it is
+of a candidate (bench/bench_prewarm.py measures it). A warm sandbox is confined
+exactly like a cold one and runs `harness.warm_main` in a job directory that holds no
+job (`staging.stage_skeleton`): it imports, signals that it is
 ready and blocks on stdin. The backend stages the one job it will ever run, writes
 "go", and from then on supervises it as a cold run; afterwards it is destroyed.
 

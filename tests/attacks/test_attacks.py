@@ -41,8 +41,8 @@ from typing import Callable
 import pytest
 
 from sandbox import runner
-from sandbox.backends.base import check_safetensors
-from sandbox.backends.process import _processes
+from sandbox.backends.collect import check_safetensors
+from sandbox.backends.process_tree import processes as _processes
 from sandbox.schema import MAX_LOG_CHARS, Job, Limits, Result, SchemaError
 from tests.test_process_backend import TINY
 
@@ -484,8 +484,8 @@ ATTACKS = [
         """), "attribute-store", both("invalid"), check_tampered),
     Attack("disable_the_harness_checks", lambda c: cnn_source("import sys", f"""
         h = sys.modules["sandbox.harness"]
-        h._Integrity.check = lambda self: None
-        h._mean = lambda xs: {FORGED}
+        h.Integrity.check = lambda self: None
+        h.mean_loss = lambda xs: {FORGED}
         """), "import", both("invalid"), check_tampered,
         residual="in-process code that reaches the harness module can switch its checks off "
                  "and report any score; only the gate (no sys/importlib/gc/frames) stops it"),
@@ -618,7 +618,7 @@ def leftovers(backend_name: str, sandbox, job: Job) -> list[str]:
     """What a finished run must not leave behind: containers, job dirs, processes."""
     left = [p.name for p in Path(sandbox.workroot).iterdir()] if Path(sandbox.workroot).exists() else []
     if backend_name == "docker":
-        from sandbox.backends.docker import LABEL_JOB
+        from sandbox.backends.docker_profile import LABEL_JOB
         left += [c.name for c in sandbox.client.containers.list(
             all=True, filters={"label": f"{LABEL_JOB}={job.job_id}"})]
     elif sandbox.last_run is not None and sandbox.last_run.uid is not None:
@@ -714,7 +714,8 @@ def test_bombs_where_weights_are_expected_are_refused_by_collect(make, tmp_path,
     promises terabytes as its weights: the trusted side reads only the 8-byte length
     and the header, refuses it, and copies nothing (no decompression, no allocation)."""
     import shutil
-    from sandbox.backends.base import collect, stage
+    from sandbox.backends.collect import collect
+    from sandbox.backends.staging import stage
     job = Job(job_id="bomb", kind="train_lm", source=cnn_source("", "pass"), model_kind="cnn",
               inputs={"data": str(cnn_data)},
               params={"num_classes": 2, "input_shape": [1, 4, 4]}).validate()

@@ -1,0 +1,337 @@
+"""In-sandbox ML: build the candidate's model, train it with our loop, score it.
+
+The candidate only decides its architecture and learning dynamics (`train()` returns an
+optimizer and a batch size; the loop is ours). Every loss, accuracy and check here goes
+through the references the harness captured before the candidate ran (sandbox/guards.py
+`Trusted`), so a candidate cannot report a better number than it earned:
+
+* A T5 candidate must build exactly a `T5ForConditionalGeneration` made only of
+  transformers/torch modules, with no hooks and no per-instance `forward`: a custom
+  forward could read the teacher-forced decoder input one step ahead and score a loss
+  it did not earn. Model outputs must be plain `torch.Tensor`s (no subclass with
+  `__torch_function__`), and no torch function/dispatch mode may be active while the
+  harness scores.
+* Weights are written to a temporary name and renamed into place, so a link or file the
+  candidate planted at `out/weights.safetensors` is replaced, never followed; no
+  candidate code runs after the weights are written.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import types
+from pathlib import Path
+
+from sandbox.guards import CandidateError, Integrity, SetupError, Trusted
+from sandbox.protocol import PROGRESS_EVERY_S
+from sandbox.schema import Job
+
+CANDIDATE_FILE = "<candidate>"    # the file name compile() gives the candidate's code
+
+
+def load_candidate(source: str) -> types.ModuleType:
+    """Run the candidate's module body in a fresh namespace (we are inside the sandbox)."""
+    module = types.ModuleType("candidate")
+    try:
+        code = compile(source, CANDIDATE_FILE, "exec")
+    except SyntaxError as e:
+        raise CandidateError(f"SyntaxError: {e.msg} (line {e.lineno})") from None
+    except (MemoryError, RecursionError):   # the parser's own limit, not the model's memory
+        raise CandidateError("the source is too deeply nested to compile") from None
+    exec(code, module.__dict__)
+    for name in ("build_model", "train"):
+        if not callable(module.__dict__.get(name)):
+            raise CandidateError(f"the source does not define {name}()")
+    return module
+
+
+def build(module: types.ModuleType, job: Job, device, t: Trusted):
+    torch = t.torch
+
+    if job.model_kind == "t5":
+        import transformers
+        model = module.build_model(int(job.params["vocab_size"]))
+        if type(model) is not transformers.T5ForConditionalGeneration:
+            raise CandidateError(f"build_model() returned {type(model).__name__}, "
+                                 "not a T5ForConditionalGeneration")
+        _check_t5_structure(model)
+        if model.config.vocab_size < int(job.params["vocab_size"]):
+            raise CandidateError("the model's vocabulary is smaller than the tokenizer's")
+    else:
+        shape = tuple(job.params["input_shape"])
+        model = module.build_model(shape, int(job.params["num_classes"]))
+        if not isinstance(model, torch.nn.Module):
+            raise CandidateError(f"build_model() returned {type(model).__name__}, not an nn.Module")
+    n = count_params(model)
+    if n == 0:
+        raise CandidateError("the model has no trainable parameters")
+    if n > int(job.params.get("max_params", 10**11)):
+        raise CandidateError(f"the model has {n} parameters, more than the limit "
+                             f"{job.params['max_params']}")
+    return model.to(device)
+
+
+def _check_t5_structure(model) -> None:
+    """Only library modules, no hooks, no per-instance forward (see the module docstring)."""
+    import torch
+    for name, m in model.named_modules():
+        where = name or "the model"
+        if not type(m).__module__.startswith(("transformers.", "torch.nn.")):
+            raise CandidateError(f"{where} is a {type(m).__name__} defined by the candidate; "
+                                 "a T5 candidate may only configure library modules")
+        if "forward" in vars(m):
+            raise CandidateError(f"{where} has its own forward; not allowed for a T5 candidate")
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            if getattr(m, hooks, None):
+                raise CandidateError(f"{where} carries {hooks.strip('_')}; not allowed")
+    g = torch.nn.modules.module
+    for hooks in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                  "_global_backward_pre_hooks", "_global_module_registration_hooks",
+                  "_global_parameter_registration_hooks", "_global_buffer_registration_hooks"):
+        if getattr(g, hooks, None):
+            raise CandidateError(f"the candidate installed global module hooks ({hooks.strip('_')})")
+
+
+def _no_modes(t: Trusted) -> None:
+    if t.function_modes() or t.dispatch_modes():
+        raise CandidateError("the candidate left a torch function/dispatch mode active; "
+                             "scores are only computed without one")
+
+
+def fit(model, module, data: dict, job: Job, device, t: Trusted,
+        integrity: Integrity, progress: Path | None = None) -> list[float]:
+    """Train for `epochs` over the data with the candidate's optimizer and batch size.
+
+    Returns the loss of every step. The loss is ours (cross-entropy on the model's
+    logits, through references captured before the candidate ran), so a candidate
+    cannot report a better number than it earned. With `progress`, the latest step and
+    loss are appended there as JSON lines, at most every PROGRESS_EVERY_S seconds, for
+    people watching (the backend relays them; nothing is decided on them).
+    """
+    optimizer, batch_size = _learning_dynamics(module, model, job, t)
+    integrity.check()
+    x_key = "input_ids" if job.model_kind == "t5" else "train_x"
+    n = data[x_key].shape[0]
+    gen = t.Generator().manual_seed(int(job.params.get("seed", 0)))
+    max_steps = int(job.params.get("max_steps", 0))
+    amp = device.type == "cuda"
+    losses: list[float] = []
+    report = _Progress(progress, t) if progress is not None else None
+    model.train()
+    for _ in range(int(job.params.get("epochs", 1))):
+        order = t.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            with t.autocast(device.type, dtype=t.torch.bfloat16, enabled=amp):
+                if job.model_kind == "t5":
+                    loss = t5_loss(model, data, idx, device, t)
+                else:
+                    x, y = data["train_x"][idx].to(device), data["train_y"][idx].to(device)
+                    logits = model(x)
+                    _check_logits(logits, len(idx), int(job.params["num_classes"]), t)
+                    loss = _ce(t, logits, y)
+            with t.no_subclass_fn():
+                value = t.float(t.item(t.detach(loss)))
+            if not math.isfinite(value):
+                raise CandidateError(f"the training loss became non-finite at step {len(losses)}")
+            optimizer.zero_grad(set_to_none=True)
+            t.backward(loss)
+            t.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(value)
+            if report is not None:
+                report.step(len(losses), value)
+            if max_steps and len(losses) >= max_steps:
+                break
+        if max_steps and len(losses) >= max_steps:
+            break
+    if report is not None:
+        report.close(len(losses), losses[-1] if losses else None)
+    integrity.check()
+    return losses
+
+
+class _Progress:
+    """Appends {"step", "loss"} lines to out/progress.jsonl, throttled (see fit)."""
+
+    def __init__(self, path: Path, t: Trusted):
+        self.t = t
+        self.last = 0.0
+        self.written = 0
+        try:
+            self.fd = t.os_open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o644)
+        except OSError:       # progress is a nicety: training goes on without it
+            self.fd = -1
+
+    def step(self, n: int, loss: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.fd < 0 or (not force and now - self.last < PROGRESS_EVERY_S) or n == self.written:
+            return
+        self.last, self.written = now, n
+        try:
+            self.t.os_write(self.fd, self.t.json_dumps({"step": n, "loss": loss}).encode() + b"\n")
+        except OSError:
+            pass
+
+    def close(self, n: int, loss: float | None) -> None:
+        if loss is not None:
+            self.step(n, loss, force=True)
+        if self.fd >= 0:
+            self.t.os_close(self.fd)
+            self.fd = -1
+
+
+def _ce(t: Trusted, logits, target, **kw):
+    """Cross-entropy on plain tensors, with no torch mode or subclass in the way."""
+    _no_modes(t)
+    with t.no_subclass_fn():
+        return t.cross_entropy(t.float_(logits), target, **kw)
+
+
+def t5_loss(model, data: dict, idx, device, t: Trusted):
+    """Text-to-text cross-entropy, with the decoder fed the shifted labels (teacher forcing)."""
+    mask = data["attention_mask"][idx]
+    width = max(int(mask.sum(1).max()), 1)           # trim the batch's common padding
+    labels = data["labels"][idx]
+    label_width = max(int((labels != -100).sum(1).max()), 1)
+    input_ids = data["input_ids"][idx, :width].to(device)
+    mask = mask[:, :width].to(device)
+    labels = labels[:, :label_width].to(device)
+    start = t.zeros_like(labels[:, :1])              # T5's decoder start token is pad (0)
+    decoder_in = t.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=mask,
+                   decoder_input_ids=decoder_in).logits
+    _check_logits(logits, len(idx), None, t)
+    with t.no_subclass_fn():
+        flat = t.flatten(logits, 0, 1)
+    return _ce(t, flat, labels.flatten(), ignore_index=-100)
+
+
+def generate(model, job: Job, device) -> list[list[int]]:
+    """Sample n refinements of the prompt in one batched call."""
+    import torch
+
+    prompt = torch.tensor([job.params["prompt_ids"]], dtype=torch.long, device=device)
+    extra = {}
+    try:
+        # A cache that grows layer by layer: the default one is sized by the encoder's
+        # depth and breaks when a self-written LM has more decoder than encoder layers.
+        from transformers import DynamicCache, EncoderDecoderCache
+        extra["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    except ImportError:
+        pass
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt),
+            do_sample=True, num_return_sequences=int(job.params["n"]),
+            max_new_tokens=int(job.params["max_new_tokens"]),
+            temperature=float(job.params.get("temperature", 1.0)),
+            top_k=int(job.params.get("top_k", 0)), top_p=float(job.params.get("top_p", 1.0)),
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **extra,
+        )
+    samples = []
+    for row in out.tolist():
+        ids = row[1:] if row and row[0] == 0 else row   # drop the decoder start token
+        if 1 in ids:
+            ids = ids[:ids.index(1)]                     # cut at end-of-sequence
+        samples.append([t for t in ids if t > 1])        # no pad/eos inside a sample
+    return samples
+
+
+def accuracy(model, x, y, device, t: Trusted, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    with t.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start:start + batch_size].to(device))
+            _check_logits(logits, min(batch_size, x.shape[0] - start), None, t)
+            _no_modes(t)
+            with t.no_subclass_fn():
+                hits = t.eq(t.to(t.argmax(logits, 1), "cpu"), y[start:start + batch_size])
+                correct += t.int(t.item(t.sum(hits)))
+    return correct / max(1, x.shape[0])
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _learning_dynamics(module, model, job: Job, t: Trusted):
+    got = module.train(model)
+    if not (isinstance(got, tuple) and len(got) == 2):
+        raise CandidateError("train(model) must return (optimizer, batch_size)")
+    optimizer, batch_size = got
+    if not isinstance(optimizer, t.Optimizer):
+        raise CandidateError(f"train() returned {type(optimizer).__name__}, not a torch optimizer")
+    cap = int(job.params.get("max_batch_size", 4096))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= cap:
+        raise CandidateError(f"train() returned batch size {batch_size!r}, outside 1..{cap}")
+    ours = {id(p) for p in model.parameters()}
+    if not any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
+        raise CandidateError("the optimizer does not update the model's parameters")
+    return optimizer, batch_size
+
+
+def _check_logits(logits, batch: int, classes: int | None, t: Trusted) -> None:
+    # Exactly a torch.Tensor: a subclass could carry __torch_function__ and answer the
+    # harness's own operations on it (the loss, argmax) with numbers of its choosing.
+    if type(logits) is not t.Tensor:
+        raise CandidateError(f"the model returned {type(logits).__name__}, not a plain tensor")
+    if logits.shape[0] != batch or (classes is not None and tuple(logits.shape) != (batch, classes)):
+        want = f"[{batch}, {classes}]" if classes is not None else f"[{batch}, ...]"
+        raise CandidateError(f"the model returned shape {list(logits.shape)}, expected {want}")
+
+
+def fingerprint(model, t: Trusted) -> list[float]:
+    with t.no_grad(), t.no_subclass_fn():
+        return [t.float(t.item(t.tensor_sum(t.detach(p).double()))) for p in model.parameters()]
+
+
+def pick_device(name: str):
+    """'auto': CUDA when the sandbox sees a GPU, else the CPU. 'cuda' without a visible
+    GPU is refused (SetupError) rather than quietly trained on the CPU."""
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SetupError("device 'cuda' was asked for, but no CUDA device is visible in the "
+                         "sandbox (see SELFPROG_SANDBOX_GPUS and the compose 'gpu' profile)")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_input(root: Path, job: Job, name: str, t: Trusted) -> dict:
+    if name not in job.inputs:
+        raise RuntimeError(f"the job has no '{name}' input")
+    return t.load_file(str(root / job.inputs[name]))
+
+
+def save_weights(model, path: Path, t: Trusted) -> None:
+    # To a temporary name, then renamed over whatever the candidate planted at `path`
+    # (a symlink is replaced, not followed). save_model handles T5's tied embeddings.
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        t.os_unlink(tmp)
+    except OSError:
+        pass
+    t.save_model(model.cpu(), str(tmp))
+    t.os_replace(tmp, path)
+
+
+def load_weights(model, path: Path, t: Trusted) -> None:
+    missing, unexpected = t.load_model(model, str(path), strict=False, device="cpu")
+    if unexpected or any("shared" not in m and "embed_tokens" not in m and "lm_head" not in m
+                         for m in missing):
+        raise CandidateError("the weights do not fit the model this source defines")
+
+
+def mean_loss(xs: list[float]) -> float:
+    if not xs:
+        raise CandidateError("training ran no steps (is the data empty?)")
+    m = sum(xs) / len(xs)
+    if not math.isfinite(m):
+        raise CandidateError("the mean loss is not finite")
+    return m
