@@ -16,7 +16,7 @@ from alembic import context
 from sqlalchemy import func, select
 
 from pipeline.settings import Settings
-from pipeline.store import make_engine
+from pipeline.store.schema import make_engine
 from pipeline.store.models import Base
 
 config = context.config
