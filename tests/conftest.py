@@ -73,7 +73,7 @@ def store(database_url):
     """A migrated LineageStore on `database_url`, closed after the test."""
     from pipeline.store import LineageStore
 
-    s = LineageStore(database_url)
+    s = LineageStore(database_url, create=True)
     yield s
     s.close()
 

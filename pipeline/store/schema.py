@@ -142,6 +142,25 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
             open(path, "rb") if path is not None else contextlib.nullcontext() as lock_file:
         if lock_file is not None:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        with engine.begin() as connection:
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, revision)
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # A batch migration rebuilds a table (copy, DROP, rename); with foreign
+                # keys on, SQLite's DROP would run the ON DELETE actions of the tables
+                # that refer to it (cascading deletes). Off while migrating (outside a
+                # transaction, or the pragma does nothing); references checked after.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
+            try:
+                with connection.begin():
+                    cfg.attributes["connection"] = connection
+                    command.upgrade(cfg, revision)
+                    if sqlite:
+                        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise StoreError(f"the migration left {len(broken)} broken "
+                                             f"reference(s), e.g. {tuple(broken[0])}")
+            finally:
+                if sqlite:
+                    connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    connection.commit()
