@@ -14,15 +14,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
 from celery import bootsteps
 from celery.signals import worker_process_init, worker_ready
 
 from pipeline import celery_app, events
 from pipeline.cancellation import cancel_check
 from pipeline.celery_app import QUEUES, app
-from pipeline.settings import Settings
+from pipeline.settings import Settings, backend_kwargs
 from pipeline.text import is_redis_url
 from sandbox import runner
 from sandbox.backends.base import Watch
@@ -44,16 +42,6 @@ def _forget_backend(_settings: Settings | None = None) -> None:
 
 
 celery_app._on_configure.append(_forget_backend)
-
-
-def backend_kwargs(s: Settings) -> dict[str, Any]:
-    """The keyword arguments of `sandbox.backends.make_backend` for these settings: the
-    one translation from settings to a backend (the worker and `doctor` both use it)."""
-    kw: dict[str, Any] = {"allow_unconfined": s.allow_unconfined, "prewarm": s.sandbox_prewarm}
-    if s.sandbox_backend in ("docker", "auto"):
-        kw.update(image=s.sandbox_image, runtime=s.sandbox_runtime or None,
-                  gpus=s.sandbox_gpus or None)
-    return kw
 
 
 def backend():

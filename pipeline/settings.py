@@ -226,3 +226,14 @@ def _parse(f: dataclasses.Field, raw: str, where: str) -> Any:
     except ValueError:
         raise ConfigError(f"{where}: {raw!r} is not a valid {typ}") from None
     return raw
+
+
+def backend_kwargs(s: Settings) -> dict[str, Any]:
+    """The keyword arguments of `sandbox.backends.make_backend` for these settings: the
+    one translation from settings to a sandbox backend (the workers,
+    pipeline/sandbox_task.py, and `selfprog-cli doctor` both use it)."""
+    kw: dict[str, Any] = {"allow_unconfined": s.allow_unconfined, "prewarm": s.sandbox_prewarm}
+    if s.sandbox_backend in ("docker", "auto"):
+        kw.update(image=s.sandbox_image, runtime=s.sandbox_runtime or None,
+                  gpus=s.sandbox_gpus or None)
+    return kw

@@ -134,6 +134,6 @@ def redis_url():
 def restore_embedded():
     """Tests here point the in-process Celery app at a broker; put it back after."""
     yield
-    from pipeline import worker
+    from pipeline import celery_app
     from pipeline.settings import Settings
-    worker.configure(Settings.from_env(env={}))
+    celery_app.configure(Settings.from_env(env={}))

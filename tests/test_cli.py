@@ -31,7 +31,7 @@ def source(d_ff: int, layers: int = 2) -> str:
 def populated(database_url):
     """Two iterations of a self-programming run: iteration 0 replaces the seed,
     iteration 1 keeps it. Returns the URL and the ids the tests look at."""
-    with LineageStore(database_url) as s:
+    with LineageStore(database_url, create=True) as s:
         run_id = s.create_run(config={"iterations": 2, "candidates": 2, "d_model": 32},
                               task="self", preset="quick", seed=3)
         s.set_run_status(run_id, "running")
@@ -113,7 +113,7 @@ def test_runs_uses_environment_url(populated):
 
 
 def test_runs_empty(sqlite_url):
-    LineageStore(sqlite_url).close()
+    LineageStore(sqlite_url, create=True).close()
     assert "no runs yet" in ok(cli(sqlite_url, "runs")).stdout
     assert json.loads(ok(cli(sqlite_url, "runs", "--json")).stdout) == []
 

@@ -68,7 +68,7 @@ def test_doctor_fails_when_the_canary_escapes(tmp_path):
 def test_doctor_warns_about_a_lineage_db_others_can_read(tmp_path):
     db = tmp_path / "lineage.db"
     from pipeline.store import LineageStore
-    LineageStore(f"sqlite:///{db}").close()
+    LineageStore(f"sqlite:///{db}", create=True).close()
     os.chmod(db, 0o644)
     result = _doctor(tmp_path, "--skip-canary")
     assert "chmod 600" in result.output
