@@ -18,7 +18,8 @@ from pipeline import celery_app, events
 from pipeline.cancellation import announce_cancel
 from pipeline.settings import RunConfig, Settings
 from pipeline.stages import recover, start
-from pipeline.store import RUN_TERMINAL_STATUSES, LineageStore, StoreError, store_for
+from pipeline.store import (RUN_ACTIVE_STATUSES, RUN_TERMINAL_STATUSES, LineageStore, StoreError,
+                            store_for)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _execute(settings: Settings, run_id: str, progress, detach: bool, kick: Call
             # The failing stage has marked the run failed with its reason (or, failing
             # outside a stage, we do it here): the caller reads the outcome from the DB.
             store = _store(settings)
-            if store.get_run(run_id).status in ("pending", "running"):
+            if store.get_run(run_id).status in RUN_ACTIVE_STATUSES:
                 store.set_run_status(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
             log.warning("run %s failed: %s", run_id, e)
         finally:

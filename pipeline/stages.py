@@ -46,7 +46,7 @@ from pipeline.jobs import RunContext
 from pipeline.sandbox_task import queue_for, run_job
 from pipeline.selection import select
 from pipeline.settings import RunConfig
-from pipeline.store import OPEN_STATUSES, LineageStore, store_for
+from pipeline.store import OPEN_STATUSES, RUN_ACTIVE_STATUSES, LineageStore, store_for
 from sandbox.policy import check as policy_check
 from sandbox.schema import Result
 
@@ -158,7 +158,7 @@ def coordinator_task(fn: Callable) -> Any:
 def start(*, run_id: str) -> None:
     """Prepare the run's corpus, tokenizer and data, then start every arm at iteration 0."""
     store, ctx = _context(run_id)
-    if store.get_run(run_id).status not in ("pending", "running"):
+    if store.get_run(run_id).status not in RUN_ACTIVE_STATUSES:
         return
     store.set_run_status(run_id, "running")
     events.emit(run_id, "stage", iteration=0, stage="preparing", arm="lm")
