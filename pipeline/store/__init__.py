@@ -3,7 +3,7 @@ status words (models.py), engines and migrations (schema.py, migrations/).
 
 Only the public API is re-exported here.
 """
-from pipeline.store.api import MAX_LOG_CHARS, MAX_REASON_CHARS, LineageStore, store_for
+from pipeline.store.api import LineageStore, store_for
 from pipeline.store.errors import SchemaOutOfDate, StoreError, UnknownCandidate, UnknownRun
 from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, DECISIONS, ITERATION_STAGES,
                                    OPEN_STATUSES, ROLES, RUN_ACTIVE_STATUSES, RUN_STATUSES,
@@ -11,6 +11,7 @@ from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, DECISIONS, ITERATIO
 from pipeline.store.schema import (MIGRATIONS_DIR, alembic_config, current_revisions,
                                    head_revisions, make_engine, schema_is_current,
                                    upgrade_schema)
+from pipeline.store.values import MAX_LOG_CHARS, MAX_REASON_CHARS
 from pipeline.store.views import CandidateView, CurveView, IterationView, RunView
 
 __all__ = [

@@ -11,9 +11,8 @@ The same code serves the embedded default (a SQLite file) and the deployment
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
-from typing import Any, Iterable
+from typing import Any
 
 from alembic.util.exc import CommandError
 from sqlalchemy import select, update
@@ -21,68 +20,17 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.store.errors import StoreError, UnknownCandidate, UnknownRun
-from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, DECISIONS, ITERATION_STAGES,
+from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, ITERATION_STAGES,
                                    OPEN_STATUSES, ROLES, RUN_STATUSES, RUN_TERMINAL_STATUSES,
                                    TERMINAL_STATUSES, Candidate, Iteration, MetricCurve, Run,
                                    utcnow)
 from pipeline.store.schema import make_engine, require_current, upgrade_schema
 from pipeline.store.views import CandidateView, CurveView, IterationView, RunView, view
+from pipeline.store.values import (ITERATION_FIELDS, bound_logs, bound_reason, candidate_key,
+                                   check, finite, floats, iteration_values, text)
 from pipeline.text import first_line
-# What a sandbox may send back is what the store keeps: the wire format's bounds.
-from sandbox.schema import MAX_LOG_CHARS, MAX_REASON_CHARS
 
 MIN_PREFIX = 4   # shortest run id prefix accepted where a full id is expected
-
-_ITERATION_FIELDS = {"stage", "incumbent_id", "selected_id", "decision", "lm_losses",
-                     "lm_seconds", "gen_seconds", "eval_seconds", "finished_at"}
-
-
-# ------------------------------------------------------------------ value hygiene
-
-def _text(value: str) -> str:
-    # PostgreSQL text cannot hold NUL characters; SQLite can. Replace them so both
-    # backends store the same thing (sandbox logs of a crashing candidate may have them).
-    return value.replace("\x00", "\ufffd")
-
-
-def _bound_reason(reason: str) -> str:
-    reason = _text(reason or "")
-    if len(reason) > MAX_REASON_CHARS:
-        reason = reason[:MAX_REASON_CHARS - 1] + "…"
-    return reason
-
-
-def _bound_logs(logs: str) -> str:
-    # Keep the tail: the end of a log is where the error is.
-    logs = _text(logs or "")
-    if len(logs) > MAX_LOG_CHARS:
-        marker = f"[… {len(logs) - MAX_LOG_CHARS} characters cut …]\n"
-        logs = marker + logs[-(MAX_LOG_CHARS - len(marker)):]
-    return logs
-
-
-def _floats(values: Iterable[Any], what: str) -> list[float | None]:
-    # JSON has no NaN or infinity (PostgreSQL refuses the tokens): a diverged step is
-    # stored as null, which keeps the curve's length and the step numbering.
-    out: list[float | None] = []
-    for v in values:
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{what} must be a list of numbers, got {type(v).__name__}")
-        out.append(float(v) if math.isfinite(v) else None)
-    return out
-
-
-def _finite(value: float | None, what: str) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return value
-
 
 # -------------------------------------------------------------------------- store
 
@@ -170,7 +118,7 @@ class LineageStore:
         with self._session() as s, s.begin():
             run = s.get(Run, self._run_id(s, run_id))
             run.status = status
-            run.error = _text(error) if error is not None else None
+            run.error = text(error) if error is not None else None
             # A resumed run (back to running) is no longer finished.
             run.finished_at = utcnow() if status in RUN_TERMINAL_STATUSES else None
 
@@ -182,14 +130,14 @@ class LineageStore:
 
     def ensure_iteration(self, run_id: str, index: int, *, source_in: str,
                          arm: str = "lm") -> IterationView:
-        _check(arm, ARMS, "arm")
+        check(arm, ARMS, "arm")
         with self._session() as s:
             run_id = self._run_id(s, run_id)
             row = self._iteration_row(s, run_id, index, arm)
             if row is not None:
                 return view(IterationView, row)
             row = Iteration(run_id=run_id, index=int(index), arm=arm, stage="pending",
-                            source_in=_text(source_in), lm_losses=[])
+                            source_in=text(source_in), lm_losses=[])
             s.add(row)
             try:
                 s.commit()
@@ -215,7 +163,7 @@ class LineageStore:
             return [view(IterationView, r) for r in rows]
 
     def update_iteration(self, run_id: str, index: int, arm: str = "lm", **fields: Any) -> None:
-        fields = _iteration_values(fields, _ITERATION_FIELDS)
+        fields = iteration_values(fields, ITERATION_FIELDS)
         with self._session() as s, s.begin():
             run_id = self._run_id(s, run_id)
             row = self._iteration_row(s, run_id, index, arm)
@@ -235,8 +183,8 @@ class LineageStore:
         """
         sources = (from_stage,) if isinstance(from_stage, str) else tuple(from_stage)
         for stage in sources:
-            _check(stage, ITERATION_STAGES, "iteration stage")
-        fields = _iteration_values(fields, _ITERATION_FIELDS - {"stage"}, to_stage=to_stage)
+            check(stage, ITERATION_STAGES, "iteration stage")
+        fields = iteration_values(fields, ITERATION_FIELDS - {"stage"}, to_stage=to_stage)
         with self._session() as s, s.begin():
             run_id = self._run_id(s, run_id)
             result = s.execute(update(Iteration)
@@ -263,10 +211,10 @@ class LineageStore:
                          reason: str = "") -> CandidateView:
         """Get-or-create the row for (run, arm, iteration, index); an existing row is
         returned unchanged, so a retried task never duplicates or rewrites a candidate."""
-        _check(role, ROLES, "role")
-        _check(arm, ARMS, "arm")
-        _check(status, CANDIDATE_STATUSES, "candidate status")
-        source = _text(source)
+        check(role, ROLES, "role")
+        check(arm, ARMS, "arm")
+        check(status, CANDIDATE_STATUSES, "candidate status")
+        source = text(source)
         with self._session() as s:
             run_id = self._run_id(s, run_id)
             row = self._candidate_row(s, run_id, arm, iteration, index)
@@ -278,7 +226,7 @@ class LineageStore:
                 parent_id=parent_id, source=source,
                 sha256=hashlib.sha256(source.encode("utf-8")).hexdigest(),
                 design=dict(design) if design is not None else None, status=status,
-                reason=_bound_reason(reason), logs="", created_at=now,
+                reason=bound_reason(reason), logs="", created_at=now,
                 # A candidate can be born terminal (e.g. refused by the policy gate).
                 finished_at=now if status in TERMINAL_STATUSES else None)
             s.add(row)
@@ -314,26 +262,26 @@ class LineageStore:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"{status!r} is not a terminal candidate status "
                              f"(one of {', '.join(TERMINAL_STATUSES)})")
-        values = dict(status=status, reason=_bound_reason(reason),
-                      score=_finite(score, "score"),
+        values = dict(status=status, reason=bound_reason(reason),
+                      score=finite(score, "score"),
                       param_count=None if param_count is None else int(param_count),
-                      duration_s=_finite(duration_s, "duration_s"),
-                      logs=_bound_logs(logs), finished_at=utcnow())
-        curve = None if losses is None else _floats(losses, "losses")
+                      duration_s=finite(duration_s, "duration_s"),
+                      logs=bound_logs(logs), finished_at=utcnow())
+        curve = None if losses is None else floats(losses, "losses")
         with self._session() as s, s.begin():
             # The status test is in the UPDATE itself, so of two concurrent writers only
             # one matches the row (PostgreSQL re-checks it after the first commits).
             result = s.execute(update(Candidate)
-                               .where(Candidate.id == _candidate_key(candidate_id),
+                               .where(Candidate.id == candidate_key(candidate_id),
                                       Candidate.status.in_(OPEN_STATUSES))
                                .values(**values)
                                .execution_options(synchronize_session=False))
             if result.rowcount == 0:
-                if s.get(Candidate, _candidate_key(candidate_id)) is None:
+                if s.get(Candidate, candidate_key(candidate_id)) is None:
                     raise UnknownCandidate(f"unknown candidate {candidate_id}")
                 return False
             if curve is not None:
-                row = s.get(Candidate, _candidate_key(candidate_id))
+                row = s.get(Candidate, candidate_key(candidate_id))
                 s.add(MetricCurve(run_id=row.run_id, candidate_id=candidate_id,
                                   iteration=row.iteration, name="fewshot_loss", values=curve))
             return True
@@ -342,12 +290,12 @@ class LineageStore:
                        note: str = "") -> None:
         """Store the second, independent score of a would-be winner, and whether the
         two disagreed (then the candidate is flagged and selection passes it over)."""
-        values: dict[str, Any] = dict(rescore=_finite(score, "rescore"), flagged=bool(flagged))
+        values: dict[str, Any] = dict(rescore=finite(score, "rescore"), flagged=bool(flagged))
         if flagged:
-            values["reason"] = _bound_reason(note)
+            values["reason"] = bound_reason(note)
         with self._session() as s, s.begin():
             result = s.execute(update(Candidate)
-                               .where(Candidate.id == _candidate_key(candidate_id))
+                               .where(Candidate.id == candidate_key(candidate_id))
                                .values(**values).execution_options(synchronize_session=False))
             if result.rowcount == 0:
                 raise UnknownCandidate(f"unknown candidate {candidate_id}")
@@ -364,7 +312,7 @@ class LineageStore:
 
     def get_candidate(self, candidate_id: int) -> CandidateView:
         with self._session() as s:
-            row = s.get(Candidate, _candidate_key(candidate_id))
+            row = s.get(Candidate, candidate_key(candidate_id))
             if row is None:
                 raise UnknownCandidate(f"unknown candidate {candidate_id}")
             return view(CandidateView, row)
@@ -387,7 +335,7 @@ class LineageStore:
         chain: list[CandidateView] = []
         seen: set[int] = set()
         with self._session() as s:
-            row = s.get(Candidate, _candidate_key(candidate_id))
+            row = s.get(Candidate, candidate_key(candidate_id))
             if row is None:
                 raise UnknownCandidate(f"unknown candidate {candidate_id}")
             while row is not None:
@@ -404,7 +352,7 @@ class LineageStore:
 
     def add_curve(self, run_id: str, name: str, values: list[float], *,
                   iteration: int | None = None, candidate_id: int | None = None) -> None:
-        clean = _floats(values, name)
+        clean = floats(values, name)
         with self._session() as s, s.begin():
             s.add(MetricCurve(run_id=self._run_id(s, run_id), name=name, values=clean,
                               iteration=iteration, candidate_id=candidate_id))
@@ -415,41 +363,6 @@ class LineageStore:
             if name is not None:
                 q = q.where(MetricCurve.name == name)
             return [view(CurveView, r) for r in s.scalars(q.order_by(MetricCurve.id)).all()]
-
-
-def _iteration_values(fields: dict[str, Any], allowed: set[str],
-                      to_stage: str | None = None) -> dict[str, Any]:
-    """Checked, normalised column values for an iteration update (update_iteration,
-    advance_stage). `to_stage`: the stage the update moves it to, when not in `fields`."""
-    unknown = set(fields) - allowed
-    if unknown:
-        raise ValueError(f"cannot update iteration field(s) {', '.join(sorted(unknown))}")
-    fields = dict(fields)
-    stage = fields.get("stage", to_stage)
-    if stage is not None:
-        _check(stage, ITERATION_STAGES, "iteration stage")
-    if fields.get("decision") is not None:
-        _check(fields["decision"], DECISIONS, "decision")
-    if "lm_losses" in fields:
-        fields["lm_losses"] = _floats(fields["lm_losses"] or [], "lm_losses")
-    for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
-        if name in fields:
-            fields[name] = _finite(fields[name], name)
-    if stage == "done":
-        fields.setdefault("finished_at", utcnow())
-    return fields
-
-
-def _check(value: Any, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r} (one of {', '.join(allowed)})")
-
-
-def _candidate_key(candidate_id: Any) -> int:
-    try:
-        return int(candidate_id)
-    except (TypeError, ValueError):
-        raise UnknownCandidate(f"unknown candidate {candidate_id!r}") from None
 
 
 _stores: dict[str, LineageStore] = {}
