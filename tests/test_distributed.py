@@ -163,7 +163,7 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     store.set_run_status(run_id, "running")
     ctx = RunContext(run_id, config, settings)
     ctx.prepare()
-    stage = {name: getattr(loop, name).run.__wrapped__
+    stage = {name: getattr(stages, name).run.__wrapped__
              for name in ("begin_iteration", "after_training", "after_generation",
                           "finish_iteration")}
     kw = dict(run_id=run_id, index=0, arm="lm")
