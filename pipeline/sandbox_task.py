@@ -58,9 +58,9 @@ def backend():
 
 
 # --------------------------------------------------------------------------------------
-# Confinement canary (sandbox/canary.py; README.md). Before this process runs any sandbox job it runs
-# sandbox.canary.check_confinement on its backend, once per (backend, settings); if the
-# sandbox does not confine (network reachable, a 0600 host file readable, the memory
+# Confinement canary (sandbox/canary.py; SECURITY.md). Before this process runs any
+# sandbox job it runs sandbox.canary.check_confinement on its backend, once per (backend,
+# settings); if the sandbox does not confine (network reachable, a 0600 host file readable, the memory
 # limit not enforced) every job is refused with the canary's reason, unless
 # Settings.allow_unconfined (SELFPROG_ALLOW_UNCONFINED=1, development only) is set.
 # A worker that consumes the trainer/sandbox queues runs it at start (worker_ready) and
