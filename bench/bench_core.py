@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import loop, worker  # noqa: E402
+from pipeline import celery_app, runs, sandbox_task  # noqa: E402
+from pipeline.store import store_for
 from pipeline.families import transformer  # noqa: E402
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings, preset  # noqa: E402
@@ -46,9 +47,9 @@ def stages(args) -> None:
         s = _settings(Path(d), args.backend)
         cfg = preset("quick", **_sets(args))
         t0 = time.monotonic()
-        run_id = loop.launch(s, cfg)
+        run_id = runs.launch(s, cfg)
         wall = time.monotonic() - t0
-        store = loop.store_for(s)
+        store = store_for(s.database_url)
         print(f"quick preset, {cfg.iterations} iterations x {cfg.candidates} candidates, "
               f"backend {args.backend}: {wall:.1f} s wall")
         print(f"{'iter':>4} {'LM train s':>11} {'generate s':>11} {'evals':>6} {'eval s (sum)':>13} {'eval s (mean)':>14}")
@@ -65,10 +66,10 @@ def overhead(args) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         s = _settings(Path(d), args.backend)
-        worker.configure(s)
+        celery_app.configure(s)
         cfg = preset("quick", **_sets(args))
         job = seed_evaluation_job(s, cfg)
-        backend = worker.backend()
+        backend = sandbox_task.backend()
         sandboxed, inproc = [], []
         for _ in range(args.repeat):
             t = time.monotonic()
@@ -95,8 +96,8 @@ def validity(args) -> None:
         s = _settings(Path(d), args.backend)
         cfg = preset(args.preset, iterations=args.iterations, **_sets(args))
         t0 = time.monotonic()
-        run_id = loop.launch(s, cfg)
-        store = loop.store_for(s)
+        run_id = runs.launch(s, cfg)
+        store = store_for(s.database_url)
         print(f"preset {args.preset} ({cfg.iterations} iterations x {cfg.candidates} candidates, "
               f"d_model {cfg.d_model}, corpus {cfg.dataset_size}), {time.monotonic() - t0:.0f} s")
         print(f"{'iter':>4} {'generated':>9} {'valid':>7} {'one change':>10} {'decision':>9}")

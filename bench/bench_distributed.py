@@ -27,7 +27,8 @@ from celery import group  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from pipeline import loop, worker  # noqa: E402
+from pipeline import celery_app, runs, sandbox_task, stages  # noqa: E402
+from pipeline.store import store_for
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from tests.cluster import Cluster, quick_config  # noqa: E402
@@ -69,12 +70,12 @@ def throughput(args) -> float:
     with tempfile.TemporaryDirectory() as d, Schema() as db:
         tmp = Path(d)
         settings = _settings(tmp, db, REDIS_URL, args.backend)
-        worker.configure(settings)
+        celery_app.configure(settings)
         config = quick_config(fewshot_samples=32)
         ctx = RunContext("benchthruput", config, settings)
         ctx.prepare()
         jobs = [ctx.evaluate_job("lm", 0, i, ctx.seed_source()) for i in range(args.jobs)]
-        sig = group(worker.run_job.si(loop._wire(j), str(tmp / "out")).set(queue="sandbox")
+        sig = group(sandbox_task.run_job.si(stages._wire(j), str(tmp / "out")).set(queue="sandbox")
                     for j in jobs)
         walls = {}
         with Cluster(tmp, broker_url=REDIS_URL, database_url=db, backend=args.backend) as cl:
@@ -94,7 +95,7 @@ def throughput(args) -> float:
     ratio = walls[1] / walls[2]
     print(f"evaluation throughput ratio 2 workers / 1 worker = {ratio:.2f} "
           f"({os.cpu_count()} CPU cores, backend {args.backend})")
-    worker.configure(Settings.from_env(env={}))
+    celery_app.configure(Settings.from_env(env={}))
     return ratio
 
 
@@ -107,9 +108,9 @@ def e2e(args) -> float:
         tmp = Path(d)
         embedded = _settings(tmp / "embedded", db, "", args.backend)
         t0 = time.monotonic()
-        run_id = loop.launch(embedded, config)
+        run_id = runs.launch(embedded, config)
         walls["embedded"] = time.monotonic() - t0
-        status = loop.store_for(embedded).get_run(run_id).status
+        status = store_for(embedded.database_url).get_run(run_id).status
         print(f"  embedded:    {walls['embedded']:6.1f} s  ({status})")
 
         with Cluster(tmp / "cluster", broker_url=REDIS_URL, database_url=db,
@@ -121,15 +122,15 @@ def e2e(args) -> float:
                 cl.wait_ready(w)
             distributed = _settings(tmp / "cluster", db, REDIS_URL, args.backend)
             t0 = time.monotonic()
-            run_id = loop.launch(distributed, config)
+            run_id = runs.launch(distributed, config)
             walls["distributed"] = time.monotonic() - t0
-            status = loop.store_for(distributed).get_run(run_id).status
+            status = store_for(distributed.database_url).get_run(run_id).status
             print(f"  distributed: {walls['distributed']:6.1f} s  ({status}; coordinator, "
                   f"trainer, 2 sandbox workers already running)")
     ratio = walls["distributed"] / walls["embedded"]
     print(f"end-to-end quick run ({config.iterations} iterations x {config.candidates} "
           f"candidates), ratio distributed / embedded = {ratio:.2f}")
-    worker.configure(Settings.from_env(env={}))
+    celery_app.configure(Settings.from_env(env={}))
     return ratio
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import loop, worker  # noqa: E402
+from pipeline import celery_app, sandbox_task  # noqa: E402
+from pipeline.store import store_for
 from pipeline.families import cnn  # noqa: E402
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings, preset  # noqa: E402
@@ -79,8 +80,8 @@ def main() -> None:
         summary = []
         for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
             cfg = preset(size, task=args.task, dataset_size=64, iterations=1, candidates=1)
-            worker.configure(base)
-            store = loop.store_for(base)
+            celery_app.configure(base)
+            store = store_for(base.database_url)
             run_id = store.create_run(config=cfg.to_dict(), task=args.task, preset=size, seed=0)
             ctx = RunContext(run_id, cfg, base)
             ctx.prepare()
@@ -102,9 +103,9 @@ def main() -> None:
                     for b in backends:       # interleaved, so drift hits both alike
                         s = Settings.from_env(database_url=base.database_url,
                                               artifact_dir=base.artifact_dir, sandbox_backend=b)
-                        worker.configure(s)
+                        celery_app.configure(s)
                         t = time.monotonic()
-                        res = runner.run(job, tmp / f"out-{b}-{r}", worker.backend())
+                        res = runner.run(job, tmp / f"out-{b}-{r}", sandbox_task.backend())
                         per[b].append(time.monotonic() - t)
                         if res.status != "ok":
                             raise SystemExit(f"{b} evaluation of {name} failed: {res.status} {res.reason}")

@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.settings import Settings
+from pipeline.settings import Settings, backend_kwargs
+from pipeline.text import first_line, hide_password, sqlite_path
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -32,8 +33,7 @@ class Check:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+    return first_line(e, limit=300)
 
 
 def check_docker(s: Settings) -> tuple[Check, Check]:
@@ -81,33 +81,26 @@ def check_redis(s: Settings) -> Check:
         import redis
         client = redis.Redis.from_url(s.broker_url, socket_connect_timeout=3, socket_timeout=3)
         client.ping()
-        return Check("redis", OK, f"broker answers at {_safe_url(s.broker_url)}")
+        return Check("redis", OK, f"broker answers at {hide_password(s.broker_url)}")
     except Exception as e:   # noqa: BLE001 - any failure means "no broker"
-        return Check("redis", FAIL, f"{_safe_url(s.broker_url)}: {_first_line(e)}",
+        return Check("redis", FAIL, f"{hide_password(s.broker_url)}: {_first_line(e)}",
                      "start it: bash scripts/services.sh (or docker-compose up -d redis), or "
                      "unset SELFPROG_BROKER_URL to run embedded")
-
-
-def _safe_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:   # noqa: BLE001 - not an SQLAlchemy URL (redis://): hide userinfo
-        head, sep, tail = url.partition("@")
-        return ("***@" + tail) if sep else url
 
 
 def check_database(s: Settings) -> Check:
     from sqlalchemy import create_engine, inspect, text
     from sqlalchemy.engine import make_url
+
+    from pipeline.store import schema_is_current
     try:
         url = make_url(s.database_url)
     except Exception as e:   # noqa: BLE001
         return Check("database", FAIL, f"bad URL {s.database_url!r}: {_first_line(e)}",
                      "set SELFPROG_DATABASE_URL to e.g. sqlite:///selfprog.db")
-    shown = url.render_as_string(hide_password=True)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        path = Path(url.database).expanduser()
+    shown = hide_password(s.database_url)
+    path = sqlite_path(url)
+    if path is not None:
         if not path.exists():
             return Check("database", WARN, f"no lineage database yet at {path}",
                          "it is created by the first `selfprog-cli launch`")
@@ -122,6 +115,7 @@ def check_database(s: Settings) -> Check:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             tables = set(inspect(conn).get_table_names())
+        current = schema_is_current(engine) if "runs" in tables else False
     except Exception as e:   # noqa: BLE001
         return Check("database", FAIL, f"{shown}: {_first_line(getattr(e, 'orig', None) or e)}",
                      "start PostgreSQL (bash scripts/services.sh) or check SELFPROG_DATABASE_URL")
@@ -129,8 +123,11 @@ def check_database(s: Settings) -> Check:
         engine.dispose()
     if "runs" not in tables:
         return Check("database", WARN, f"{shown} answers but has no lineage tables yet",
-                     "run `alembic upgrade head` (or the first launch migrates it)")
-    return Check("database", OK, f"{shown} answers, lineage tables present")
+                     "run `selfprog-cli db upgrade` (or the first launch creates them)")
+    if not current:
+        return Check("database", WARN, f"{shown} has an older lineage schema; queries refuse it",
+                     "run `selfprog-cli db upgrade`")
+    return Check("database", OK, f"{shown} answers, lineage schema up to date")
 
 
 def check_gpus(s: Settings) -> Check:
@@ -155,10 +152,7 @@ def check_gpus(s: Settings) -> Check:
 def pick_backend(s: Settings):
     """The backend this configuration gives (what a worker would build), and a Check."""
     from sandbox.backends import make_backend
-    kw = {"allow_unconfined": s.allow_unconfined}
-    if s.sandbox_backend in ("docker", "auto"):
-        kw.update(image=s.sandbox_image, runtime=s.sandbox_runtime or None,
-                  gpus=s.sandbox_gpus or None)
+    kw = backend_kwargs(s)   # what a worker builds, prewarm included
     workroot = Path(tempfile.mkdtemp(prefix="selfprog-doctor-"))
     os.chmod(workroot, 0o711)
     kw["workroot"] = workroot / "jobs"
@@ -225,6 +219,12 @@ def run_checks(s: Settings, *, canary: bool = True) -> list[Check]:
             checks.append(Check("confinement", WARN, "skipped (--skip-canary)",
                                 "run `selfprog-cli doctor` without --skip-canary"))
     finally:
+        close = getattr(backend, "close", None)   # stops the warm pool, if any
+        if close is not None:
+            try:
+                close()
+            except Exception:   # noqa: BLE001 - the checks are what matter here
+                pass
         shutil.rmtree(workroot, ignore_errors=True)
     return checks
 

@@ -12,6 +12,8 @@ import logging
 from collections import defaultdict
 from typing import Any, Callable
 
+from pipeline.text import is_redis_url
+
 log = logging.getLogger(__name__)
 Callback = Callable[[str, dict], None]
 
@@ -25,7 +27,7 @@ def channel(run_id: str) -> str:
 
 def configure(redis_url: str) -> None:
     global _redis_url
-    _redis_url = redis_url if redis_url.startswith(("redis://", "rediss://")) else ""
+    _redis_url = redis_url if is_redis_url(redis_url) else ""
 
 
 def subscribe(run_id: str, callback: Callback | None) -> None:

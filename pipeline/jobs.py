@@ -43,15 +43,6 @@ class RunContext:
         """The family module of the run's sources (pipeline/families/)."""
         return get_family(self.task.family)
 
-    # Older names, kept for the callers that still use them: the task, and its direction.
-    @property
-    def target(self) -> TaskSpec:
-        return self.task
-
-    @property
-    def direction(self) -> str:
-        return self.task.direction
-
     @cached_property
     def tokenizer(self):
         return tk.load(self.dir / "tokenizer.json")

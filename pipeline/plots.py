@@ -17,13 +17,12 @@ from typing import Sequence
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from pipeline.report import direction
 from pipeline.store import CandidateView, CurveView, IterationView, RunView
-
-LOWER_IS_BETTER_TASKS = ("self",)   # self-programming scores are few-shot losses
 
 
 def score_label(run: RunView) -> str:
-    if run.task in LOWER_IS_BETTER_TASKS:
+    if direction(run.task) == "min":   # self-programming scores are few-shot losses
         return "few-shot training loss (lower is better)"
     return "accuracy (higher is better)"
 

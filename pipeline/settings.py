@@ -234,3 +234,13 @@ def _parse(f: dataclasses.Field, raw: str, where: str) -> Any:
     except ValueError:
         raise ConfigError(f"{where}: {raw!r} is not a valid {typ}") from None
     return raw
+
+
+def backend_kwargs(s: Settings) -> dict[str, Any]:
+    """The keyword arguments of `sandbox.backends.make_backend` for these settings (the
+    workers, pipeline/sandbox_task.py, and `selfprog-cli doctor` both use it); the
+    translation itself is sandbox.backends.backend_options."""
+    from sandbox.backends import backend_options
+    return backend_options(s.sandbox_backend, image=s.sandbox_image, runtime=s.sandbox_runtime,
+                           gpus=s.sandbox_gpus, prewarm=s.sandbox_prewarm,
+                           allow_unconfined=s.allow_unconfined)

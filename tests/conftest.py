@@ -73,7 +73,7 @@ def store(database_url):
     """A migrated LineageStore on `database_url`, closed after the test."""
     from pipeline.store import LineageStore
 
-    s = LineageStore(database_url)
+    s = LineageStore(database_url, create=True)
     yield s
     s.close()
 
@@ -134,6 +134,6 @@ def redis_url():
 def restore_embedded():
     """Tests here point the in-process Celery app at a broker; put it back after."""
     yield
-    from pipeline import worker
+    from pipeline import celery_app
     from pipeline.settings import Settings
-    worker.configure(Settings.from_env(env={}))
+    celery_app.configure(Settings.from_env(env={}))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipeline import loop, refinement, worker
+from pipeline import celery_app, refinement, stages
+from pipeline.store import store_for
 from pipeline.jobs import RunContext
 from pipeline.settings import RunConfig, Settings
 from pipeline.store import CandidateView, LineageStore
@@ -14,10 +15,10 @@ Sources = list[str] | Callable[[RunContext], list[str]]
 def iteration_at_evaluation(settings: Settings, config: RunConfig,
                             sources: Sources) -> tuple[LineageStore, RunContext, CandidateView]:
     """Prepare a run, make its seed the incumbent of iteration 0, and add `sources` as the
-    generated candidates through the real policy gate. `loop._dispatch(store, ctx, 0, "lm",
+    generated candidates through the real policy gate. `stages._dispatch(store, ctx, 0, "lm",
     "evaluating")` then evaluates them as the loop would."""
-    worker.configure(settings)
-    store = loop.store_for(settings)
+    celery_app.configure(settings)
+    store = store_for(settings.database_url)
     run_id = store.create_run(config=config.to_dict(), task=config.task, preset=config.preset,
                               seed=config.seed)
     store.set_run_status(run_id, "running")
@@ -26,7 +27,7 @@ def iteration_at_evaluation(settings: Settings, config: RunConfig,
     seed = ctx.seed_source()
     store.ensure_iteration(run_id, 0, source_in=seed)
     inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None,
-                                 design=refinement.parse(seed, ctx.target))
+                                 design=refinement.parse(seed, ctx.task))
     store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
-    loop._add_candidates(store, ctx, 0, "lm", sources(ctx) if callable(sources) else sources)
+    stages._add_candidates(store, ctx, 0, "lm", sources(ctx) if callable(sources) else sources)
     return store, ctx, inc

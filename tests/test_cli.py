@@ -31,7 +31,7 @@ def source(d_ff: int, layers: int = 2) -> str:
 def populated(database_url):
     """Two iterations of a self-programming run: iteration 0 replaces the seed,
     iteration 1 keeps it. Returns the URL and the ids the tests look at."""
-    with LineageStore(database_url) as s:
+    with LineageStore(database_url, create=True) as s:
         run_id = s.create_run(config={"iterations": 2, "candidates": 2, "d_model": 32},
                               task="self", preset="quick", seed=3)
         s.set_run_status(run_id, "running")
@@ -113,7 +113,7 @@ def test_runs_uses_environment_url(populated):
 
 
 def test_runs_empty(sqlite_url):
-    LineageStore(sqlite_url).close()
+    LineageStore(sqlite_url, create=True).close()
     assert "no runs yet" in ok(cli(sqlite_url, "runs")).stdout
     assert json.loads(ok(cli(sqlite_url, "runs", "--json")).stdout) == []
 
@@ -311,3 +311,116 @@ def test_progress_lines(capsys):
         "[iteration 1] lm_trained steps=256 final_loss=0.3831",
         "[run] resumed from_iteration=2",
     ]
+
+
+# ------------------------------------------------------- the database's schema
+
+def _revision(url: str) -> tuple[str, ...]:
+    from pipeline.store import current_revisions, make_engine
+    engine = make_engine(url)
+    try:
+        return current_revisions(engine)
+    finally:
+        engine.dispose()
+
+
+def _old_database(url: str) -> None:
+    """A lineage database at revision 0002 (before the CHECK constraint renames)."""
+    from pipeline.store import make_engine, upgrade_schema
+    engine = make_engine(url)
+    try:
+        upgrade_schema(engine, "0002_rescore")
+    finally:
+        engine.dispose()
+
+
+def test_queries_refuse_an_old_schema_and_write_nothing(database_url):
+    _old_database(database_url)
+    for args in (["runs"], ["show", "abcd"], ["candidates", "abcd"], ["lineage", "1"]):
+        clean_error(cli(database_url, *args), "run `selfprog-cli db upgrade`")
+    assert _revision(database_url) == ("0002_rescore",)
+    result = cli(database_url, "db", "current")
+    assert result.exit_code == 1 and "0002_rescore" in result.stdout
+    assert "selfprog-cli db upgrade" in result.stdout
+
+
+def test_db_upgrade_then_queries_work(database_url):
+    from pipeline.store import head_revisions
+    _old_database(database_url)
+    out = json.loads(ok(cli(database_url, "db", "upgrade", "--json")).stdout)
+    assert out["from"] == ["0002_rescore"] and out["to"] == list(head_revisions())
+    assert out["upgraded"] is True
+    assert "no runs yet" in ok(cli(database_url, "runs")).stdout
+    again = ok(cli(database_url, "db", "upgrade"))
+    assert "nothing to do" in again.stdout
+    current = json.loads(ok(cli(database_url, "db", "current", "--json")).stdout)
+    assert current["up_to_date"] is True and current["current"] == list(head_revisions())
+
+
+def test_db_upgrade_creates_a_new_sqlite_database(tmp_path):
+    path = tmp_path / "new.db"
+    ok(cli(f"sqlite:///{path}", "db", "upgrade"))
+    assert path.exists()
+    assert "no runs yet" in ok(cli(f"sqlite:///{path}", "runs")).stdout
+
+
+def test_db_current_does_not_create_a_file(tmp_path):
+    path = tmp_path / "typo.db"
+    clean_error(cli(f"sqlite:///{path}", "db", "current"), "no lineage database")
+    assert not path.exists()
+
+
+def test_launch_creates_a_fresh_sqlite_database(tmp_path):
+    # launch creates (and migrates) the database before anything else: with a broker
+    # that does not answer it stops right after that, in a second.
+    from pipeline.store import head_revisions
+    path = tmp_path / "fresh" / "lineage.db"
+    result = cli(f"sqlite:///{path}", "launch", "--detach",
+                 env={"SELFPROG_BROKER_URL": "redis://127.0.0.1:1/0"})
+    clean_error(result, "does not answer")
+    assert _revision(f"sqlite:///{path}") == tuple(head_revisions())
+    assert "no runs yet" in ok(cli(f"sqlite:///{path}", "runs")).stdout
+
+
+@pytest.mark.slow
+def test_installed_package_launches_from_an_unrelated_directory(tmp_path):
+    # `pip install .` (not editable): the migrations must travel inside the package.
+    # Installed with --no-deps into a directory of its own that the interpreter running
+    # the tests (which has the dependencies) puts first on its path, so nothing is
+    # downloaded and torch is not installed again; the repository is off the path.
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"   # a copy: building in place would leave build/ in the repo
+    shutil.copytree(repo, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "selfprog-artifacts", "*.db",
+        ".ci", "tests", "bench"))
+    site = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items()
+           if k != "PYTHONPATH" and not k.startswith("SELFPROG_")}
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps",
+                            "--no-build-isolation", "--no-index", "--quiet",
+                            "--disable-pip-version-check", f"--target={site}", str(src)],
+                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    assert (site / "pipeline" / "store" / "migrations" / "versions").is_dir()
+    shutil.rmtree(src)   # nothing of the source tree is left to fall back on
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env["PYTHONPATH"] = str(site)
+    where = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"],
+                           env=env, cwd=work, capture_output=True, text=True)
+    assert where.stdout.startswith(str(site)), (where.stdout, where.stderr)
+    launch = subprocess.run([sys.executable, str(site / "bin" / "selfprog-cli"), "launch",
+                             "--preset", "quick", "--iterations", "1", "--candidates", "2",
+                             "--backend", "process", "--set", "lm_epochs=1",
+                             "--set", "fewshot_epochs=1", "--json"],
+                            env=env, cwd=work, capture_output=True, text=True, timeout=900)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    out = json.loads(launch.stdout)
+    assert out["status"] == "completed", out
+    assert (work / "selfprog.db").exists()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pipeline import loop, worker
+from pipeline import celery_app, runs
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
 from tests.cluster import Cluster, RedisServer, check_complete_run, quick_config, wait_for
@@ -40,7 +40,7 @@ def _launch(cl: Cluster, config) -> tuple[Settings, str]:
     settings = Settings.from_env(env={}, database_url=cl.database_url, broker_url=cl.broker_url,
                                  artifact_dir=cl.env["SELFPROG_ARTIFACT_DIR"],
                                  visibility_timeout_s=VT)
-    return settings, loop.launch(settings, config, detach=True)
+    return settings, runs.launch(settings, config, detach=True)
 
 
 def _wait_finished(store: LineageStore, run_id: str, cl: Cluster, timeout: float = 420.0) -> None:
@@ -54,7 +54,7 @@ def test_sandbox_worker_killed_in_the_middle_of_a_job(postgres_url, redis_url, t
     config = quick_config(iterations=1)
     # one sandbox worker at first, so the first evaluation is surely its
     with _cluster(tmp_path, redis_url, postgres_url, WORKERS[:3]) as cl, \
-            LineageStore(postgres_url) as store:
+            LineageStore(postgres_url, create=True) as store:
         _, run_id = _launch(cl, config)
         victim = cl.workers["sandbox1"]
         running = wait_for(lambda: {pid: name for pid, name in victim.running_sandboxes().items()
@@ -80,7 +80,7 @@ def test_coordinator_killed_twice_in_the_middle_of_a_run(postgres_url, redis_url
                                                          restore_embedded):
     config = quick_config()
     with _cluster(tmp_path, redis_url, postgres_url) as cl, \
-            LineageStore(postgres_url) as store:
+            LineageStore(postgres_url, create=True) as store:
         _, run_id = _launch(cl, config)
         # 1. while its first stage runs (`start`: corpus and tokenizer being prepared)
         wait_for(lambda: store.get_run(run_id).status == "running", 120,
@@ -110,7 +110,7 @@ def test_redis_restarted_under_a_running_run(postgres_url, tmp_path, restore_emb
     config = quick_config(iterations=1)
     try:
         with _cluster(tmp_path, server.url, postgres_url) as cl, \
-                LineageStore(postgres_url) as store:
+                LineageStore(postgres_url, create=True) as store:
             _, run_id = _launch(cl, config)
             wait_for(lambda: any(name.startswith(run_id) for w in cl.workers.values()
                                  if w.queue == "sandbox"
@@ -126,4 +126,4 @@ def test_redis_restarted_under_a_running_run(postgres_url, tmp_path, restore_emb
             check_complete_run(store, run_id, config)
     finally:
         server.kill()
-        worker.configure(Settings.from_env(env={}))
+        celery_app.configure(Settings.from_env(env={}))

@@ -12,7 +12,8 @@ import os
 import pytest
 import redis
 
-from pipeline import loop, refinement, worker
+from pipeline import celery_app, refinement, stages
+from pipeline.store import store_for
 from pipeline import tokenizer as tk
 from pipeline.jobs import RunContext
 from pipeline.settings import Settings
@@ -141,7 +142,7 @@ def test_detach_cancel_resume_and_watch_edges(postgres_url, redis_url, tmp_path)
 # ------------------------------------------------------ duplicate deliveries, one by one
 def _queue_lengths(url: str) -> dict[str, int]:
     client = redis.Redis.from_url(url)
-    return {q: client.llen(q) for q in worker.QUEUES}
+    return {q: client.llen(q) for q in celery_app.QUEUES}
 
 
 @pytest.mark.postgres
@@ -155,14 +156,14 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     settings = Settings.from_env(env={}, database_url=postgres_url, broker_url=redis_url,
                                  artifact_dir=str(tmp_path / "artifacts"),
                                  sandbox_backend="process")
-    worker.configure(settings)
-    store = loop.store_for(settings)
+    celery_app.configure(settings)
+    store = store_for(settings.database_url)
     config = quick_config()
     run_id = store.create_run(config=config.to_dict(), task="self", preset="quick", seed=0)
     store.set_run_status(run_id, "running")
     ctx = RunContext(run_id, config, settings)
     ctx.prepare()
-    stage = {name: getattr(loop, name).run.__wrapped__
+    stage = {name: getattr(stages, name).run.__wrapped__
              for name in ("begin_iteration", "after_training", "after_generation",
                           "finish_iteration")}
     kw = dict(run_id=run_id, index=0, arm="lm")
@@ -174,7 +175,7 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     twice("begin_iteration")
     assert store.get_iteration(run_id, 0).stage == "training"
     assert _queue_lengths(redis_url) == {"coordinator": 0, "trainer": 1, "sandbox": 0}
-    with loop.redelivery():
+    with stages.redelivery():
         stage["begin_iteration"](**kw)
     assert _queue_lengths(redis_url)["trainer"] == 2
 
@@ -187,16 +188,16 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     assert _queue_lengths(redis_url)["trainer"] == 3
 
     sources = [refinement.render(refinement.refine(
-        refinement.design_from_params(refinement.parse(ctx.seed_source(), ctx.target),
-                                      config, ctx.target),
-        __import__("random").Random(i), ctx.target), ctx.target) for i in range(2)]
+        refinement.design_from_params(refinement.parse(ctx.seed_source(), ctx.task),
+                                      config, ctx.task),
+        __import__("random").Random(i), ctx.task), ctx.task) for i in range(2)]
     generated = Result(job_id=f"{run_id}.lm.i0.generate", kind="generate", status="ok",
                        samples=[tk.encode(ctx.tokenizer, s) for s in sources]).to_dict()
     twice("after_generation", generated)
     rows = store.candidates(run_id, iteration=0)
     assert [c.index for c in rows] == [0, 1, 2] and all(c.status == "running" for c in rows)
     assert _queue_lengths(redis_url)["sandbox"] == 3             # one chord of 3
-    with loop.redelivery():
+    with stages.redelivery():
         stage["after_generation"](generated, **kw)
     assert len(store.candidates(run_id, iteration=0)) == 3      # still one row each
     assert _queue_lengths(redis_url)["sandbox"] == 6             # the chord again
@@ -213,7 +214,7 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
     assert it.stage == "done" and it.decision == "kept" and it.selected_id == ids[0]
     assert [c.score for c in store.candidates(run_id, iteration=0)] == [1.0, 2.0, 3.0]
     assert _queue_lengths(redis_url)["coordinator"] == 1         # begin_iteration(1), once
-    with loop.redelivery():
+    with stages.redelivery():
         stage["finish_iteration"](scores, candidate_ids=ids, **kw)
     assert _queue_lengths(redis_url)["coordinator"] == 2
     # ...and that second begin_iteration(1) would find the iteration under way
@@ -237,7 +238,7 @@ def test_each_stage_delivered_twice_moves_once_and_redelivery_redispatches(
         stage["finish_iteration"](better, candidate_ids=[c.id for c in rows], **kw1)
     assert store.get_iteration(run_id, 1).stage == "selecting"
     assert _queue_lengths(redis_url)["sandbox"] == sandbox + 1    # one re-score job
-    with loop.redelivery():
+    with stages.redelivery():
         stage["finish_iteration"](better, candidate_ids=[c.id for c in rows], **kw1)
     stage["finish_iteration"]([], candidate_ids=[], recovering=True, **kw1)
     assert _queue_lengths(redis_url)["sandbox"] == sandbox + 3

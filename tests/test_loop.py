@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from pipeline import loop
+from pipeline import runs, selection, stages
 from pipeline.jobs import RunContext
 from pipeline.settings import RunConfig, Settings, preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
@@ -46,7 +46,7 @@ def test_quick_run_end_to_end(database_url, tmp_path):
     settings = _settings(database_url, tmp_path)
     config = preset("quick", iterations=2, candidates=3)
     events = []
-    run_id = loop.launch(settings, config, progress=lambda e, i: events.append((e, i)))
+    run_id = runs.launch(settings, config, progress=lambda e, i: events.append((e, i)))
 
     store = LineageStore(database_url)
     run = store.get_run(run_id)
@@ -133,7 +133,7 @@ def test_hostile_candidates_end_in_the_right_state_and_the_run_goes_on(sqlite_ur
     store, ctx, inc = iteration_at_evaluation(settings, config,
                                               [src for _, _, src in HOSTILE.values()])
     run_id = ctx.run_id
-    loop._dispatch(store, ctx, 0, "lm", "evaluating")
+    stages._dispatch(store, ctx, 0, "lm", "evaluating")
 
     assert store.get_run(run_id).status == "completed"
     rows = {c.index: c for c in store.candidates(run_id)}
@@ -160,7 +160,7 @@ def test_a_winner_whose_score_a_fresh_sandbox_does_not_reproduce_is_flagged(sqli
     store.record_result(forged.id, status="evaluated", score=0.001)
     store.record_result(worse.id, status="evaluated", score=50.0)
 
-    loop.finish_iteration.apply_async(args=([],), kwargs=dict(run_id=run_id, index=0, arm="lm",
+    stages.finish_iteration.apply_async(args=([],), kwargs=dict(run_id=run_id, index=0, arm="lm",
                                                               candidate_ids=[]))
     forged = store.get_candidate(forged.id)
     assert forged.flagged and forged.rescore is not None and forged.rescore > 1.0
@@ -180,13 +180,13 @@ def _row(index, status, score, role="candidate"):
 def test_selection_keeps_the_original_unless_a_candidate_is_strictly_better():
     inc = _row(0, "evaluated", 2.0, "incumbent")
     worse = [_row(1, "evaluated", 2.5), _row(2, "invalid", None), _row(3, "evaluated", 2.0)]
-    assert loop.select(inc, worse, "min") == (inc, "kept")
+    assert selection.select(inc, worse, "min") == (inc, "kept")
     better = worse + [_row(4, "evaluated", 1.5), _row(5, "evaluated", 1.5)]
-    assert loop.select(inc, better, "min") == (better[3], "replaced")   # ties: lowest index
-    assert loop.select(inc, [_row(1, "evaluated", 3.0)], "max")[1] == "replaced"
-    assert loop.select(inc, [], "min") == (inc, "kept")
+    assert selection.select(inc, better, "min") == (better[3], "replaced")   # ties: lowest index
+    assert selection.select(inc, [_row(1, "evaluated", 3.0)], "max")[1] == "replaced"
+    assert selection.select(inc, [], "min") == (inc, "kept")
     broken = _row(0, "timeout", None, "incumbent")
-    assert loop.select(broken, worse, "min") == (worse[2], "replaced")
+    assert selection.select(broken, worse, "min") == (worse[2], "replaced")
 
 
 def test_run_config_round_trips_and_rejects_nonsense():

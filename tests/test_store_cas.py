@@ -45,7 +45,7 @@ def test_bad_transitions_are_refused(store):
 
 @pytest.mark.postgres
 def test_concurrent_callers_on_postgres_one_winner(postgres_url):
-    stores = [LineageStore(postgres_url) for _ in range(8)]
+    stores = [LineageStore(postgres_url, create=True) for _ in range(8)]
     try:
         run_id = _iteration(stores[0])
         barrier = threading.Barrier(len(stores))

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline import loop
+from pipeline import stages
 from pipeline.cli import main
 from pipeline.families import cnn
 from pipeline.jobs import RunContext
@@ -141,7 +141,7 @@ def test_wrong_in_features_ends_invalid_with_the_shape_error(sqlite_url, tmp_pat
         ]
     store, ctx, inc = iteration_at_evaluation(settings, config, sources)
     run_id = ctx.run_id
-    loop._dispatch(store, ctx, 0, "lm", "evaluating")
+    stages._dispatch(store, ctx, 0, "lm", "evaluating")
 
     assert store.get_run(run_id).status == "completed"
     rows = {c.index: c for c in store.candidates(run_id)}

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import events
 from pipeline.cli import print_progress
-from pipeline import worker
+from pipeline import cancellation, celery_app, events, runs, sandbox_task, stages
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
-from pipeline.worker import relay_progress
+from pipeline.sandbox_task import relay_progress
 from sandbox.backends.watch import MAX_PROGRESS_LINE, STOPPED_REASON, ProgressTail, Watch
 from sandbox.protocol import PROGRESS_FILE
 from tests.test_process_backend import TINY, candidate, make_job
@@ -212,40 +211,38 @@ def test_a_cancelled_container_is_stopped_and_removed(data_file, tmp_path):
 
 def test_cancel_reaches_running_jobs_over_redis(redis_url, restore_embedded, tmp_path):
     s = Settings.from_env(env={}, broker_url=redis_url, database_url=f"sqlite:///{tmp_path}/l.db")
-    worker.configure(s)
-    check = worker.cancel_check("run-a")
+    celery_app.configure(s)
+    check = cancellation.cancel_check("run-a")
     assert check() is False
-    worker.announce_cancel(s, "run-a")
-    assert worker.cancel_check("run-a")() is True
-    assert worker.cancel_check("run-b")() is False            # only that run's jobs
+    cancellation.announce_cancel(s, "run-a")
+    assert cancellation.cancel_check("run-a")() is True
+    assert cancellation.cancel_check("run-b")() is False            # only that run's jobs
     import redis
-    assert 0 < redis.Redis.from_url(redis_url).ttl(worker.cancel_key("run-a")) <= worker.CANCEL_TTL_S
+    assert 0 < redis.Redis.from_url(redis_url).ttl(cancellation.cancel_key("run-a")) <= cancellation.CANCEL_TTL_S
 
 
 def test_cancel_reaches_running_jobs_embedded_through_the_db(tmp_path, restore_embedded):
-    from pipeline import loop
     from pipeline.settings import preset
     url = f"sqlite:///{tmp_path}/lineage.db"
     s = Settings.from_env(env={}, database_url=url, artifact_dir=str(tmp_path / "a"))
-    worker.configure(s)
-    with LineageStore(url) as store:
+    celery_app.configure(s)
+    with LineageStore(url, create=True) as store:
         run_id = store.create_run(config=preset("quick").to_dict(), task="self",
                                   preset="quick", seed=0)
         store.set_run_status(run_id, "running")
-    check = worker.cancel_check(run_id)
+    check = cancellation.cancel_check(run_id)
     assert check() is False
-    loop.cancel(s, run_id)
-    assert worker.cancel_check(run_id)() is True
+    runs.cancel(s, run_id)
+    assert cancellation.cancel_check(run_id)() is True
 
 
 def test_every_job_of_a_run_carries_its_run(tmp_path):
-    from pipeline import loop
     from sandbox.schema import Job, Limits
     job = Job(job_id="r.lm.i0.c1", kind="evaluate", source="pass\n",
               limits=Limits(timeout_s=10)).validate()
-    sig = loop._job_task(job, tmp_path, run_id="r", index=0, arm="lm")
+    sig = stages._job_task(job, tmp_path, run_id="r", index=0, arm="lm")
     assert sig.kwargs["run"] == {"run_id": "r", "iteration": 0, "arm": "lm"}
     assert sig.options["queue"] == "sandbox"
-    watch = worker.watch_for(job, sig.kwargs["run"])
+    watch = sandbox_task.watch_for(job, sig.kwargs["run"])
     assert watch.on_progress is None                  # losses are relayed for LM training only
-    assert worker.watch_for(job, None) is None
+    assert sandbox_task.watch_for(job, None) is None

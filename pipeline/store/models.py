@@ -1,8 +1,12 @@
 """The lineage schema: runs, their iterations, every candidate ever produced, curves.
 
 These ORM models are the single description of the schema. The Alembic migrations in
-`migrations/versions/` must create exactly this (`alembic check` passes), so any
+pipeline/store/migrations/versions/ must create exactly this (`alembic check` passes,
+and tests/test_store.py compares constraint and index names, CHECKs included), so any
 change here goes together with a new migration.
+
+The status words, stage names and terminal sets below are the one home of those words
+for the whole pipeline.
 
 Status-like columns are plain strings guarded by CHECK constraints rather than database
 enums: enums need ALTER TYPE dances on PostgreSQL and do not exist on SQLite, while a
@@ -21,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 RUN_TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+RUN_ACTIVE_STATUSES = ("pending", "running")
 ITERATION_STAGES = ("pending", "training", "generating", "evaluating", "selecting", "done")
 DECISIONS = ("kept", "replaced")
 ROLES = ("incumbent", "candidate")
@@ -28,6 +33,7 @@ ARMS = ("lm", "random")
 CANDIDATE_STATUSES = ("pending", "running", "evaluated", "rejected", "invalid", "timeout",
                       "oom", "cancelled")
 TERMINAL_STATUSES = ("evaluated", "rejected", "invalid", "timeout", "oom", "cancelled")
+OPEN_STATUSES = ("pending", "running")   # a candidate not yet in a final state
 
 # Deterministic constraint and index names: the migration and the models must name
 # things the same way on every backend, or `alembic check` reports phantom differences.

@@ -71,7 +71,7 @@ def host():
     os.chmod(secret, 0o600)
     from pipeline.store import LineageStore
     db = d / "lineage.db"
-    store = LineageStore(f"sqlite:///{db}")
+    store = LineageStore(f"sqlite:///{db}", create=True)
     store.create_run(config={"note": token}, task="self", preset="quick", seed=0)
     store.close()
     victim = d / "victim.txt"

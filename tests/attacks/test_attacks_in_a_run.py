@@ -1,8 +1,8 @@
 """A batch of attacks as the candidates of a real run iteration: the lineage DB loses nothing.
 
 The LM "generates" hostile T5-family sources; they go through the loop's own path
-(`loop._add_candidates`: a row per candidate, the gate's verdict recorded; then
-`loop._dispatch(..., "evaluating")`: a real sandbox per surviving candidate, eager
+(`stages._add_candidates`: a row per candidate, the gate's verdict recorded; then
+`stages._dispatch(..., "evaluating")`: a real sandbox per surviving candidate, eager
 Celery, the real process backend). Every row must end in a terminal state with a
 reason (an evaluated one with its harness-computed score), the iteration must finish
 with the keep-original decision, and the run must complete.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import loop
+from pipeline import stages
 from pipeline.settings import preset
 from pipeline.store import TERMINAL_STATUSES
 from tests.test_loop import _settings
@@ -58,7 +58,7 @@ def test_attack_batch_as_run_candidates_all_end_recorded(sqlite_url, tmp_path):
     store, ctx, inc = iteration_at_evaluation(settings, config,
                                               [src for _, _, src in BATCH.values()])
     run_id = ctx.run_id
-    loop._dispatch(store, ctx, 0, "lm", "evaluating")
+    stages._dispatch(store, ctx, 0, "lm", "evaluating")
 
     assert store.get_run(run_id).status == "completed", store.get_run(run_id).error
     rows = {c.index: c for c in store.candidates(run_id)}

@@ -40,7 +40,7 @@ def test_canary_reports_a_sabotaged_docker_sandbox_as_unconfined(docker_backend,
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the confined process backend needs root")
 def test_worker_refuses_sandbox_jobs_when_the_canary_fails(monkeypatch, tmp_path, cnn_data):
-    from pipeline import worker
+    from pipeline import celery_app, sandbox_task
     from pipeline.settings import Settings
     from tests.attacks.test_attacks import cnn_source
 
@@ -51,22 +51,22 @@ def test_worker_refuses_sandbox_jobs_when_the_canary_fails(monkeypatch, tmp_path
            "limits": {"timeout_s": 60, "memory_mb": 1024}}
     try:
         settings = Settings.from_env(env={}, sandbox_backend="process")
-        worker.configure(settings)
+        celery_app.configure(settings)
         # The canary itself: a sabotaged process sandbox confines nothing.
         probe = _unconfined_process_backend(monkeypatch)
-        report = worker.confinement_report(probe, settings)   # cached for the worker below
+        report = sandbox_task.confinement_report(probe, settings)   # cached for the worker below
         shutil.rmtree(probe.workroot.parent, ignore_errors=True)
         assert not report.ok and "does NOT confine" in report.summary()
         for name in ("network", "host_file", "memory"):
             assert not report.checks[name][0], (name, report.checks[name])
-        result = worker.run_job.apply(args=(job, str(tmp_path / "out"))).get()
+        result = sandbox_task.run_job.apply(args=(job, str(tmp_path / "out"))).get()
         assert result["status"] == "crashed", result
         assert "does NOT confine" in result["reason"] and "refusing" in result["reason"]
         # Development only: the explicit flag runs it anyway (with a loud warning).
-        worker.configure(Settings.from_env(env={}, sandbox_backend="process",
+        celery_app.configure(Settings.from_env(env={}, sandbox_backend="process",
                                            allow_unconfined=True))
-        result = worker.run_job.apply(args=(job, str(tmp_path / "out2"))).get()
+        result = sandbox_task.run_job.apply(args=(job, str(tmp_path / "out2"))).get()
         assert result["status"] == "ok", result
     finally:
         monkeypatch.delenv("SELFPROG_SABOTAGE")
-        worker.configure(Settings.from_env())
+        celery_app.configure(Settings.from_env())

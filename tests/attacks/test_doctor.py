@@ -68,10 +68,30 @@ def test_doctor_fails_when_the_canary_escapes(tmp_path):
 def test_doctor_warns_about_a_lineage_db_others_can_read(tmp_path):
     db = tmp_path / "lineage.db"
     from pipeline.store import LineageStore
-    LineageStore(f"sqlite:///{db}").close()
+    LineageStore(f"sqlite:///{db}", create=True).close()
     os.chmod(db, 0o644)
     result = _doctor(tmp_path, "--skip-canary")
     assert "chmod 600" in result.output
     os.chmod(db, 0o600)
     result = _doctor(tmp_path, "--json", "--skip-canary")
     assert _checks(result)["database"]["status"] == "ok"
+
+
+def test_doctor_builds_the_backend_a_worker_builds(tmp_path):
+    # One translation from settings to backend arguments: doctor checks the sandbox the
+    # workers would run, pre-warmed sandboxes included.
+    import shutil
+
+    from pipeline import doctor
+    from pipeline.settings import Settings, backend_kwargs
+
+    s = Settings.from_env(env={}, sandbox_backend="process", sandbox_prewarm=1)
+    assert backend_kwargs(s)["prewarm"] == 1
+    backend, workroot, check = doctor.pick_backend(s)
+    try:
+        assert check.status == "ok", check
+        assert backend.prewarm == 1
+    finally:
+        if backend is not None:
+            backend.close()
+        shutil.rmtree(workroot, ignore_errors=True)

@@ -9,7 +9,8 @@ One iteration, for the current source c:
 
 Each stage is a small coordinator task that records what happened in the lineage DB and
 dispatches the next stage, so a run can be resumed from the DB after any crash
-(`resume`). Embedded, Celery runs the very same tasks eagerly in-process.
+(`resume` in pipeline/runs.py). Embedded, Celery runs the very same tasks eagerly
+in-process. `TRANSITIONS` below is the stage machine of one iteration, as data.
 
 Distributed, any message may be delivered twice (late acks: a worker that dies is
 replaced and its message comes back). So every stage change is a compare-and-set in
@@ -26,26 +27,25 @@ search with the LM replaced by random single-parameter refinements (the control)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import contextvars
+import dataclasses
 import functools
-import json
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from celery import chain, chord, current_task
 
-from pipeline import events, refinement
+from pipeline import celery_app, events, refinement
 from pipeline import tokenizer as tk
+from pipeline.celery_app import app
 from pipeline.jobs import RunContext
-from pipeline.settings import RunConfig, Settings
-from pipeline.store import CandidateView, LineageStore, StoreError
-from pipeline.worker import app, queue_for, run_job
-from pipeline import worker
+from pipeline.sandbox_task import queue_for, run_job
+from pipeline.selection import select
+from pipeline.settings import RunConfig
+from pipeline.store import OPEN_STATUSES, RUN_ACTIVE_STATUSES, LineageStore, store_for
 from sandbox.policy import check as policy_check
 from sandbox.schema import Result
 
@@ -54,44 +54,44 @@ log = logging.getLogger(__name__)
 # A sandbox result's status -> the candidate's final state in the lineage DB.
 CANDIDATE_STATUS = {"ok": "evaluated", "invalid": "invalid", "timeout": "timeout", "oom": "oom",
                     "rejected": "rejected", "crashed": "invalid"}
-ACTIVE = ("pending", "running")
-TERMINAL_RUN = ("completed", "failed", "cancelled")
 
-_stores: dict[str, LineageStore] = {}
+# The stage machine of one iteration (stage names: pipeline/store/models.py), as data:
+# (from, to) -> the task that makes the move. Every stage change goes through `_advance`,
+# which refuses a move not listed here; each move is a compare-and-set in the DB.
+TRANSITIONS: dict[tuple[str, str], str] = {
+    ("pending", "training"): "begin_iteration",       # the LM defined by c must be trained
+    ("pending", "generating"): "begin_iteration",     # the run's one LM is trained already
+    ("training", "generating"): "after_training",
+    ("generating", "evaluating"): "after_generation",  # (the random arm: _dispatch)
+    ("generating", "training"): "recover",            # the trained LM's weights are gone
+    ("evaluating", "selecting"): "finish_iteration",  # a would-be winner is re-scored
+    ("evaluating", "done"): "finish_iteration",
+    ("selecting", "done"): "finish_iteration",        # after confirm_winner
+}
+
 # Whether the stage task now running is a redelivered message (see the module docstring).
 _redelivered: contextvars.ContextVar[bool] = contextvars.ContextVar("selfprog_redelivered",
                                                                     default=False)
 
 
-def store_for(settings: Settings) -> LineageStore:
-    if settings.database_url not in _stores:
-        _stores[settings.database_url] = LineageStore(settings.database_url)
-    return _stores[settings.database_url]
+def _advance(store: LineageStore, run_id: str, index: int, arm: str,
+             from_stage: str | tuple[str, ...], to_stage: str, **fields: Any) -> bool:
+    """`store.advance_stage`, for a move that `TRANSITIONS` allows."""
+    for stage in (from_stage,) if isinstance(from_stage, str) else from_stage:
+        if (stage, to_stage) not in TRANSITIONS:
+            raise RuntimeError(f"no stage transition {stage} -> {to_stage}")
+    return store.advance_stage(run_id, index, arm, from_stage, to_stage, **fields)
 
 
 def _context(run_id: str) -> tuple[LineageStore, RunContext]:
-    s = worker.settings()
-    store = store_for(s)
+    s = celery_app.settings()
+    store = store_for(s.database_url)
     run = store.get_run(run_id)
     return store, RunContext(run.id, RunConfig.from_dict(run.config), s)
 
 
-# --------------------------------------------------------------------------- selection
-def select(incumbent: CandidateView, candidates: list[CandidateView],
-           direction: str) -> tuple[CandidateView, str]:
-    """c <- argbest score(c_i); keep c unless a candidate is strictly better.
-
-    Only evaluated candidates compete (errors discard a candidate). Ties keep the
-    incumbent; among equal candidates the lowest index wins, so selection is repeatable.
-    """
-    scored = [c for c in candidates if c.status == "evaluated" and c.score is not None]
-    if not scored:
-        return incumbent, "kept"
-    sign = 1 if direction == "min" else -1
-    best = min(scored, key=lambda c: (sign * c.score, c.index))
-    if incumbent.status != "evaluated" or incumbent.score is None:
-        return best, "replaced"
-    return (best, "replaced") if sign * best.score < sign * incumbent.score else (incumbent, "kept")
+def _self_programming(ctx: RunContext) -> bool:
+    return ctx.task.self_programming
 
 
 # --------------------------------------------------------------------------- tasks
@@ -144,7 +144,7 @@ def coordinator_task(fn: Callable) -> Any:
             run_id = kw.get("run_id")
             log.exception("stage %s of run %s failed", fn.__name__, run_id)
             if run_id:
-                store_for(worker.settings()).set_run_status(
+                store_for(celery_app.settings().database_url).set_run_status(
                     run_id, "failed", error=f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
                 events.emit(run_id, "failed", error=str(e)[:500])
             raise
@@ -157,7 +157,7 @@ def coordinator_task(fn: Callable) -> Any:
 def start(*, run_id: str) -> None:
     """Prepare the run's corpus, tokenizer and data, then start every arm at iteration 0."""
     store, ctx = _context(run_id)
-    if store.get_run(run_id).status not in ("pending", "running"):
+    if store.get_run(run_id).status not in RUN_ACTIVE_STATUSES:
         return
     store.set_run_status(run_id, "running")
     events.emit(run_id, "stage", iteration=0, stage="preparing", arm="lm")
@@ -185,10 +185,10 @@ def begin_iteration(*, run_id: str, index: int, arm: str = "lm") -> None:
         return   # a duplicate delivery: this iteration is already under way
     incumbent = store.ensure_candidate(
         run_id, index, 0, role="incumbent", source=source, parent_id=parent_id,
-        design=refinement.parse(source, ctx.target), arm=arm)
-    needs_lm = arm == "lm" and (ctx.config.task == "self" or not _lm_weights(ctx, index).exists())
+        design=refinement.parse(source, ctx.task), arm=arm)
+    needs_lm = arm == "lm" and (_self_programming(ctx) or not _lm_weights(ctx, index).exists())
     stage = "training" if needs_lm else "generating"
-    won = store.advance_stage(run_id, index, arm, "pending", stage, incumbent_id=incumbent.id)
+    won = _advance(store, run_id, index, arm, "pending", stage, incumbent_id=incumbent.id)
     if _moved(won, store, run_id, index, arm, stage):
         _dispatch(store, ctx, index, arm, stage)
 
@@ -212,11 +212,11 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
     elif stage == "generating":   # the control arm: random refinements instead of the LM
         # Deterministic sources: a second pass finds every row already there.
         _add_candidates(store, ctx, index, arm, _random_refinements(ctx, it.source_in, index))
-        won = store.advance_stage(run_id, index, arm, "generating", "evaluating")
+        won = _advance(store, run_id, index, arm, "generating", "evaluating")
         if _moved(won, store, run_id, index, arm, "evaluating"):
             _dispatch(store, ctx, index, arm, "evaluating")
     elif stage == "evaluating":
-        todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in ACTIVE]
+        todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in OPEN_STATUSES]
         store.mark_running([c.id for c in todo])
         jobs = [ctx.evaluate_job(arm, index, c.index, c.source) for c in todo]
         header = [_job_task(j, ctx.dir / "evaluate", **kw) for j in jobs]
@@ -258,7 +258,7 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
                            f"({res.status}: {res.reason})")
     if store.get_run(run_id).status != "running":
         return
-    won = store.advance_stage(run_id, index, arm, "training", "generating",
+    won = _advance(store, run_id, index, arm, "training", "generating",
                               lm_losses=res.losses, lm_seconds=res.duration_s)
     if won or (_redelivered.get()
                and not any(c.iteration == index for c in store.curves(run_id, "lm_loss"))):
@@ -278,7 +278,7 @@ def after_generation(result: dict, *, run_id: str, index: int, arm: str = "lm") 
         return
     # The stage moves first: only the winner's samples become candidates (a duplicate
     # generation could have sampled differently).
-    won = store.advance_stage(run_id, index, arm, "generating", "evaluating",
+    won = _advance(store, run_id, index, arm, "generating", "evaluating",
                               gen_seconds=res.duration_s)
     if not _moved(won, store, run_id, index, arm, "evaluating"):
         return
@@ -300,18 +300,18 @@ def _add_candidates(store: LineageStore, ctx: RunContext, index: int, arm: str,
         verdict = policy_check(source)
         store.ensure_candidate(
             ctx.run_id, index, i, role="candidate", source=source, parent_id=incumbent.id,
-            design=refinement.parse(source, ctx.target), arm=arm,
+            design=refinement.parse(source, ctx.task), arm=arm,
             status="pending" if verdict.ok else "rejected",
             reason="" if verdict.ok else f"{verdict.rule}: {verdict.detail}")
 
 
 def _random_refinements(ctx: RunContext, source: str, index: int) -> list[str]:
-    params = refinement.parse(source, ctx.target)
-    design = refinement.design_from_params(params, ctx.config, ctx.target)
+    params = refinement.parse(source, ctx.task)
+    design = refinement.design_from_params(params, ctx.config, ctx.task)
     out = []
     for i in range(ctx.config.candidates):
         rng = random.Random(f"{ctx.config.seed}-{index}-{i}")
-        out.append(refinement.render(refinement.refine(design, rng, ctx.target), ctx.target))
+        out.append(refinement.render(refinement.refine(design, rng, ctx.task), ctx.task))
     return out
 
 
@@ -342,11 +342,12 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
     rows = store.candidates(run_id, iteration=index, arm=arm)
     incumbent = next(c for c in rows if c.role == "incumbent")
     contenders = [c for c in rows if c.role == "candidate" and not c.flagged]
-    winner, decision = select(incumbent, contenders, ctx.direction)
+    winner, decision = select(incumbent, contenders,
+                              ctx.task.direction)
     if decision == "replaced" and winner.rescore is None:
         # Reward-hacking guard: a winner's score is trusted only once a second, fresh
         # sandbox reproduces it. confirm_winner records the verdict and comes back here.
-        won = store.advance_stage(run_id, index, arm, "evaluating", "selecting")
+        won = _advance(store, run_id, index, arm, "evaluating", "selecting")
         if not (won or recovering or _redelivered.get()):
             return   # a duplicate delivery: the re-score is on its way already
         job = ctx.evaluate_job(arm, index, winner.index, winner.source)
@@ -357,7 +358,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
         return
     # One selection per iteration, whatever the deliveries (a chord re-sent by `resume`
     # and the original one, or a redelivered callback).
-    won = store.advance_stage(run_id, index, arm, ("evaluating", "selecting"), "done",
+    won = _advance(store, run_id, index, arm, ("evaluating", "selecting"), "done",
                               selected_id=winner.id, decision=decision,
                               eval_seconds=sum(c.duration_s or 0 for c in rows))
     if won:
@@ -396,49 +397,6 @@ def _finish_arm(store: LineageStore, ctx: RunContext, arm: str) -> None:
         events.emit(ctx.run_id, "done", status="completed")
 
 
-# --------------------------------------------------------------------------- entry points
-def launch(settings: Settings, config: RunConfig,
-           progress: Callable[[str, dict], None] | None = None, *, detach: bool = False) -> str:
-    """Create a run and execute it: in-process when embedded, else on the workers."""
-    worker.configure(settings)
-    store = store_for(settings)
-    run_id = store.create_run(config=config.to_dict(), task=config.task,
-                              preset=config.preset, seed=config.seed)
-    _execute(settings, run_id, progress, detach,
-             lambda: start.apply_async(kwargs=dict(run_id=run_id)))
-    return run_id
-
-
-class RunStateError(StoreError):
-    """The run is in a state that does not allow this (e.g. cancelling a finished run)."""
-
-
-def resume(settings: Settings, run_id: str,
-           progress: Callable[[str, dict], None] | None = None, *, detach: bool = False) -> str:
-    """Carry on a run from what the lineage DB says, after a crash or a cancel-free stop.
-
-    Every unfinished iteration is restarted at its recorded stage; candidates that
-    already reached a final state are not run again. The work is done by the `recover`
-    stage on the coordinator (which holds the run's artifacts); here the run is only
-    marked running again. Safe to call on a run that is still moving: whatever it
-    dispatches twice is absorbed by the compare-and-set stage changes.
-    """
-    worker.configure(settings)
-    store = store_for(settings)
-    run = store.get_run(run_id)
-    run_id = run.id
-    if run.status == "completed":
-        return run_id
-    if run.status == "cancelled":
-        raise RunStateError(f"run {run_id} was cancelled; a cancelled run is not resumed "
-                            "(launch a new one)")
-    store.set_run_status(run_id, "running")
-    events.emit(run_id, "resumed")
-    _execute(settings, run_id, progress, detach,
-             lambda: recover.apply_async(kwargs=dict(run_id=run_id)))
-    return run_id
-
-
 @coordinator_task
 def recover(*, run_id: str) -> None:
     """Re-dispatch every arm of a run at the stage the lineage DB records for it."""
@@ -461,138 +419,8 @@ def recover(*, run_id: str) -> None:
         else:
             stage = last.stage
             if stage == "generating" and arm == "lm" and not _lm_weights(ctx, last.index).exists() \
-                    and (ctx.config.task == "self" or last.index == 0):
+                    and (_self_programming(ctx) or last.index == 0):
                 # the trained LM's weights are gone: train again first
-                store.advance_stage(run_id, last.index, arm, "generating", "training")
+                _advance(store, run_id, last.index, arm, "generating", "training")
                 stage = "training"
             _dispatch(store, ctx, last.index, arm, stage)
-
-
-def cancel(settings: Settings, run_id: str) -> int:
-    """Stop a run: no new stage starts, unfinished candidates end as cancelled, and jobs
-    already in a sandbox are stopped within seconds (worker.cancel_check; their results
-    are not recorded). Returns how many candidates were cancelled.
-    """
-    store = store_for(settings)
-    run = store.get_run(run_id)
-    if run.status in TERMINAL_RUN:
-        raise RunStateError(f"run {run.id} is already {run.status}; nothing to cancel")
-    worker.configure(settings)
-    store.set_run_status(run.id, "cancelled")
-    worker.announce_cancel(settings, run.id)
-    n = store.cancel_pending(run.id)
-    events.emit(run.id, "done", status="cancelled")
-    return n
-
-
-def _execute(settings: Settings, run_id: str, progress, detach: bool, kick: Callable[[], None]) -> None:
-    if settings.embedded:
-        events.subscribe(run_id, progress)
-        try:
-            # Eager Celery runs each next stage inside the previous one: a deep stack.
-            sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
-            kick()
-        except Exception as e:
-            # The failing stage has marked the run failed with its reason (or, failing
-            # outside a stage, we do it here): the caller reads the outcome from the DB.
-            store = store_for(settings)
-            if store.get_run(run_id).status in ("pending", "running"):
-                store.set_run_status(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
-            log.warning("run %s failed: %s", run_id, e)
-        finally:
-            events.unsubscribe(run_id)
-        return
-    if detach:
-        kick()
-        return
-    follower = _Follower(settings.broker_url, run_id)   # subscribed before the first event
-    try:
-        kick()
-        attach(settings, run_id, progress, follower=follower)
-    finally:
-        follower.close()
-
-
-class _Follower:
-    """The live events of one run from Redis pub/sub, reconnecting after a Redis restart
-    (events published while it is away are lost; the DB is the record)."""
-
-    def __init__(self, url: str, run_id: str) -> None:
-        self.url, self.channel = url, events.channel(run_id)
-        self.pubsub = None
-        self._connect()
-
-    def _connect(self) -> None:
-        import redis
-        try:
-            self.pubsub = redis.Redis.from_url(self.url, socket_timeout=10).pubsub(
-                ignore_subscribe_messages=True)
-            self.pubsub.subscribe(self.channel)
-        except redis.RedisError as e:
-            log.warning("cannot follow live events (%s); retrying", e)
-            self.close()
-
-    def get(self, timeout: float) -> dict | None:
-        import redis
-        if self.pubsub is None:
-            time.sleep(timeout)
-            self._connect()
-            return None
-        try:
-            msg = self.pubsub.get_message(timeout=timeout)
-        except (redis.RedisError, OSError) as e:
-            log.warning("lost the live events (%s); reconnecting", e)
-            self.close()
-            return None
-        if not msg:
-            return None
-        try:
-            data = json.loads(msg["data"])
-        except (TypeError, ValueError):
-            return None
-        return data if isinstance(data, dict) and "event" in data else None
-
-    def close(self) -> None:
-        if self.pubsub is not None:
-            try:
-                self.pubsub.close()
-            except Exception:
-                pass
-            self.pubsub = None
-
-
-def attach(settings: Settings, run_id: str, progress=None, poll_s: float = 1.0, *,
-           follower: _Follower | None = None) -> str:
-    """Follow a run on the workers until it ends; forward its live events. Returns the
-    run's final status. The lineage DB decides when the run has ended."""
-    store = store_for(settings)
-    run_id = store.get_run(run_id).id
-    own = follower is None
-    follower = follower or _Follower(settings.broker_url, run_id)
-
-    def forward(data: dict) -> None:
-        if progress:
-            event = data.pop("event")
-            try:
-                progress(event, data)
-            except Exception:
-                log.exception("progress callback failed")
-
-    try:
-        while True:
-            data = follower.get(poll_s)
-            if data:
-                forward(data)
-                continue   # drain a burst before asking the DB again
-            status = store.get_run(run_id).status
-            if status in TERMINAL_RUN:
-                # the last events (the final iteration, "done") may trail the DB write
-                deadline = time.monotonic() + 1.0
-                while time.monotonic() < deadline:
-                    data = follower.get(0.2)
-                    if data:
-                        forward(data)
-                return status
-    finally:
-        if own:
-            follower.close()

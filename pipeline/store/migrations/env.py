@@ -16,7 +16,7 @@ from alembic import context
 from sqlalchemy import func, select
 
 from pipeline.settings import Settings
-from pipeline.store import make_engine
+from pipeline.store.schema import make_engine
 from pipeline.store.models import Base
 
 config = context.config
@@ -65,7 +65,17 @@ def run_migrations_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # As in pipeline/store/schema.py (upgrade_schema): a batch rebuild's DROP
+                # TABLE must not fire the ON DELETE actions of referring tables.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
             _run(connection)
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"the migration left {len(broken)} broken reference(s)")
             connection.commit()
     finally:
         engine.dispose()

@@ -1,0 +1,101 @@
+"""The CLI's plumbing: the per-invocation context, one-line errors, JSON and tables."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.report import fmt_design, fmt_score
+from pipeline.settings import ConfigError, Settings
+from pipeline.store import LineageStore, StoreError
+from pipeline.text import first_line
+
+
+@dataclasses.dataclass
+class Context:
+    settings: Settings
+
+    def open_store(self, *, create: bool = False) -> LineageStore:
+        """Open the lineage store. Queries (the default) never create or migrate: a
+        mistyped SQLite path or an old schema says so instead of showing nothing."""
+        return LineageStore(self.settings.database_url, create=create)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print machine-readable JSON on stdout instead of a table.")
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can cause into one `Error:` line and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StoreError, ConfigError) as exc:
+            raise click.ClickException(first_line(exc)) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{exc.strerror or first_line(exc)}{where}") from None
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"database error: {first_line(exc)}") from None
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def iteration_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        ["it", "arm", "stage", "selected design", "score", "incumbent", "decision", "evaluated"],
+        [[r["index"], r["arm"], r["stage"], fmt_design(r["design"]), fmt_score(r["score"]),
+          fmt_score(r["incumbent_score"]), r["decision"] or "-",
+          f"{r['evaluated']}/{r['total']}"] for r in rows])
+
+
+def print_progress(event: str, info: dict[str, Any]) -> None:
+    """One concise line per loop event, on stderr (stdout stays for results)."""
+    it = info.get("iteration")
+    arm = f" {info['arm']}" if info.get("arm") not in (None, "lm") else ""
+    where = f"[iteration {it}{arm}]" if it is not None else "[run]"
+    if event == "stage":
+        line = f"{where} {info.get('stage', '?')}"
+    elif event == "candidate":
+        line = f"{where} candidate {info.get('index', '?')}: {info.get('status', '?')}"
+        if info.get("score") is not None:
+            line += f"  score {fmt_score(info['score'])}"
+    elif event == "lm_step":
+        line = f"{where} LM step {info.get('step', '?')}: loss {fmt_score(info.get('loss'))}"
+    elif event == "iteration":
+        line = (f"{where} {info.get('decision') or 'done'}: score {fmt_score(info.get('score'))}"
+                f"  {fmt_design(info.get('design'))}")
+    else:
+        details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in info.items() if k != "iteration")
+        line = f"{where} {event} {details}".rstrip()
+    click.echo(line, err=True)

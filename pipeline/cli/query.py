@@ -1,0 +1,195 @@
+"""Query commands: runs, show, candidates, lineage, plot. They read the lineage
+database and never write to it (pipeline/store/api.py: a query never migrates)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+
+import click
+
+from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
+                                 json_option, pass_ctx, table)
+from pipeline.report import (arm_outcomes, arms_line, direction, fmt_design, fmt_score,
+                             fmt_time, iteration_rows, run_summary, shorten)
+from pipeline.store import ARMS, CANDIDATE_STATUSES, CandidateView
+from pipeline.text import first_line
+
+_CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
+                   "dataset_size", "d_model", "lm_epochs", "temperature")
+
+
+@click.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Show at most this many runs, newest first.")
+@json_option
+@pass_ctx
+@handle_errors
+def runs(obj: Context, limit: int, as_json: bool) -> None:
+    """List runs, newest first.
+
+    Columns: id, task, preset, status, iterations done, best score, creation time.
+    The best score is the best selected source over the finished iterations (lowest
+    few-shot loss for self-programming, highest accuracy for vision tasks).
+    """
+    with obj.open_store() as store:
+        summaries = [run_summary(store, r.id) for r in store.list_runs(limit)]
+    if as_json:
+        emit_json(summaries)
+        return
+    if not summaries:
+        click.echo("no runs yet (start one with: selfprog-cli launch)")
+        return
+    click.echo(table(
+        ["id", "task", "preset", "status", "iterations", "best score", "created (UTC)"],
+        [[s["id"], s["task"], s["preset"], s["status"], s["iterations_done"],
+          fmt_score(s["best_score"]), fmt_time(s["created_at"])] for s in summaries]))
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@json_option
+@pass_ctx
+@handle_errors
+def show(obj: Context, run_id: str, as_json: bool) -> None:
+    """Show one run: its configuration and a row per iteration.
+
+    RUN is a run id or a unique prefix of it (at least 4 characters). Each row gives the
+    selected source's design parameters and score, the incumbent's score (the current
+    source scored the same way), whether the source was kept or replaced, and how many
+    generated candidates were evaluated.
+    """
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        its, cands = store.iterations(run.id), store.candidates(run.id)
+        rows = iteration_rows(its, cands)
+        outcomes = arm_outcomes(its, cands)
+    if as_json:
+        emit_json({**dataclasses.asdict(run), "iterations": rows, "arms": outcomes})
+        return
+    click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
+               f"status={run.status}")
+    click.echo(f"created {fmt_time(run.created_at)} UTC   finished {fmt_time(run.finished_at)}")
+    summary = " ".join(f"{k}={run.config[k]}" for k in _CONFIG_SUMMARY if k in run.config)
+    if summary:
+        click.echo(f"config: {summary}   (--json for all of it)")
+    if run.error:
+        click.echo(f"error: {shorten(run.error, 200)}")
+    click.echo("")
+    click.echo(iteration_table(rows) if rows else "no iterations yet")
+    if len({r["arm"] for r in rows}) > 1:
+        click.echo("")
+        click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--status", type=click.Choice(CANDIDATE_STATUSES),
+              help="Only candidates in this state.")
+@click.option("--iteration", type=int, help="Only candidates of this iteration.")
+@click.option("--arm", type=click.Choice(ARMS),
+              help="Only this arm: 'lm' (written by the LM) or 'random' (the baseline).")
+@json_option
+@pass_ctx
+@handle_errors
+def candidates(obj: Context, run_id: str, status: str | None, iteration: int | None,
+               arm: str | None, as_json: bool) -> None:
+    """List the candidates of a run with their fate.
+
+    RUN is a run id or a unique prefix of it. Index 0 of each iteration is the
+    incumbent (the current source, scored the same way); 1..n were generated.
+    --json prints every column, sources and logs included.
+    """
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        rows = store.candidates(run.id, status=status, iteration=iteration, arm=arm)
+    if as_json:
+        emit_json([dataclasses.asdict(c) for c in rows])
+        return
+    if not rows:
+        click.echo("no candidates match")
+        return
+    click.echo(table(
+        ["id", "arm", "it", "idx", "role", "status", "score", "params", "reason"],
+        [[c.id, c.arm, c.iteration, c.index, c.role, c.status, fmt_score(c.score),
+          "-" if c.param_count is None else f"{c.param_count:,}", shorten(c.reason)]
+         for c in rows]))
+
+@click.command()
+@click.argument("candidate_id", metavar="CANDIDATE", type=int)
+@json_option
+@pass_ctx
+@handle_errors
+def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
+    """Show the ancestry of a candidate, from the seed source to it.
+
+    CANDIDATE is a candidate id (see `candidates RUN`). Each step shows the candidate,
+    its iteration, score and design, and a unified diff of its source against the
+    previous step. Steps whose source is unchanged (an incumbent copying the previous
+    winner) show no diff.
+    """
+    with obj.open_store() as store:
+        chain = store.lineage(candidate_id)
+    steps = []
+    previous: CandidateView | None = None
+    for c in chain:
+        diff = ""
+        if previous is not None and previous.source != c.source:
+            diff = "".join(difflib.unified_diff(
+                previous.source.splitlines(keepends=True), c.source.splitlines(keepends=True),
+                fromfile=f"candidate {previous.id}", tofile=f"candidate {c.id}"))
+        steps.append((c, diff))
+        previous = c
+    if as_json:
+        emit_json([{"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
+                    "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
+                    "score": c.score, "design": c.design, "sha256": c.sha256, "diff": diff}
+                   for c, diff in steps])
+        return
+    click.echo(f"lineage of candidate {candidate_id}: {len(steps)} step(s), seed first")
+    for number, (c, diff) in enumerate(steps, 1):
+        click.echo("")
+        click.echo(f"[{number}] candidate {c.id}  run {c.run_id}  iteration {c.iteration}  "
+                   f"index {c.index} ({c.role}, {c.arm})  {c.status}  score {fmt_score(c.score)}")
+        click.echo(f"    design: {fmt_design(c.design)}")
+        if diff:
+            click.echo(diff.rstrip("\n"))
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the PNG files (created if missing). "
+                   "Default: <artifact-dir>/<run id>/plots.")
+@json_option
+@pass_ctx
+@handle_errors
+def plot(obj: Context, run_id: str, out_dir: Path | None, as_json: bool) -> None:
+    """Draw a run's figures as PNG files and print their paths.
+
+    lm_loss.png: the LM's training loss per step, one line per iteration (the paper's
+    Figure 2). score.png: the selected source's score and the incumbent's score per
+    iteration.
+
+    Runs on a vision task also get candidate_loss.png (training loss of the network
+    selected at each iteration, the paper's Figure 3), design_params.png (average
+    design parameters of the evaluated candidates per iteration, widths as log2,
+    Figure 5) and best_params.png (parameter count of the selected model, Figure 6),
+    each with one line or panel per arm. Figure 4 comes from `selfprog-cli sweep`.
+    """
+    from pipeline import plots   # matplotlib is slow to import; only this command needs it
+
+    with obj.open_store() as store:
+        run = store.get_run(run_id)
+        its, cands, curves = (store.iterations(run.id), store.candidates(run.id),
+                              store.curves(run.id))
+    out = out_dir if out_dir is not None else obj.settings.artifacts / run.id / "plots"
+    try:
+        paths = plots.plot_run(run, its, cands, curves, out)
+        if direction(run.task) == "max":   # a vision task
+            paths += plots.plot_vision_run(run, its, cands, curves, out)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot write plots to {str(out)!r}: {exc.strerror or first_line(exc)}") from None
+    if as_json:
+        emit_json({"run_id": run.id, "files": [str(p) for p in paths]})
+    else:
+        for p in paths:
+            click.echo(str(p))

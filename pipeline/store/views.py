@@ -1,0 +1,105 @@
+"""What the store hands out: frozen views of rows, never live ORM objects, so callers
+cannot trip over detached instances or lazy loads."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.store.models import TERMINAL_STATUSES, Base
+
+
+@dataclass(frozen=True)
+class RunView:
+    id: str
+    task: str
+    preset: str
+    seed: int
+    config: dict[str, Any]
+    status: str
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IterationView:
+    id: int
+    run_id: str
+    index: int
+    arm: str
+    stage: str
+    source_in: str
+    incumbent_id: int | None
+    selected_id: int | None
+    decision: str | None
+    lm_losses: list[float | None]
+    lm_seconds: float | None
+    gen_seconds: float | None
+    eval_seconds: float | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    id: int
+    run_id: str
+    iteration: int
+    index: int
+    role: str
+    arm: str
+    parent_id: int | None
+    source: str
+    sha256: str
+    design: dict[str, Any] | None
+    status: str
+    reason: str
+    score: float | None
+    param_count: int | None
+    duration_s: float | None
+    logs: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    rescore: float | None = None
+    flagged: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class CurveView:
+    id: int
+    run_id: str
+    candidate_id: int | None
+    iteration: int | None
+    name: str
+    values: list[float | None]
+
+
+def _aware(value: Any) -> Any:
+    # SQLite keeps no time zone: everything is written in UTC, so say so on the way out.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _view(cls: type, row: Base) -> Any:
+    return cls(**{f.name: _aware(getattr(row, f.name)) for f in dataclasses.fields(cls)})
+
+
+def _aware(value: Any) -> Any:
+    # SQLite keeps no time zone: everything is written in UTC, so say so on the way out.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def view(cls: type, row: Base) -> Any:
+    """The frozen view `cls` of an ORM row."""
+    return cls(**{f.name: _aware(getattr(row, f.name)) for f in dataclasses.fields(cls)})
