@@ -7,7 +7,7 @@
 Needs Redis (SELFPROG_BENCH_REDIS_URL, default redis://127.0.0.1:6379/14; the DB is
 flushed) and PostgreSQL (SELFPROG_BENCH_POSTGRES_URL, default the local test server; a
 private schema is made and dropped). Workers are real Celery processes
-(tests/cluster.py) with the process sandbox backend (--backend docker to change).
+(tests/support/cluster.py) with the process sandbox backend (--backend docker to change).
 Each comparison is measured side by side in one invocation; not a test.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pipeline import celery_app, runs, sandbox_task, stages  # noqa: E402
 from pipeline.store import store_for
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from tests.cluster import Cluster, quick_config  # noqa: E402
+from tests.support.cluster import Cluster, quick_config  # noqa: E402
 
 REDIS_URL = os.environ.get("SELFPROG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 POSTGRES_URL = os.environ.get("SELFPROG_BENCH_POSTGRES_URL",

@@ -4,7 +4,7 @@
 # Idempotent (each step skips what is already there) and prints how long each step took.
 #
 #   bash scripts/ci-docker.sh
-#   SELFPROG_REQUIRE_DOCKER=1 python -m pytest -m docker tests/test_docker_backend.py
+#   SELFPROG_REQUIRE_DOCKER=1 python -m pytest -m docker tests/sandbox/test_docker_backend.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -137,3 +137,23 @@ def restore_embedded():
     from pipeline import celery_app
     from pipeline.settings import Settings
     celery_app.configure(Settings.from_env(env={}))
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A Docker engine client; skips (fails under SELFPROG_REQUIRE_DOCKER=1) without the
+    engine or the sandbox image. Reaps this test run's containers afterwards."""
+    import docker
+
+    from sandbox.backends.docker import docker_available, reap_orphans
+    from tests.support.docker import IMAGE, OWNER
+
+    ok, why = docker_available(IMAGE)
+    if not ok:
+        if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"SELFPROG_REQUIRE_DOCKER=1 but the Docker backend cannot run: {why}")
+        pytest.skip(f"Docker backend unavailable ({why}); run scripts/ci-docker.sh")
+    c = docker.from_env(timeout=120)
+    yield c
+    reap_orphans(c, owner=OWNER)
+    c.close()

@@ -2,7 +2,7 @@
 
 These ORM models are the single description of the schema. The Alembic migrations in
 pipeline/store/migrations/versions/ must create exactly this (`alembic check` passes,
-and tests/test_store.py compares constraint and index names, CHECKs included), so any
+and tests/pipeline/test_store.py compares constraint and index names, CHECKs included), so any
 change here goes together with a new migration.
 
 The status words, stage names and terminal sets below are the one home of those words

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.test_docker_backend import IMAGE, OWNER, client  # noqa: F401  (fixture)
+from tests.support.docker import IMAGE, OWNER
 
 BACKENDS = ("process", "docker")
 

@@ -31,7 +31,6 @@ import os
 import random
 import signal
 import struct
-import textwrap
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from sandbox import runner
 from sandbox.backends.collect import check_safetensors
 from sandbox.backends.process_tree import processes as _processes
 from sandbox.schema import MAX_LOG_CHARS, Job, Limits, Result, SchemaError
-from tests.test_process_backend import TINY
+from tests.support.candidates import TINY, cnn_source
 
 BACKENDS = ("process", "docker")
 SABOTAGE = os.environ.get("SELFPROG_SABOTAGE") == "1"
@@ -54,16 +53,6 @@ FORGED = 1e-06                      # the score every forgery claims
 
 
 # --------------------------------------------------------------------------- sources
-
-def cnn_source(prelude: str, body: str, tail: str = "") -> str:
-    """A CNN-family candidate whose build_model runs `body` first."""
-    return (textwrap.dedent(prelude).strip() + "\nimport torch\nfrom torch import nn\n\n\n"
-            "def build_model(input_shape, num_classes):\n"
-            + textwrap.indent("\n".join(textwrap.dedent(piece).strip("\n")
-                                         for piece in body.split("\x01")).strip() + "\n", "    ")
-            + "    return nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))\n\n\n"
-            "def train(model):\n    return torch.optim.SGD(model.parameters(), lr=0.1), 8\n"
-            + textwrap.dedent(tail))
 
 
 # Appended to a body; cnn_source dedents the pieces around \x01 separately.

@@ -14,9 +14,8 @@ import pytest
 from pipeline import stages
 from pipeline.settings import preset
 from pipeline.store import TERMINAL_STATUSES
-from tests.test_loop import _settings
-from tests.test_process_backend import candidate
-from tests.runs import iteration_at_evaluation
+from tests.support.candidates import candidate
+from tests.support.runs import embedded_settings as _settings, iteration_at_evaluation
 
 FORGED = 1e-06
 

@@ -42,7 +42,7 @@ def test_canary_reports_a_sabotaged_docker_sandbox_as_unconfined(docker_backend,
 def test_worker_refuses_sandbox_jobs_when_the_canary_fails(monkeypatch, tmp_path, cnn_data):
     from pipeline import celery_app, sandbox_task
     from pipeline.settings import Settings
-    from tests.attacks.test_attacks import cnn_source
+    from tests.support.candidates import cnn_source
 
     monkeypatch.setenv("SELFPROG_SABOTAGE", "1")
     job = {"job_id": "canary-gated", "kind": "evaluate", "source": cnn_source("", "pass"),

@@ -3,7 +3,7 @@
 0001_initial gave its CHECK constraints full names ("ck_runs_status") while the
 metadata's naming convention (pipeline/store/models.py) prefixes ck_<table>_ again, so
 the database got "ck_runs_ck_runs_status". `alembic check` does not compare CHECK
-constraints; tests/test_store.py now does.
+constraints; tests/pipeline/test_store.py now does.
 
 Revision ID: 0003_check_names
 Revises: 0002_rescore

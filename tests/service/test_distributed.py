@@ -19,7 +19,7 @@ from pipeline.jobs import RunContext
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
 from sandbox.schema import Result
-from tests.cluster import QUICK_ARGS, Cluster, check_complete_run, quick_config
+from tests.support.cluster import QUICK_ARGS, Cluster, check_complete_run, quick_config
 
 
 

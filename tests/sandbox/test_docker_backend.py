@@ -35,27 +35,10 @@ from sandbox.backends.docker_profile import (ALLOWED_ENV, LABEL_JOB, LABEL_OWNER
                                              HardeningError, check_profile,
                                              gpu_device_requests, hardened_config)
 from sandbox.schema import Job, Limits                                    # noqa: E402
-
-IMAGE = os.environ.get("SELFPROG_SANDBOX_IMAGE", "selfprog-sandbox:latest")
-SANDBOX_UID = 10001
-# Every container these tests make carries this owner label, so reaping and the
-# "nothing left behind" checks never touch containers of other test runs on the engine.
-OWNER = f"selfprog-test-{uuid.uuid4().hex[:10]}"
+from tests.support.docker import IMAGE, OWNER, SANDBOX_UID                # noqa: E402
 
 
 # --------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def client():
-    ok, why = docker_available(IMAGE)
-    if not ok:
-        if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"SELFPROG_REQUIRE_DOCKER=1 but the Docker backend cannot run: {why}")
-        pytest.skip(f"Docker backend unavailable ({why}); run scripts/ci-docker.sh")
-    c = docker.from_env(timeout=120)
-    yield c
-    reap_orphans(c, owner=OWNER)
-    c.close()
 
 
 @pytest.fixture(params=["runc", "runsc"])

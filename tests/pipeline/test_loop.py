@@ -7,15 +7,9 @@ import pytest
 
 from pipeline import runs, selection, stages
 from pipeline.jobs import RunContext
-from pipeline.settings import RunConfig, Settings, preset
+from pipeline.settings import RunConfig, preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
-from tests.runs import iteration_at_evaluation
-
-
-def _settings(database_url, tmp_path, **kw) -> Settings:
-    return Settings.from_env(env={}, database_url=database_url,
-                             artifact_dir=str(tmp_path / "artifacts"),
-                             sandbox_backend="process", **kw)
+from tests.support.runs import embedded_settings as _settings, iteration_at_evaluation
 
 
 def _check_selection_rule(store: LineageStore, run_id: str, direction: str) -> None:

@@ -23,7 +23,7 @@ from pipeline.store import LineageStore
 from pipeline.sandbox_task import relay_progress
 from sandbox.backends.watch import MAX_PROGRESS_LINE, STOPPED_REASON, ProgressTail, Watch
 from sandbox.protocol import PROGRESS_FILE
-from tests.test_process_backend import TINY, candidate, make_job
+from tests.support.candidates import TINY, candidate, make_job
 
 
 def tail_in(tmp_path: Path):
@@ -189,7 +189,7 @@ def test_an_unanswerable_cancel_check_keeps_the_job_running(process_backend, dat
 @pytest.mark.docker
 def test_a_cancelled_container_is_stopped_and_removed(data_file, tmp_path):
     from sandbox.backends.docker import DockerBackend, docker_available
-    from tests.test_docker_backend import IMAGE
+    from tests.support.docker import IMAGE
     ok, why = docker_available(IMAGE)
     if not ok:
         if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":

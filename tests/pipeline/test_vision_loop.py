@@ -14,7 +14,7 @@ from pipeline.families import cnn
 from pipeline.jobs import RunContext
 from pipeline.settings import Settings, preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
-from tests.runs import iteration_at_evaluation
+from tests.support.runs import iteration_at_evaluation
 
 # Tiny sizes: an LM trained for a few steps writes mostly broken sources, which is fine
 # here (the loop must account for them); the random arm always yields valid networks.

@@ -19,7 +19,7 @@ import pytest
 from pipeline.settings import ConfigError, Settings
 from sandbox.backends.process import WARM_CPU_S, ProcessBackend
 from sandbox.backends.process_tree import processes as _processes
-from tests.test_process_backend import (DEADLINE_DODGER, TINY, candidate,
+from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,
                                         check_loopback_server_unreachable,
                                         check_planted_secret_unreadable, make_job)
 

@@ -26,8 +26,8 @@ from sandbox.backends.docker import DockerBackend, reap_orphans           # noqa
 from sandbox.backends.docker_profile import (LABEL_JOB, LABEL_OWNER,       # noqa: E402
                                              HardeningError, check_profile, hardened_config)
 from sandbox.protocol import READY_FILE                                   # noqa: E402
-from tests.test_docker_backend import IMAGE, OWNER, SANDBOX_UID, client   # noqa: E402,F401
-from tests.test_process_backend import (DEADLINE_DODGER, TINY, candidate,  # noqa: E402
+from tests.support.docker import IMAGE, OWNER, SANDBOX_UID                # noqa: E402
+from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,  # noqa: E402
                                         check_loopback_server_unreachable,
                                         make_job)
 
@@ -224,7 +224,6 @@ def test_warm_containers_of_a_killed_worker_are_reaped(client, data_file, tmp_pa
     script = textwrap.dedent(f"""
         import sys, time
         from sandbox.backends.docker import DockerBackend
-        from tests.test_docker_prewarm import job
         from pathlib import Path
         b = DockerBackend(image={IMAGE!r}, workroot={str(workroot)!r}, owner={owner!r},
                           prewarm=2)

@@ -1,4 +1,4 @@
-"""A run stopped just before an evaluation: for tests that choose what the LM "wrote"."""
+"""Runs for tests: embedded settings, and a run stopped just before an evaluation (for tests that choose what the LM "wrote")."""
 from __future__ import annotations
 
 from typing import Callable
@@ -31,3 +31,10 @@ def iteration_at_evaluation(settings: Settings, config: RunConfig,
     store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
     stages._add_candidates(store, ctx, 0, "lm", sources(ctx) if callable(sources) else sources)
     return store, ctx, inc
+
+
+def embedded_settings(database_url, tmp_path, **kw) -> Settings:
+    """Settings of an embedded run (no broker) on `database_url`, process sandbox."""
+    return Settings.from_env(env={}, database_url=database_url,
+                             artifact_dir=str(tmp_path / "artifacts"),
+                             sandbox_backend="process", **kw)

@@ -10,29 +10,25 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
 import sys
 import tempfile
-import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.families import transformer
 from sandbox.backends import SandboxError, backend_options, make_backend
 from sandbox.backends.collect import check_safetensors, collect
 from sandbox.backends.process import ProcessBackend
-from sandbox.backends.process_tree import processes as _processes
 from sandbox.backends.staging import stage
 from sandbox.runner import run
-from sandbox.schema import MAX_LOG_CHARS, Job, Limits
+from sandbox.schema import MAX_LOG_CHARS
+from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,
+                                      check_loopback_server_unreachable,
+                                      check_planted_secret_unreadable, make_job, uid_processes)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the confined process backend needs root")
-
-TINY = transformer.render(transformer.Design(1, 1, 64, 2, d_model=16, lr=1e-3, batch_size=8))
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +42,6 @@ def backend():
     assert iso.uid_drop and iso.netns and not iso.warnings, iso
     yield b
     shutil.rmtree(workroot, ignore_errors=True)
-
-
-def make_job(source: str, data_file: Path, kind: str = "evaluate", job_id: str = "t", **limits) -> Job:
-    lim = {"timeout_s": 60, "memory_mb": 1024, "pids": 64, "output_mb": 64, **limits}
-    return Job(job_id=job_id, kind=kind, source=source, inputs={"data": str(data_file)},
-               params={"vocab_size": 64, "epochs": 1, "num_threads": 1},
-               limits=Limits(**lim)).validate()
-
-
-def candidate(body: str, build: str) -> str:
-    """A T5-family module whose build_model does something hostile first."""
-    return textwrap.dedent(body) + "\n" + TINY.replace(
-        "def build_model(vocab_size):\n",
-        "def build_model(vocab_size):\n" + textwrap.indent(textwrap.dedent(build), "    "))
-
-
-def uid_processes(uid: int) -> list[int]:
-    return [pid for pid, u in _processes() if u == uid]
 
 
 # ----------------------------------------------------------------- normal behaviour
@@ -143,21 +121,6 @@ def test_backend_options_turns_settings_into_each_backends_arguments():
 
 # ----------------------------------------------------------------- containment
 
-# Ignores SIGTERM/SIGINT, loops forever and leaves a double-forked escapee in its own
-# session: the deadline must still end it all (used by the warm-sandbox tests too).
-DEADLINE_DODGER = candidate("import os, signal\n", """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if os.fork() == 0:
-        os.setsid()
-        if os.fork() == 0:
-            while True:
-                pass
-        os._exit(0)
-    while True:
-        pass
-    """)
-
 
 def test_infinite_loop_ignoring_sigterm_times_out_and_leaves_nothing(backend, data_file, tmp_path):
     result = backend.execute(make_job(DEADLINE_DODGER, data_file, timeout_s=8), tmp_path)
@@ -209,62 +172,8 @@ def test_fork_bomb_is_contained_by_the_pids_limit(backend, data_file, tmp_path):
     assert not uid_processes(backend.last_run.uid)
 
 
-def check_loopback_server_unreachable(run, data_file) -> None:
-    """`run(job)` executes a job in some sandbox; its candidate must not reach a server
-    listening on the host's loopback."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    accepted = []
-    server.settimeout(20)
-
-    def serve():
-        try:
-            conn, _ = server.accept()
-            accepted.append(conn)
-        except OSError:
-            pass
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    src = candidate("import socket\n", f"""
-        try:
-            socket.create_connection(("127.0.0.1", {port}), timeout=5).close()
-        except OSError as e:
-            raise RuntimeError(f"BLOCKED {{type(e).__name__}}: {{e}}")
-        raise RuntimeError("CONNECTED")
-        """)
-    try:
-        result = run(make_job(src, data_file))
-    finally:
-        server.close()
-        t.join(5)
-    assert result.status == "invalid", result
-    assert "BLOCKED" in result.reason and "CONNECTED" not in result.reason
-    assert not accepted
-
-
 def test_network_to_a_loopback_server_is_unreachable(backend, data_file, tmp_path):
     check_loopback_server_unreachable(lambda job: backend.execute(job, tmp_path), data_file)
-
-
-def check_planted_secret_unreadable(run, data_file, tmp_path) -> None:
-    """`run(job)` executes a job in some sandbox; a 0600 host file must stay unreadable."""
-    secret_dir = tmp_path / "secrets"
-    secret_dir.mkdir()
-    os.chmod(secret_dir, 0o755)
-    secret = secret_dir / "token"
-    secret.write_text("s3cr3t-value")
-    os.chmod(secret, 0o600)
-    src = candidate("", f"""
-        try:
-            leaked = open({str(secret)!r}).read()
-        except OSError as e:
-            raise RuntimeError(f"DENIED {{type(e).__name__}}")
-        raise RuntimeError("LEAKED " + leaked)
-        """)
-    result = run(make_job(src, data_file))
-    assert result.status == "invalid", result
-    assert "DENIED PermissionError" in result.reason
-    assert "s3cr3t" not in result.reason + result.logs
 
 
 def test_planted_secret_file_is_unreadable(backend, data_file, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from pipeline import celery_app, runs
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
-from tests.cluster import Cluster, RedisServer, check_complete_run, quick_config, wait_for
+from tests.support.cluster import Cluster, RedisServer, check_complete_run, quick_config, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 VT = 5.0
