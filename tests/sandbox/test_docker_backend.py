@@ -541,4 +541,4 @@ def test_compose_file_validates_and_keeps_the_socket_behind_the_proxy():
         (dev,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert dev["capabilities"] == ["gpu"]
     assert services["redis"]["healthcheck"] and services["postgres"]["healthcheck"]
-    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+    assert services["migrate"]["command"] == ["selfprog-cli", "db", "upgrade"]
