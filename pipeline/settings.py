@@ -17,6 +17,11 @@ from typing import Any
 from pipeline.catalog import UnknownTask, get_task
 
 
+# Pre-warmed sandboxes of the embedded default (one process runs every job in turn):
+# one is enough, since a replacement starts as soon as one is taken.
+EMBEDDED_PREWARM = 1
+
+
 class ConfigError(ValueError):
     """Bad configuration: the message is meant for the user, one line."""
 
@@ -35,7 +40,12 @@ class Settings:
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
-    sandbox_prewarm: int = 0                  # pre-warmed sandboxes kept ready (per worker process)
+    # Pre-warmed sandboxes kept ready per process that runs sandbox jobs (imports done,
+    # waiting for one job; where a backend cannot, e.g. the process backend without
+    # root, every job runs cold). Unset, `from_env` makes it EMBEDDED_PREWARM for the
+    # embedded default and 0 with a broker, where every sandbox worker process would
+    # hold its own (docs/docker.md: size it against memory).
+    sandbox_prewarm: int = 0
     allow_unconfined: bool = False            # run candidates even if the canary escapes
     device: str = "auto"                      # where the harness trains: cpu | cuda | auto
     # Redis broker: seconds before a message that a worker took but never acknowledged is
@@ -53,6 +63,8 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _parse(f, raw, "SELFPROG_" + f.name.upper())
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "sandbox_prewarm" not in values:
+            values["sandbox_prewarm"] = 0 if values.get("broker_url") else EMBEDDED_PREWARM
         s = cls(**values)
         if s.sandbox_backend not in ("auto", "docker", "process"):
             raise ConfigError(f"unknown sandbox backend {s.sandbox_backend!r} "
