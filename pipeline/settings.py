@@ -182,7 +182,10 @@ PRESETS: dict[str, RunConfig] = {
         preset="quick", iterations=3, candidates=4, dataset_size=512, vocab_size=512,
         d_model=32, lm_lr=1e-2, lm_batch_size=16, lm_epochs=8, lm_max_steps=0,
         max_new_tokens=96, train_samples=1000, eval_samples=300,
-        train_timeout_s=600.0, eval_timeout_s=120.0,
+        # eval_timeout_s: an evaluation (64 steps) took up to ~100 s of wall time on the
+        # 2-core machine under a load average of ~13; a slow but honest candidate must
+        # not end as a timeout.
+        train_timeout_s=600.0, eval_timeout_s=300.0,
         # The few-shot score ranks candidates, so it must measure learning: the whole
         # corpus twice (64 steps at batch 16). With 32 pairs (2 steps) it was mostly the
         # untrained model's loss, and one design scored under another seed moved more
