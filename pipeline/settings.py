@@ -17,6 +17,11 @@ from typing import Any
 from pipeline.catalog import UnknownTask, get_task
 
 
+# Pre-warmed sandboxes of the embedded default (one process runs every job in turn):
+# one is enough, since a replacement starts as soon as one is taken.
+EMBEDDED_PREWARM = 1
+
+
 class ConfigError(ValueError):
     """Bad configuration: the message is meant for the user, one line."""
 
@@ -35,7 +40,12 @@ class Settings:
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
-    sandbox_prewarm: int = 0                  # pre-warmed sandboxes kept ready (per worker process)
+    # Pre-warmed sandboxes kept ready per process that runs sandbox jobs (imports done,
+    # waiting for one job; where a backend cannot, e.g. the process backend without
+    # root, every job runs cold). Unset, `from_env` makes it EMBEDDED_PREWARM for the
+    # embedded default and 0 with a broker, where every sandbox worker process would
+    # hold its own (docs/docker.md: size it against memory).
+    sandbox_prewarm: int = 0
     allow_unconfined: bool = False            # run candidates even if the canary escapes
     device: str = "auto"                      # where the harness trains: cpu | cuda | auto
     # Redis broker: seconds before a message that a worker took but never acknowledged is
@@ -53,6 +63,8 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _parse(f, raw, "SELFPROG_" + f.name.upper())
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "sandbox_prewarm" not in values:
+            values["sandbox_prewarm"] = 0 if values.get("broker_url") else EMBEDDED_PREWARM
         s = cls(**values)
         if s.sandbox_backend not in ("auto", "docker", "process"):
             raise ConfigError(f"unknown sandbox backend {s.sandbox_backend!r} "
@@ -169,8 +181,16 @@ PRESETS: dict[str, RunConfig] = {
     "quick": RunConfig(
         preset="quick", iterations=3, candidates=4, dataset_size=512, vocab_size=512,
         d_model=32, lm_lr=1e-2, lm_batch_size=16, lm_epochs=8, lm_max_steps=0,
-        max_new_tokens=96, fewshot_samples=32, train_samples=1000, eval_samples=300,
-        train_timeout_s=600.0, eval_timeout_s=120.0,
+        max_new_tokens=96, train_samples=1000, eval_samples=300,
+        # eval_timeout_s: an evaluation (64 steps) took up to ~100 s of wall time on the
+        # 2-core machine under a load average of ~13; a slow but honest candidate must
+        # not end as a timeout.
+        train_timeout_s=600.0, eval_timeout_s=300.0,
+        # The few-shot score ranks candidates, so it must measure learning: the whole
+        # corpus twice (64 steps at batch 16). With 32 pairs (2 steps) it was mostly the
+        # untrained model's loss, and one design scored under another seed moved more
+        # than two designs differed (bench/bench_fewshot.py; numbers in bench/README.md).
+        fewshot_samples=512, fewshot_epochs=2,
         # Few-shot loss favours bigger models, and every iteration trains its LM from
         # scratch: a cap (2.7x the seed LM) keeps a whole quick run within minutes.
         # A candidate above it ends invalid, with the reason.
@@ -206,6 +226,7 @@ def preset(name: str, **overrides: Any) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (choose {', '.join(sorted(PRESETS))})")
     base = PRESETS[name]
+    overrides = _fewshot_within_corpus(base, overrides)
     task = overrides.get("task") or base.task
     try:
         self_programming = get_task(task).self_programming
@@ -216,6 +237,21 @@ def preset(name: str, **overrides: Any) -> RunConfig:
                                   "max_new_tokens": max(base.max_new_tokens, VISION_MIN_NEW_TOKENS)}
         overrides = {**vision, **{k: v for k, v in overrides.items() if v is not None}}
     return base.with_overrides(**overrides)
+
+
+def _fewshot_within_corpus(base: RunConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The few-shot set is the first pairs of the refinement corpus: a run that shrinks
+    the corpus below its preset's few-shot size, and names no few-shot size itself,
+    scores on the whole (smaller) corpus instead of being refused."""
+    if overrides.get("dataset_size") is None or overrides.get("fewshot_samples") is not None:
+        return overrides
+    try:
+        size = int(overrides["dataset_size"])
+    except (TypeError, ValueError):
+        return overrides          # with_overrides reports it
+    if 1 <= size < base.fewshot_samples:
+        return {**overrides, "fewshot_samples": size}
+    return overrides
 
 
 def _parse(f: dataclasses.Field, raw: str, where: str) -> Any:

@@ -191,3 +191,14 @@ def test_run_config_round_trips_and_rejects_nonsense():
                 dict(temperature=0.0), dict(iterations="many")):
         with pytest.raises(ConfigError):
             preset("quick", **bad)
+    with pytest.raises(ConfigError):   # both named: the few-shot set must fit the corpus
+        preset("quick", dataset_size=16, fewshot_samples=32)
+
+
+def test_a_smaller_corpus_brings_the_preset_few_shot_set_with_it():
+    full = preset("quick")
+    assert full.fewshot_samples > 16
+    # only the corpus named (as `--set dataset_size=16` gives it): the whole corpus
+    assert preset("quick", dataset_size="16").fewshot_samples == 16
+    assert preset("quick", dataset_size=full.dataset_size * 2).fewshot_samples == full.fewshot_samples
+    assert preset("quick", dataset_size=64, fewshot_samples=8).fewshot_samples == 8

@@ -223,7 +223,11 @@ def test_an_old_warm_sandbox_is_recycled(data_file):
 
 
 def test_prewarm_setting():
-    assert Settings.from_env({}).sandbox_prewarm == 0
+    # unset: one for the embedded default, none per worker process with a broker
+    assert Settings.from_env({}).sandbox_prewarm == 1
+    assert Settings.from_env({"SELFPROG_BROKER_URL": "redis://127.0.0.1:6379/0"}).sandbox_prewarm == 0
+    assert Settings.from_env({}, broker_url="redis://127.0.0.1:6379/0").sandbox_prewarm == 0
+    assert Settings.from_env({"SELFPROG_SANDBOX_PREWARM": "0"}).sandbox_prewarm == 0
     assert Settings.from_env({"SELFPROG_SANDBOX_PREWARM": "2"}).sandbox_prewarm == 2
     with pytest.raises(ConfigError):
         Settings.from_env({"SELFPROG_SANDBOX_PREWARM": "-1"})
