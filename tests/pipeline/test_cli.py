@@ -394,7 +394,7 @@ def test_installed_package_launches_from_an_unrelated_directory(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     src = tmp_path / "src"   # a copy: building in place would leave build/ in the repo
     shutil.copytree(repo, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", "selfprog-artifacts", "*.db",

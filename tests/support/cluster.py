@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_DATABASE = "postgresql+psycopg2://nobody@127.0.0.1:9/no-database-on-this-queue"
 READY = re.compile(r"\bready\.")
 
