@@ -268,7 +268,7 @@ def check_complete_run(store, run_id: str, config) -> list:
     for arm in config.arms:
         for i in range(config.iterations):
             idx = sorted(k[2] for k in keys if k[0] == arm and k[1] == i)
-            # the incumbent, then 1..n without a gap (n when generation worked)
-            assert idx == list(range(len(idx))) and idx[0] == 0, idx
-            assert len(idx) in (1, config.candidates + 1), idx
+            # the incumbent, then exactly the n generated candidates: a generation that
+            # failed, or a recovery that lost the generated batch, is not a complete run
+            assert idx == list(range(config.candidates + 1)), (arm, i, idx)
     return cands
