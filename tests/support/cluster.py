@@ -62,35 +62,46 @@ class Worker:
 
     def descendants(self) -> list[int]:
         """Pids of every live process below this worker (pool children, sandboxes)."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            for child in children.get(pid, []):
-                out.append(child)
-                todo.append(child)
-        return out
+        return descendants(self.proc.pid)
 
     def running_sandboxes(self) -> dict[int, str]:
         """{pid: job directory name} of harness processes this worker runs now."""
-        found = {}
-        for pid in self.descendants():
+        return running_sandboxes(self.proc.pid)
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live process below `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                cwd = os.readlink(f"/proc/{pid}/cwd")
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if b"sandbox.harness" in cmd:
-                found[pid] = Path(cwd).name
-        return found
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def running_sandboxes(root: int) -> dict[int, str]:
+    """{pid: job directory name} of sandbox harness processes below `root` (process
+    backend)."""
+    found = {}
+    for pid in descendants(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if b"sandbox.harness" in cmd:
+            found[pid] = Path(cwd).name
+    return found
 
 
 class Cluster:
