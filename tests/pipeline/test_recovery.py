@@ -159,7 +159,7 @@ def test_cancel_mid_evaluation_stops_the_sandbox_and_the_run(sqlite_url, tmp_pat
 def test_a_replaced_iteration_links_the_winner_and_starts_the_next_from_it(sqlite_url,
                                                                           tmp_path):
     """Candidate 1 is the seed trained with four times the steps (clearly better),
-    candidate 2 the seed that does not learn (clearly worse): candidate 1 is re-scored,
+    candidate 2 the seed with a learning rate too small to help: candidate 1 is re-scored,
     wins, and iteration 1 starts from its source with it as the incumbent's parent."""
     settings = embedded_settings(sqlite_url, tmp_path)
     config = quick_config(iterations=2, candidates=2)
@@ -180,7 +180,7 @@ def test_a_replaced_iteration_links_the_winner_and_starts_the_next_from_it(sqlit
     inc, better, worse = store.candidates(run_id, iteration=0)
     assert [c.status for c in (inc, better, worse)] == ["evaluated"] * 3, \
         [(c.status, c.reason) for c in (inc, better, worse)]
-    assert worse.score > inc.score > better.score, (inc.score, better.score, worse.score)
+    assert worse.score >= inc.score > better.score, (inc.score, better.score, worse.score)
     assert it0.stage == "done" and it0.decision == "replaced" and it0.selected_id == better.id
     assert better.parent_id == inc.id
     assert better.rescore is not None and not better.flagged           # re-scored, agreed
