@@ -122,3 +122,22 @@ def test_cancel_during_lm_training_is_final_and_resume_anyway_takes_it_back(
         assert trainer.running_sandboxes() and store.get_run(run_id).status == "running"
         assert cl.cli("cancel", run_id).returncode == 0
         wait_for(lambda: not trainer.running_sandboxes(), 30, "the training sandbox to stop")
+
+
+def test_a_worker_whose_sandbox_does_not_confine_stops_consuming_its_sandbox_queue(
+        postgres_url, redis_url, tmp_path):
+    """The start-up canary (pipeline/sandbox_task.py): a worker on a sandbox that does not
+    confine (SELFPROG_SABOTAGE=1: the test-only switch that turns confinement off) takes
+    no sandbox jobs. It stays up for its other queue, and doctor sees the hole."""
+    with Cluster(tmp_path, broker_url=redis_url, database_url=postgres_url,
+                 env={"SELFPROG_SABOTAGE": "1", "SELFPROG_ALLOW_UNCONFINED": ""}) as cl:
+        w = cl.start("unconfined", "coordinator,sandbox")
+        wait_for(lambda: "will not take sandbox jobs" in w.text(), 180,
+                 "the worker's canary to refuse", diagnose=w.text)
+        assert "does NOT confine" in w.text() or "refusing" in w.text(), w.text()
+        assert w.alive
+        d = cl.cli("doctor", "--skip-canary", "--json", SELFPROG_SABOTAGE="", timeout=120)
+        checks = {c["name"]: c for c in json.loads(d.stdout)["checks"]}
+        detail = checks["workers"]["detail"]
+        assert checks["workers"]["status"] == "fail" and "'sandbox'" in detail, detail
+        assert "'coordinator'" not in detail, detail     # the worker lives, minus sandbox
