@@ -35,6 +35,15 @@ def announce_cancel(s: Settings, run_id: str) -> None:
             log.warning("could not tell running jobs of run %s to stop: %s", run_id, e)
 
 
+def clear_cancel(s: Settings, run_id: str) -> None:
+    """Take back `announce_cancel` (for a cancelled run resumed anyway). Unlike the
+    announcement this must not fail silently: a flag left behind would stop the resumed
+    run's jobs again."""
+    if is_redis_url(s.broker_url):
+        import redis
+        redis.Redis.from_url(s.broker_url, socket_timeout=5).delete(cancel_key(run_id))
+
+
 def cancel_check(run_id: str):
     """A `cancelled()` for jobs of `run_id`: True once the run was cancelled; asks Redis
     (or, embedded, the lineage DB) at most every CANCEL_CHECK_S seconds."""

@@ -97,6 +97,24 @@ def _drop_connections() -> None:
     app._local.__dict__.pop("backend", None)
 
 
+def queue_consumers(timeout: float = 3.0) -> dict[str, list[str]]:
+    """{queue: [names of the live workers consuming it]} for each of QUEUES, asked over
+    the broker (Celery's remote control: every live worker answers within `timeout`
+    seconds, busy or not). Raises when the broker cannot be reached."""
+    found: dict[str, list[str]] = {q: [] for q in QUEUES}
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    for worker, queues in replies.items():
+        for q in queues or ():
+            name = q.get("name") if isinstance(q, dict) else None
+            if name in found:
+                found[name].append(worker)
+    return found
+
+
+def worker_command(queue: str) -> str:
+    return f"celery -A pipeline.worker worker -Q {queue}"
+
+
 def settings() -> Settings:
     """The settings `configure` was last given (from the environment until then)."""
     if _settings is None:

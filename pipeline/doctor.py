@@ -88,6 +88,22 @@ def check_redis(s: Settings) -> Check:
                      "unset SELFPROG_BROKER_URL to run embedded")
 
 
+def check_workers(s: Settings, timeout: float = 3.0) -> Check:
+    """With a broker: does a live worker consume each queue? (Else runs wait forever.)"""
+    if s.embedded:
+        return Check("workers", OK, "not used: embedded mode, tasks run in-process")
+    from pipeline.celery_app import QUEUES, configure, queue_consumers, worker_command
+    configure(s)
+    consumers = queue_consumers(timeout=timeout)
+    missing = [q for q in QUEUES if not consumers[q]]
+    if missing:
+        return Check("workers", FAIL, "no live worker consumes queue(s) "
+                     + ", ".join(repr(q) for q in missing),
+                     "start one per queue: " + "; ".join(worker_command(q) for q in missing))
+    return Check("workers", OK, "; ".join(f"{q}: {', '.join(sorted(consumers[q]))}"
+                                          for q in QUEUES))
+
+
 def check_database(s: Settings) -> Check:
     from sqlalchemy import create_engine, inspect, text
     from sqlalchemy.engine import make_url
@@ -205,11 +221,17 @@ def run_checks(s: Settings, *, canary: bool = True) -> list[Check]:
         except Exception as e:   # noqa: BLE001
             checks.append(Check("docker engine", FAIL if s.sandbox_backend == "docker" else WARN,
                                 _first_line(e), "bash scripts/docker-engine.sh"))
-    for fn in (check_redis, check_database, check_gpus):
+    redis_ok = True
+    for fn in (check_redis, check_workers, check_database, check_gpus):
+        if fn is check_workers and not redis_ok:
+            checks.append(Check("workers", FAIL, "not checked: the broker does not answer"))
+            continue
         try:
             checks.append(fn(s))
         except Exception as e:   # noqa: BLE001
             checks.append(Check(fn.__name__.removeprefix("check_"), FAIL, _first_line(e)))
+        if fn is check_redis:
+            redis_ok = checks[-1].status != FAIL
     backend, workroot, picked = pick_backend(s)
     checks.append(picked)
     try:

@@ -2,11 +2,10 @@
 best score, each arm's start and end, and the short text forms of scores and designs."""
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 from typing import Any, Sequence
 
-from pipeline.store import CandidateView, IterationView, LineageStore
+from pipeline.store import CandidateView, IterationView, LineageStore, RunView
 
 # Short names for the transformer design parameters in tables; other keys print as is.
 _SHORT = {"num_layers": "enc", "num_decoder_layers": "dec", "num_heads": "heads"}
@@ -74,6 +73,26 @@ def iteration_rows(iterations: Sequence[IterationView],
     return rows
 
 
+def run_record(run: RunView) -> dict[str, Any]:
+    """A run as the CLI's --json prints it (docs/json.md): named fields, not a dump of
+    RunView, so a renamed attribute cannot silently change the output."""
+    return {"id": run.id, "task": run.task, "preset": run.preset, "seed": run.seed,
+            "status": run.status, "error": run.error, "config": run.config,
+            "created_at": run.created_at, "updated_at": run.updated_at,
+            "finished_at": run.finished_at}
+
+
+def candidate_record(c: CandidateView) -> dict[str, Any]:
+    """A candidate as `candidates --json` prints it (docs/json.md)."""
+    return {"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
+            "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
+            "reason": c.reason, "score": c.score, "rescore": c.rescore, "flagged": c.flagged,
+            "param_count": c.param_count, "duration_s": c.duration_s, "design": c.design,
+            "sha256": c.sha256, "source": c.source, "logs": c.logs,
+            "created_at": c.created_at, "started_at": c.started_at,
+            "finished_at": c.finished_at}
+
+
 def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
     run = store.get_run(run_id)
     iterations = store.iterations(run.id)
@@ -84,7 +103,7 @@ def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
     best = None
     if scores:
         best = min(scores) if direction(run.task) == "min" else max(scores)
-    return {**dataclasses.asdict(run), "iterations_done": len(done), "best_score": best}
+    return {**run_record(run), "iterations_done": len(done), "best_score": best}
 
 
 def arm_outcomes(iterations: Sequence[IterationView],

@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 from pipeline import celery_app, events
-from pipeline.cancellation import announce_cancel
+from pipeline.cancellation import announce_cancel, clear_cancel
 from pipeline.settings import RunConfig, Settings
 from pipeline.stages import recover, start
 from pipeline.store import (RUN_ACTIVE_STATUSES, RUN_TERMINAL_STATUSES, LineageStore, StoreError,
@@ -47,29 +47,44 @@ class RunStateError(StoreError):
 
 
 def resume(settings: Settings, run_id: str,
-           progress: Callable[[str, dict], None] | None = None, *, detach: bool = False) -> str:
-    """Carry on a run from what the lineage DB says, after a crash or a cancel-free stop.
+           progress: Callable[[str, dict], None] | None = None, *, detach: bool = False,
+           anyway: bool = False) -> str:
+    """Carry on a run from what the lineage DB says, after a crash or a stage failure.
 
     Every unfinished iteration is restarted at its recorded stage; candidates that
     already reached a final state are not run again. The work is done by the `recover`
     stage on the coordinator (which holds the run's artifacts); here the run is only
     marked running again. Safe to call on a run that is still moving: whatever it
     dispatches twice is absorbed by the compare-and-set stage changes.
+
+    A cancelled run is refused (RunStateError) unless `anyway`: then the cancel is
+    taken back (the DB status, the candidates it cancelled, the Redis flag that stops
+    running jobs) and the run carries on like any other.
     """
     celery_app.configure(settings)
     store = _store(settings)
     run = store.get_run(run_id)
     run_id = run.id
+    check_resumable(run.id, run.status, anyway=anyway)
     if run.status == "completed":
         return run_id
     if run.status == "cancelled":
-        raise RunStateError(f"run {run_id} was cancelled; a cancelled run is not resumed "
-                            "(launch a new one)")
+        clear_cancel(settings, run_id)
+        reopened = store.reopen_cancelled(run_id)
+        log.info("run %s: cancel taken back, %d candidate(s) pending again", run_id, reopened)
     store.set_run_status(run_id, "running")
     events.emit(run_id, "resumed")
     _execute(settings, run_id, progress, detach,
              lambda: recover.apply_async(kwargs=dict(run_id=run_id)))
     return run_id
+
+
+def check_resumable(run_id: str, status: str, *, anyway: bool = False) -> None:
+    """Raise RunStateError when a run in `status` may not be resumed: a cancel is final
+    unless the user says to resume it anyway."""
+    if status == "cancelled" and not anyway:
+        raise RunStateError(f"run {run_id} was cancelled; a cancel is final. To carry it on "
+                            f"anyway: selfprog-cli resume --anyway {run_id}")
 
 
 def cancel(settings: Settings, run_id: str) -> int:

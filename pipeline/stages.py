@@ -143,9 +143,11 @@ def coordinator_task(fn: Callable) -> Any:
             e._selfprog_recorded = True
             run_id = kw.get("run_id")
             log.exception("stage %s of run %s failed", fn.__name__, run_id)
-            if run_id:
-                store_for(celery_app.settings().database_url).set_run_status(
-                    run_id, "failed", error=f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
+            # Only a run still under way fails: a cancelled run stays cancelled (its
+            # stopped jobs end in errors that are not the run's failure).
+            if run_id and store_for(celery_app.settings().database_url).set_run_status(
+                    run_id, "failed", error=f"{fn.__name__}: {type(e).__name__}: {e}"[:2000],
+                    only_from=RUN_ACTIVE_STATUSES):
                 events.emit(run_id, "failed", error=str(e)[:500])
             raise
         finally:
@@ -250,14 +252,14 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
     it = store.get_iteration(run_id, index, arm)
     if it is None or (it.stage != "training" and not _redelivered.get()):
         return   # a duplicate: this training result was recorded already
+    if store.get_run(run_id).status != "running":
+        return   # cancelled meanwhile (its training was stopped): nothing more to do
     if res.status != "ok":
         if it.stage != "training":
             return   # a re-run failed where the first run had succeeded: keep the first
         store.update_iteration(run_id, index, arm, lm_losses=res.losses, lm_seconds=res.duration_s)
         raise RuntimeError(f"the LM defined by the current source could not be trained "
                            f"({res.status}: {res.reason})")
-    if store.get_run(run_id).status != "running":
-        return
     won = _advance(store, run_id, index, arm, "training", "generating",
                               lm_losses=res.losses, lm_seconds=res.duration_s)
     if won or (_redelivered.get()

@@ -16,7 +16,8 @@ from pipeline.cli.output import Context, emit_json, handle_errors, json_option, 
 def doctor(obj: Context, skip_canary: bool, as_json: bool) -> None:
     """Check this installation and say how to fix what is missing.
 
-    Reports the Docker engine, the sandbox image, Redis, the lineage database, GPUs, the
+    Reports the Docker engine, the sandbox image, Redis, a live worker on each queue (with
+    a broker), the lineage database, GPUs, the
     sandbox backend the settings pick ('auto': Docker when it is usable, else the
     weaker process backend) and the confinement canary (network denied, a planted host
     file unreadable, the memory limit enforced). Each line is ok, warn or fail; exits 1

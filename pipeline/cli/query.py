@@ -2,7 +2,6 @@
 database and never write to it (pipeline/store/api.py: a query never migrates)."""
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import click
 
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
                                  json_option, pass_ctx, table)
-from pipeline.report import (arm_outcomes, arms_line, direction, fmt_design, fmt_score,
-                             fmt_time, iteration_rows, run_summary, shorten)
+from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction, fmt_design,
+                             fmt_score, fmt_time, iteration_rows, run_record, run_summary,
+                             shorten)
 from pipeline.store import ARMS, CANDIDATE_STATUSES, CandidateView
 from pipeline.text import first_line
 
@@ -64,7 +64,7 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
         rows = iteration_rows(its, cands)
         outcomes = arm_outcomes(its, cands)
     if as_json:
-        emit_json({**dataclasses.asdict(run), "iterations": rows, "arms": outcomes})
+        emit_json({**run_record(run), "iterations": rows, "arms": outcomes})
         return
     click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
                f"status={run.status}")
@@ -102,7 +102,7 @@ def candidates(obj: Context, run_id: str, status: str | None, iteration: int | N
         run = store.get_run(run_id)
         rows = store.candidates(run.id, status=status, iteration=iteration, arm=arm)
     if as_json:
-        emit_json([dataclasses.asdict(c) for c in rows])
+        emit_json([candidate_record(c) for c in rows])
         return
     if not rows:
         click.echo("no candidates match")

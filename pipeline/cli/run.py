@@ -60,6 +60,9 @@ def launch(obj: Context, preset_name: str, task: str, seed: int | None,
     Without a broker the run executes in this process (the embedded default). With
     $SELFPROG_BROKER_URL set it is submitted to the coordinator and this command
     follows it (Ctrl-C stops following, not the run), or returns at once with --detach.
+    With a broker, a queue (coordinator, trainer, sandbox) that no live worker consumes
+    is an error said within seconds, before any run is created (--detach: a warning,
+    the run waits for the workers).
 
     Progress goes to stderr, one line per event. At the end the run id and a summary
     per iteration (the selected source's design, its score, kept or replaced) are
@@ -84,6 +87,7 @@ def launch(obj: Context, preset_name: str, task: str, seed: int | None,
     # URL fails in a second, not after the first training stage.
     obj.open_store(create=True).close()
     _check_broker(settings)
+    _check_workers(settings, detach=detach, nothing="no run was created")
 
     from pipeline.runs import launch as launch_run   # heavy (torch); only this command
 
@@ -106,6 +110,36 @@ def _check_broker(settings: Settings) -> None:
     except (redis.RedisError, ValueError) as exc:
         raise click.ClickException(f"broker {hide_password(settings.broker_url)} does not "
                                    f"answer: {first_line(exc)}") from None
+
+
+WORKER_REPLY_S = 3.0     # how long live workers get to say which queues they consume
+
+
+def _check_workers(settings: Settings, *, detach: bool, nothing: str) -> None:
+    """With a broker: a run needs a live worker on each queue, or it would wait there
+    forever without a word. Following, that is an error (said within seconds, and
+    `nothing` tells what was left behind); detached, a warning (the run waits for them)."""
+    if settings.embedded:
+        return
+    from pipeline.celery_app import configure, queue_consumers, worker_command
+    try:
+        configure(settings)
+        consumers = queue_consumers(timeout=WORKER_REPLY_S)
+    except Exception as exc:   # noqa: BLE001 - the broker answered a ping a moment ago
+        click.echo(f"warning: could not ask which workers are live: {first_line(exc)}",
+                   err=True)
+        return
+    missing = [q for q, names in consumers.items() if not names]
+    if not missing:
+        return
+    what = (f"no live worker consumes queue(s) {', '.join(repr(q) for q in missing)} on "
+            f"{hide_password(settings.broker_url)}")
+    start = "; ".join(worker_command(q) for q in missing)
+    if detach:
+        click.echo(f"warning: {what}; the run waits until one starts ({start})", err=True)
+        return
+    raise click.ClickException(f"{what}: {nothing}. Start the worker(s) ({start}) and try "
+                               "again, or use --detach to submit it to wait for them")
 
 
 def _report_submitted(run_id: str, as_json: bool) -> None:
@@ -212,27 +246,37 @@ def cancel(obj: Context, run_id: str, as_json: bool) -> None:
 @click.argument("run_id", metavar="RUN")
 @click.option("--detach", is_flag=True,
               help="With a broker: hand the run back to the coordinator and return at once.")
+@click.option("--anyway", is_flag=True,
+              help="Resume a cancelled run: take the cancel back (the run's status, its "
+                   "cancelled candidates and the flag that stops its running jobs).")
 @json_option
 @pass_ctx
 @handle_errors
-def resume(obj: Context, run_id: str, detach: bool, as_json: bool) -> None:
+def resume(obj: Context, run_id: str, detach: bool, anyway: bool, as_json: bool) -> None:
     """Carry on an interrupted run from what the lineage database records.
 
     For a run stopped by a crash, a lost broker (Redis restarted without its data) or a
     stage failure: every unfinished iteration restarts at its recorded stage, and
     candidates already in a final state are not run again. Safe on a run that is still
-    moving (nothing is recorded twice). A completed run is left alone; a cancelled one
-    is not resumed. Then waits like `launch` (or returns at once with --detach).
+    moving (nothing is recorded twice). A completed run is left alone. A cancel is
+    final: a cancelled run is refused unless --anyway. Then waits like `launch` (or
+    returns at once with --detach); with a broker, fails at once when a queue has no
+    live worker (--detach: warns).
     """
     settings = obj.settings
     if detach and settings.embedded:
         raise click.ClickException("--detach needs a broker: set SELFPROG_BROKER_URL")
     with obj.open_store() as store:
         run = store.get_run(run_id)
-    _check_broker(settings)
-    from pipeline.runs import resume as resume_run   # heavy (torch)
+    from pipeline.runs import check_resumable, resume as resume_run   # heavy (torch)
 
-    resume_run(settings, run.id, progress=None if detach else print_progress, detach=detach)
+    check_resumable(run.id, run.status, anyway=anyway)
+    _check_broker(settings)
+    if run.status != "completed":
+        _check_workers(settings, detach=detach,
+                       nothing=f"run {run.id} was left {run.status} as it was")
+    resume_run(settings, run.id, progress=None if detach else print_progress, detach=detach,
+               anyway=anyway)
     if detach:
         _report_submitted(run.id, as_json)
         return

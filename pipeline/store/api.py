@@ -112,15 +112,22 @@ class LineageStore:
                              .limit(limit)).all()
             return [view(RunView, r) for r in rows]
 
-    def set_run_status(self, run_id: str, status: str, error: str | None = None) -> None:
+    def set_run_status(self, run_id: str, status: str, error: str | None = None, *,
+                       only_from: tuple[str, ...] | None = None) -> bool:
+        """Set the run's status; with `only_from`, only when it is one of those now (a
+        compare-and-set: a stage failing after a cancel must not turn it into `failed`).
+        Returns whether it was set."""
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         with self._session() as s, s.begin():
-            run = s.get(Run, self._run_id(s, run_id))
+            run = s.get(Run, self._run_id(s, run_id), with_for_update=only_from is not None)
+            if only_from is not None and run.status not in only_from:
+                return False
             run.status = status
             run.error = text(error) if error is not None else None
             # A resumed run (back to running) is no longer finished.
             run.finished_at = utcnow() if status in RUN_TERMINAL_STATUSES else None
+            return True
 
     # ---------------------------------------------------------- iterations
 
@@ -307,6 +314,17 @@ class LineageStore:
                                       Candidate.status.in_(OPEN_STATUSES))
                                .values(status="cancelled", reason="run cancelled",
                                        finished_at=utcnow())
+                               .execution_options(synchronize_session=False))
+            return result.rowcount
+
+    def reopen_cancelled(self, run_id: str) -> int:
+        """Undo `cancel_pending`: the candidates a cancel stopped are pending again (for
+        `resume --anyway`). Returns how many."""
+        with self._session() as s, s.begin():
+            result = s.execute(update(Candidate)
+                               .where(Candidate.run_id == self._run_id(s, run_id),
+                                      Candidate.status == "cancelled")
+                               .values(status="pending", reason="", finished_at=None)
                                .execution_options(synchronize_session=False))
             return result.rowcount
 

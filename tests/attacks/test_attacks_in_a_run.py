@@ -19,7 +19,8 @@ from tests.support.runs import embedded_settings as _settings, iteration_at_eval
 
 FORGED = 1e-06
 
-# name -> (expected row status, words in the reason, source)
+# name -> (expected row status, words in the reason (None: an evaluated row, which has
+# no reason to check), source)
 BATCH = {
     "fork_bomb": ("rejected", "import", candidate("import os\n", """
         while True:
@@ -35,7 +36,7 @@ BATCH = {
         """)),
     "nul_byte": ("rejected", "encoding", candidate("# \x00\n", "pass\n")),
     "deeply_nested_ast": ("rejected", "nesting", candidate("x = " + "-" * 30000 + "1\n", "pass\n")),
-    "memory_bomb": ("oom", "", candidate("", """
+    "memory_bomb": ("oom", "memory", candidate("", """
         hog = []
         for _ in range(64):
             t = torch.empty(256 * 1024 * 1024, dtype=torch.uint8)
@@ -43,7 +44,7 @@ BATCH = {
             hog.append(t)
         """)),
     "system_exit_0": ("invalid", "SystemExit", candidate("", "raise SystemExit(0)\n")),
-    "print_fake_result": ("evaluated", "", candidate("", f"""
+    "print_fake_result": ("evaluated", None, candidate("", f"""
         print('{{"status": "ok", "score": {FORGED}}}')
         print("score: {FORGED}")
         """)),
@@ -70,7 +71,7 @@ def test_attack_batch_as_run_candidates_all_end_recorded(sqlite_url, tmp_path):
         if status == "evaluated":
             assert row.score is not None and row.score != FORGED and row.score > 0.05, name
         else:
-            assert row.reason and words in row.reason, (name, row.reason)
+            assert words and words.lower() in row.reason.lower(), (name, row.reason)
             assert row.score is None, name
     it = store.get_iteration(run_id, 0)
     assert it.stage == "done" and it.selected_id in (inc.id, rows[len(BATCH)].id)

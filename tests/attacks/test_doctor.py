@@ -32,7 +32,7 @@ def test_doctor_on_a_working_process_setup(tmp_path):
     result = _doctor(tmp_path, "--json")
     checks = _checks(result)
     assert result.exit_code == 0, result.output
-    assert set(checks) == {"docker engine", "sandbox image", "redis", "database", "gpus",
+    assert set(checks) == {"docker engine", "sandbox image", "redis", "workers", "database", "gpus",
                            "sandbox backend", "confinement"}
     assert checks["confinement"]["status"] == "ok", checks["confinement"]
     assert checks["sandbox backend"]["status"] == "ok"

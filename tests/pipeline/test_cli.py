@@ -394,7 +394,7 @@ def test_installed_package_launches_from_an_unrelated_directory(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     src = tmp_path / "src"   # a copy: building in place would leave build/ in the repo
     shutil.copytree(repo, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", "selfprog-artifacts", "*.db",
@@ -423,4 +423,108 @@ def test_installed_package_launches_from_an_unrelated_directory(tmp_path):
     assert launch.returncode == 0, launch.stderr[-3000:]
     out = json.loads(launch.stdout)
     assert out["status"] == "completed", out
+    assert set(out) == REPORT_KEYS, out   # docs/json.md
     assert (work / "selfprog.db").exists()
+
+
+# ------------------------------------------------------------ --json, pinned
+
+def _documented_keys() -> dict[str, list[frozenset]]:
+    """docs/json.md: {section title: [key set of each `keys:` line under it]}."""
+    from pathlib import Path
+    doc = Path(__file__).resolve().parents[2] / "docs" / "json.md"
+    out: dict[str, list[frozenset]] = {}
+    title = None
+    for line in doc.read_text().splitlines():
+        if line.startswith("### "):
+            title = line[4:].strip()
+        elif line.startswith("keys:"):
+            out.setdefault(title, []).append(
+                frozenset(k.strip() for k in line[5:].split(",")))
+    return out
+
+
+RUN_KEYS = {"id", "task", "preset", "seed", "status", "error", "config", "created_at",
+            "updated_at", "finished_at"}
+ROW_KEYS = {"index", "arm", "stage", "selected_id", "design", "score", "incumbent_id",
+            "incumbent_score", "decision", "evaluated", "total"}
+ARM_KEYS = {"start", "end", "iterations_done", "end_params", "end_design"}
+CANDIDATE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
+                  "reason", "score", "rescore", "flagged", "param_count", "duration_s",
+                  "design", "sha256", "source", "logs", "created_at", "started_at",
+                  "finished_at"}
+LINEAGE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
+                "score", "design", "sha256", "diff"}
+REPORT_KEYS = {"run_id", "status", "error", "iterations"}
+
+
+def test_every_json_output_has_exactly_its_documented_keys(populated, tmp_path):
+    url, run = populated["url"], populated["run"]
+    doc = _documented_keys()
+
+    def same(section: str, *sets) -> None:
+        assert doc[section] == [frozenset(s) for s in sets], (section, doc.get(section))
+
+    def js(*args, **env):
+        return json.loads(ok(cli(url, *args, env=env or None)).stdout)
+
+    same("run", RUN_KEYS)
+    same("iteration row", ROW_KEYS)
+    same("arm outcome", ARM_KEYS)
+    runs = js("runs", "--json")
+    assert len(runs) == 2
+    for r in runs:
+        assert set(r) == RUN_KEYS | {"iterations_done", "best_score"}, set(r)
+    same("runs", RUN_KEYS | {"iterations_done", "best_score"})
+
+    shown = js("show", run, "--json")
+    assert set(shown) == RUN_KEYS | {"iterations", "arms"}
+    assert all(set(row) == ROW_KEYS for row in shown["iterations"])
+    assert set(shown["arms"]) == {"lm"} and set(shown["arms"]["lm"]) == ARM_KEYS
+    same("show", RUN_KEYS | {"iterations", "arms"})
+
+    cands = js("candidates", run, "--json")
+    assert len(cands) == 5 and all(set(c) == CANDIDATE_KEYS for c in cands)
+    same("candidates", CANDIDATE_KEYS)
+    steps = js("lineage", str(populated["slow"]), "--json")
+    assert len(steps) == 4 and all(set(s) == LINEAGE_KEYS for s in steps)
+    same("lineage", LINEAGE_KEYS)
+    assert set(js("plot", run, "--out", str(tmp_path / "p"), "--json")) == {"run_id", "files"}
+    same("plot", {"run_id", "files"})
+
+    # resume of a completed run reports it at once, like a launch that ended
+    resumed = js("resume", run, "--json")
+    assert set(resumed) == REPORT_KEYS and resumed["status"] == "completed"
+    assert all(set(row) == ROW_KEYS for row in resumed["iterations"])
+    same("launch and resume (following)", REPORT_KEYS)
+    same("launch --detach and resume --detach", {"run_id", "status"})
+    with LineageStore(url) as s:   # a run waiting to start, to cancel
+        pending = s.create_run(config={}, task="self", preset="quick", seed=0)
+    cancelled = js("cancel", pending, "--json")
+    assert cancelled == {"run_id": pending, "status": "cancelled", "candidates_cancelled": 0}
+    same("cancel", set(cancelled))
+
+    up = js("db", "upgrade", "--json")
+    assert set(up) == {"database", "from", "to", "head", "upgraded"}
+    same("db upgrade", set(up))
+    cur = js("db", "current", "--json")
+    assert set(cur) == {"database", "current", "head", "up_to_date"}
+    same("db current", set(cur))
+
+    result = cli(url, "doctor", "--skip-canary", "--json",
+                 env={"SELFPROG_BROKER_URL": "", "SELFPROG_SANDBOX_BACKEND": "process",
+                      "SELFPROG_ARTIFACT_DIR": str(tmp_path / "art")})
+    doctor = json.loads(result.stdout)
+    assert set(doctor) == {"ok", "checks"} and doctor["checks"]
+    assert all(set(c) == {"name", "status", "detail", "fix"} for c in doctor["checks"])
+    same("doctor", {"ok", "checks"}, {"name", "status", "detail", "fix"})
+
+    swept = js("--artifact-dir", str(tmp_path / "art"), "sweep", "--task", "digits",
+               "--candidates", "2", "--iterations", "1", "--name", "pinned", "--no-launch",
+               "--json")
+    assert set(swept) == {"sweep", "task", "figure", "cells"} and len(swept["cells"]) == 1
+    cell_keys = {"candidates", "iterations", "total", "run_id", "status", "start", "lm",
+                 "random"}
+    assert set(swept["cells"][0]) == cell_keys
+    same("sweep", {"sweep", "task", "figure", "cells"}, cell_keys)
+    same("watch", {"event", "run_id", "status", "error"})

@@ -97,21 +97,36 @@ def test_concurrent_first_opens(database_url):
             s.close()
 
 
-def test_concurrent_first_opens_across_processes(database_url):
+def test_concurrent_first_opens_across_processes(database_url, tmp_path):
     # Separate processes (coordinator, workers) do not share the in-process lock: the
-    # file lock (SQLite) or advisory lock (PostgreSQL) must serialize them.
+    # file lock (SQLite) or advisory lock (PostgreSQL) must serialize them. A barrier
+    # on files makes them all open at once, and each reports when it was inside the
+    # open, so the test sees that they really raced (not one after the other).
+    import json
     import subprocess
     import sys
 
-    code = ("import sys, time; from pipeline.store import LineageStore\n"
-            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-            "LineageStore(sys.argv[1], create=True).close()\n")
-    import time
-    start_at = str(time.time() + 3.0)   # after every interpreter has imported
-    procs = [subprocess.Popen([sys.executable, "-c", code, database_url, start_at],
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    failures = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]
+    n = 4
+    code = ("import json, os, sys, time; from pipeline.store import LineageStore\n"
+            "url, gate, me, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])\n"
+            "open(os.path.join(gate, me), 'w').close()\n"
+            "deadline = time.time() + 120\n"
+            "while len(os.listdir(gate)) < n and time.time() < deadline:\n"
+            "    time.sleep(0.002)\n"
+            "t0 = time.time(); LineageStore(url, create=True).close(); t1 = time.time()\n"
+            "print(json.dumps([t0, t1]))\n")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code, database_url, str(gate), str(i),
+                               str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(n)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    failures = [err for p, (_, err) in zip(procs, outs) if p.returncode != 0]
     assert not failures, failures[0]
+    windows = [json.loads(out) for out, _ in outs]
+    first_done = min(t1 for _, t1 in windows)
+    racing = sum(t0 < first_done for t0, _ in windows)
+    assert racing >= 2, f"the opens did not overlap, nothing raced: {windows}"
     with LineageStore(database_url) as s:
         assert s.list_runs() == []
 

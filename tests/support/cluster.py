@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_DATABASE = "postgresql+psycopg2://nobody@127.0.0.1:9/no-database-on-this-queue"
 READY = re.compile(r"\bready\.")
 
@@ -62,35 +62,46 @@ class Worker:
 
     def descendants(self) -> list[int]:
         """Pids of every live process below this worker (pool children, sandboxes)."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            for child in children.get(pid, []):
-                out.append(child)
-                todo.append(child)
-        return out
+        return descendants(self.proc.pid)
 
     def running_sandboxes(self) -> dict[int, str]:
         """{pid: job directory name} of harness processes this worker runs now."""
-        found = {}
-        for pid in self.descendants():
+        return running_sandboxes(self.proc.pid)
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live process below `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                cwd = os.readlink(f"/proc/{pid}/cwd")
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if b"sandbox.harness" in cmd:
-                found[pid] = Path(cwd).name
-        return found
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def running_sandboxes(root: int) -> dict[int, str]:
+    """{pid: job directory name} of sandbox harness processes below `root` (process
+    backend)."""
+    found = {}
+    for pid in descendants(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if b"sandbox.harness" in cmd:
+            found[pid] = Path(cwd).name
+    return found
 
 
 class Cluster:
@@ -268,7 +279,7 @@ def check_complete_run(store, run_id: str, config) -> list:
     for arm in config.arms:
         for i in range(config.iterations):
             idx = sorted(k[2] for k in keys if k[0] == arm and k[1] == i)
-            # the incumbent, then 1..n without a gap (n when generation worked)
-            assert idx == list(range(len(idx))) and idx[0] == 0, idx
-            assert len(idx) in (1, config.candidates + 1), idx
+            # the incumbent, then exactly the n generated candidates: a generation that
+            # failed, or a recovery that lost the generated batch, is not a complete run
+            assert idx == list(range(config.candidates + 1)), (arm, i, idx)
     return cands
