@@ -36,7 +36,8 @@ build() {
         return
     fi
     echo "local-images.sh: building $image from $dir on $BASE_IMAGE" >&2
-    docker build -q --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$image" "$dir" >/dev/null
+    docker build -q --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$image" "$dir" >/dev/null \
+        2> >(grep -v -e "legacy builder is deprecated" -e "Install the buildx" -e "go/buildx" -e "^ *$" >&2)
     echo "local-images.sh: built $image in $((SECONDS - t0)) s" \
          "($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))" >&2
 }

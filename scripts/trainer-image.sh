@@ -60,12 +60,18 @@ if [ "$variant" = cpu ] && [ -n "$wheel" ]; then
     mapfile -t reqs < <(python3 -c 'import tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 print("\n".join(d for d in deps if d.split("=")[0].split(">")[0].split("<")[0].strip() not in ("torch", "torchvision")))')
-    # For the image's interpreter, not the host's (markers such as python_full_version).
-    # (grep: the host pip config names local index dirs that may not hold every project)
-    pyver="$(docker run --rm --network none "$BASE_IMAGE" python3 -c 'import platform; print(platform.python_version())')"
-    $PIP download --quiet --only-binary=:all: --python-version "$pyver" --dest "$dest" \
-        "$wheel" ${tv_wheel:+"$tv_wheel"} \
-        "setuptools>=68" "${reqs[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
+    # Skipped when nothing it depends on changed (resolving against the index takes a
+    # minute even when every wheel is there).
+    stamp="$(cat pyproject.toml <(echo "$wheel $tv_wheel $BASE_IMAGE") | sha256sum | cut -c1-16)"
+    if [ "$(cat "$dest/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        # For the image's interpreter, not the host's (Requires-Python).
+        # (grep: the host pip config names local index dirs that may not hold every project)
+        pyver="$(docker run --rm --network none "$BASE_IMAGE" python3 -c 'import platform; print(platform.python_version())')"
+        $PIP download --quiet --only-binary=:all: --python-version "$pyver" --dest "$dest" \
+            "$wheel" ${tv_wheel:+"$tv_wheel"} "setuptools>=68" "${reqs[@]}" \
+            2> >(grep -v "is ignored: it is neither" >&2)
+        echo "$stamp" > "$dest/.stamp"
+    fi
     # torch and torchvision come from the wheels (no CPU index needed); the index still
     # supplies what the host's pip left out (it evaluates markers such as
     # python_full_version for the host's interpreter, not the image's).
