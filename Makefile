@@ -5,7 +5,7 @@
 #   make stack-up     build what is missing and bring the stack up beside the host's
 #                     services (ports STACK_REDIS_PORT/STACK_POSTGRES_PORT, stack.env)
 #   make stack-down   stop it (data volumes kept; `$(COMPOSE) --env-file stack.env down -v` drops them)
-#   make test-stack   the end-to-end test of the stack (tests/test_stack.py)
+#   make test-stack   the end-to-end test of the stack (tests/service/test_stack.py)
 #
 # As root the virtual environment lives in /opt/selfprog/venv: the process sandbox runs
 # candidates as unprivileged uids, which must be able to execute the interpreter (a venv
@@ -71,7 +71,7 @@ stack-down:
 	$(COMPOSE) --env-file stack.env down
 
 test-stack: setup docker
-	SELFPROG_TEST_STACK=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_stack.py $(PYTEST_ARGS)
+	SELFPROG_TEST_STACK=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider tests/service/test_stack.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf selfprog.db selfprog-artifacts

@@ -45,7 +45,7 @@ pytestmark = [
                        reason="the compose stack test runs with SELFPROG_TEST_STACK=1"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_IMAGE = os.environ.get("SELFPROG_SANDBOX_IMAGE", "selfprog-sandbox:latest")
 # The quick preset, cut to what proves the path: one LM epoch (32 steps), 2 candidates.
 QUICK = ["--iterations", "1", "--candidates", "2", "--set", "lm_epochs=1"]
@@ -235,7 +235,7 @@ def stack(client, request):
             s.down()
         finally:
             shutil.rmtree(s.tmp, ignore_errors=True)
-        print(f"stack test timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+        print("stack test timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 
 # --------------------------------------------------------------------------- tests
