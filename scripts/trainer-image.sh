@@ -60,9 +60,9 @@ if [ "$variant" = cpu ] && [ -n "$wheel" ]; then
     mapfile -t reqs < <(python3 -c 'import tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 print("\n".join(d for d in deps if d.split("=")[0].split(">")[0].split("<")[0].strip() not in ("torch", "torchvision")))')
-    # Skipped when nothing it depends on changed (resolving against the index takes a
+    # Skipped when neither the dependency list nor the wheel changed (resolving against the index takes a
     # minute even when every wheel is there).
-    stamp="$(cat pyproject.toml <(echo "$wheel $tv_wheel $BASE_IMAGE") | sha256sum | cut -c1-16)"
+    stamp="$(printf '%s\n' "${reqs[@]}" "$wheel" "$tv_wheel" "$BASE_IMAGE" | sha256sum | cut -c1-16)"
     if [ "$(cat "$dest/.stamp" 2>/dev/null)" != "$stamp" ]; then
         # For the image's interpreter, not the host's (Requires-Python).
         # (grep: the host pip config names local index dirs that may not hold every project)

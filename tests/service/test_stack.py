@@ -41,6 +41,9 @@ import pytest
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.docker,
+    # the first test also pays for the shared fixture: building the service image takes
+    # ~10 minutes on 2 cores when its dependencies changed
+    pytest.mark.timeout(3600),
     pytest.mark.skipif(os.environ.get("SELFPROG_TEST_STACK") != "1",
                        reason="the compose stack test runs with SELFPROG_TEST_STACK=1"),
 ]
@@ -234,6 +237,11 @@ def stack(client, request):
         try:
             s.down()
         finally:
+            # after a failure: sandboxes the stopped workers left behind (their job dirs
+            # are in s.tmp, removed next)
+            for c in client.containers.list(all=True, filters={"label": "selfprog.sandbox=1"}):
+                if any(m.get("Source", "").startswith(str(s.tmp)) for m in c.attrs["Mounts"]):
+                    c.remove(force=True)
             shutil.rmtree(s.tmp, ignore_errors=True)
         print("stack test timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
