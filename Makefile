@@ -1,6 +1,11 @@
 # The two commands of the README:
 #   make launch   set up, then run a quick self-programming run on the embedded default
 #   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test
+# The lab service (docker-compose.yml, docs/deploy.md):
+#   make stack-up     build what is missing and bring the stack up beside the host's
+#                     services (ports STACK_REDIS_PORT/STACK_POSTGRES_PORT, stack.env)
+#   make stack-down   stop it (data volumes kept; `$(COMPOSE) --env-file stack.env down -v` drops them)
+#   make test-stack   the end-to-end test of the stack (tests/service/test_stack.py)
 #
 # As root the virtual environment lives in /opt/selfprog/venv: the process sandbox runs
 # candidates as unprivileged uids, which must be able to execute the interpreter (a venv
@@ -16,7 +21,12 @@ BIN := $(VENV)/bin
 PRESET ?= quick
 PYTEST_ARGS ?=
 
-.PHONY: setup launch test services docker clean
+# Compose v2 where the plugin is installed, else Debian's Compose 1.29
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+STACK_REDIS_PORT ?= 16379
+STACK_POSTGRES_PORT ?= 15432
+
+.PHONY: setup launch test services docker clean stack-images stack-up stack-down test-stack
 
 setup: $(VENV)/.installed
 
@@ -40,6 +50,28 @@ test: setup services docker
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Images for the stack without a registry: Redis, PostgreSQL and the API proxy from the
+# local base image, and the service image (CPU torch, the sandbox's version).
+stack-images: docker
+	bash scripts/local-images.sh >/dev/null
+	bash scripts/trainer-image.sh
+
+stack.env: scripts/local-images.sh
+	bash scripts/local-images.sh > $@.tmp
+	printf 'SELFPROG_REDIS_PORT=%s\nSELFPROG_POSTGRES_PORT=%s\n' $(STACK_REDIS_PORT) $(STACK_POSTGRES_PORT) >> $@.tmp
+	mv $@.tmp $@
+
+stack-up: stack-images stack.env
+	$(COMPOSE) --env-file stack.env up -d
+	@echo "export SELFPROG_BROKER_URL=redis://127.0.0.1:$$(sed -n 's/^SELFPROG_REDIS_PORT=//p' stack.env)/0"
+	@echo "export SELFPROG_DATABASE_URL=postgresql+psycopg2://selfprog:selfprog@127.0.0.1:$$(sed -n 's/^SELFPROG_POSTGRES_PORT=//p' stack.env)/selfprog"
+
+stack-down:
+	$(COMPOSE) --env-file stack.env down
+
+test-stack: setup docker
+	SELFPROG_TEST_STACK=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider tests/service/test_stack.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf selfprog.db selfprog-artifacts

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build selfprog-sandbox:latest from Dockerfile.sandbox (and, with --trainer,
-# selfprog-trainer:latest from Dockerfile.trainer).
+# selfprog-trainer:latest from Dockerfile.trainer by scripts/trainer-image.sh, with the
+# same torch version; --cuda: its CUDA variant).
 #
 # The sandbox build context is staged in build/sandbox-context/ (ignored by git): the
 # harness package and a wheels/ directory. Where the CPU torch wheel lies on this machine
@@ -21,10 +22,12 @@ BASE_IMAGE="${BASE_IMAGE:-selfprog-base:bookworm}"
 SANDBOX_IMAGE="${SANDBOX_IMAGE:-selfprog-sandbox:latest}"
 TRAINER_IMAGE="${TRAINER_IMAGE:-selfprog-trainer:latest}"
 build_trainer=0
+trainer_flags=()
 for arg in "$@"; do
     case "$arg" in
     --trainer) build_trainer=1 ;;
-    *) echo "usage: $0 [--trainer]" >&2; exit 2 ;;
+    --cuda) trainer_flags+=(--cuda) ;;
+    *) echo "usage: $0 [--trainer [--cuda]]" >&2; exit 2 ;;
     esac
 done
 
@@ -63,7 +66,6 @@ echo "build-images.sh: building $SANDBOX_IMAGE on $BASE_IMAGE (context $(du -sh 
 docker build --network host -f Dockerfile.sandbox -t "$SANDBOX_IMAGE" "${build_args[@]}" "$ctx"
 
 if [ "$build_trainer" = 1 ]; then
-    echo "build-images.sh: building $TRAINER_IMAGE on $BASE_IMAGE"
-    docker build --network host -f Dockerfile.trainer -t "$TRAINER_IMAGE" \
-        --build-arg "BASE_IMAGE=$BASE_IMAGE" .
+    BASE_IMAGE="$BASE_IMAGE" TRAINER_IMAGE="$TRAINER_IMAGE" SELFPROG_TORCH_WHEEL="${wheel:-none}" \
+        bash scripts/trainer-image.sh "${trainer_flags[@]}"
 fi
