@@ -219,7 +219,7 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
         todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in OPEN_STATUSES]
         store.mark_running([c.id for c in todo])
         jobs = [ctx.evaluate_job(arm, index, c.index, c.source) for c in todo]
-        header = [_job_task(j, ctx.dir / "evaluate", **kw) for j in jobs]
+        header = [_job_task(j, ctx.eval_dir(j), **kw) for j in jobs]
         body = finish_iteration.s(candidate_ids=[c.id for c in todo], **kw).set(queue="coordinator")
         if header:
             chord(header)(body)
@@ -352,7 +352,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
             return   # a duplicate delivery: the re-score is on its way already
         job = ctx.evaluate_job(arm, index, winner.index, winner.source)
         job = dataclasses.replace(job, job_id=job.job_id + ".rescore")
-        chain(_job_task(job, ctx.dir / "evaluate", run_id=run_id, index=index, arm=arm),
+        chain(_job_task(job, ctx.eval_dir(job), run_id=run_id, index=index, arm=arm),
               confirm_winner.s(run_id=run_id, index=index, arm=arm, candidate_id=winner.id)
               .set(queue="coordinator")).apply_async()
         return

@@ -8,11 +8,13 @@ module, and does one of three jobs (the ML is in sandbox/training.py):
     train_lm   build the LM the source defines, train it text-to-text, write its weights
     generate   rebuild that LM, load the weights, sample n refinements of a prompt
     evaluate   "extended few-shot": train the candidate's model briefly and score it
+               (loss), or write its predictions for the evaluation inputs (accuracy: the
+               labels never enter the sandbox; the backend scores the predictions)
 
-The score is always computed here, from model outputs on data the candidate cannot
-change. Whatever happens, the harness tries to leave a `out/result.json`, sealed for
-the backend (sandbox/guards.py); the backend treats a missing one as a crash. Nothing
-the candidate prints is ever parsed. Before the candidate's module body runs, `main`
+A loss score is computed here, from model outputs on data the candidate cannot change.
+Whatever happens, the harness tries to leave a `out/result.json`, sealed for the backend
+(sandbox/guards.py); the backend treats a missing one as a crash. Nothing the candidate
+prints is ever parsed. Before the candidate's module body runs, `main`
 takes the seal key and the guards' snapshot (sandbox/guards.py); it leaves with
 `os._exit`, so no atexit handler or thread of the candidate runs after the result.
 """
@@ -28,10 +30,10 @@ from sandbox.guards import (CandidateError, Integrity, SetupError, Trusted, take
                             write_result)
 from sandbox.protocol import (GO_FILE, GO_POLL_S, JOB_FILE, OUT_DIR, PROGRESS_FILE, READY_FILE,
                               SETUP_ERROR_PREFIX, SETUP_EXIT_CODE)
-from sandbox.schema import MAX_REASON_CHARS, Job, Result, SchemaError
-from sandbox.training import (CANDIDATE_FILE, accuracy, build, count_params, fingerprint, fit,
-                              generate, load_candidate, load_input, load_weights, mean_loss,
-                              pick_device, save_weights)
+from sandbox.schema import MAX_REASON_CHARS, PREDICTIONS_FILE, Job, Result, SchemaError
+from sandbox.training import (CANDIDATE_FILE, build, count_params, fingerprint, fit, generate,
+                              load_candidate, load_input, load_weights, mean_loss, pick_device,
+                              predict, save_predictions, save_weights)
 
 
 def main(jobdir: str | os.PathLike = ".") -> None:
@@ -177,13 +179,17 @@ def run(job: Job, root: Path, t: "Trusted | None" = None,
         raise CandidateError("training did not change the model's parameters")
     if job.params.get("score", "loss") == "loss":
         score = mean_loss(losses)   # the paper's L_S(c): mean training loss over the few-shot epoch
-        curve = []
-    else:
-        score = accuracy(model, data["eval_x"], data["eval_y"], device, t)
-        curve = [score]
+        integrity.check()
+        return Result(job_id=job.job_id, kind=job.kind, status="ok", score=score, losses=losses,
+                      param_count=count_params(model))
+    # accuracy: the evaluation labels are not in this sandbox; its predictions leave it and
+    # the trusted side scores them. `losses` are the candidate's own, for display only.
+    pred = predict(model, data["eval_x"], int(job.params["num_classes"]), device, t)
+    n = count_params(model)
+    save_predictions(pred, root / OUT_DIR / PREDICTIONS_FILE, t)   # no candidate code after this
     integrity.check()
-    return Result(job_id=job.job_id, kind=job.kind, status="ok", score=score, losses=losses,
-                  eval_curve=curve, param_count=count_params(model))
+    return Result(job_id=job.job_id, kind=job.kind, status="ok", losses=losses, param_count=n,
+                  outputs=[PREDICTIONS_FILE])
 
 
 def _is_oom(e: BaseException) -> bool:

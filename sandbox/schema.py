@@ -34,6 +34,10 @@ MAX_NUMBER = 1e15
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
 _INPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# An accuracy-scored evaluation's output: int64 class ids [N] for the N rows of eval_x,
+# one tensor named "predictions"; the trusted side scores it (sandbox/backends/collect.py).
+PREDICTIONS_FILE = "predictions.safetensors"
+PREDICTIONS_TENSOR = "predictions"
 _OUTPUT_FILE = re.compile(r"^[a-z][a-z0-9_]{0,31}\.safetensors$")
 
 # Parameters a job may carry, with their type and bounds: anything else is refused.
@@ -120,6 +124,12 @@ class Job:
     `inputs` maps a logical name (``data``, ``weights``, ...) to a file. On the trusted
     side it is a host path; the backend stages each file read-only into the sandbox as
     ``in/<name>.safetensors`` and the harness only ever sees that.
+
+    `labels` (trusted side only, never staged: the sandbox's job.json has it empty) is
+    the host path of a safetensors file holding ``eval_y``. An accuracy-scored
+    evaluation returns its predictions for ``eval_x`` and the backend scores them
+    against these labels (sandbox/backends/collect.py `score_predictions`), so no
+    held-out label is ever inside a sandbox that runs candidate code.
     """
     job_id: str
     kind: str
@@ -128,6 +138,7 @@ class Job:
     inputs: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    labels: str = ""
 
     def validate(self) -> "Job":
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
@@ -144,6 +155,7 @@ class Job:
             if not isinstance(name, str) or not _INPUT_NAME.match(name):
                 raise SchemaError(f"input name {name!r} is not allowed")
             _text(path, f"inputs.{name}", 4096)
+        _text(self.labels, "labels", 4096)
         if not isinstance(self.params, dict):
             raise SchemaError("params must be a mapping")
         for key, value in self.params.items():
@@ -180,7 +192,8 @@ class Job:
     def from_dict(cls, d: Any) -> "Job":
         if not isinstance(d, dict):
             raise SchemaError("a job must be a JSON object")
-        unknown = set(d) - {"job_id", "kind", "source", "model_kind", "inputs", "params", "limits"}
+        unknown = set(d) - {"job_id", "kind", "source", "model_kind", "inputs", "params", "limits",
+                            "labels"}
         if unknown:
             raise SchemaError(f"unknown job fields: {sorted(unknown)}")
         limits = d.get("limits") or {}
@@ -189,7 +202,8 @@ class Job:
         try:
             job = cls(job_id=d.get("job_id"), kind=d.get("kind"), source=d.get("source"),
                       model_kind=d.get("model_kind", "t5"), inputs=d.get("inputs") or {},
-                      params=d.get("params") or {}, limits=Limits(**limits))
+                      params=d.get("params") or {}, limits=Limits(**limits),
+                      labels=d.get("labels", ""))
         except TypeError as e:
             raise SchemaError(str(e)) from None
         return job.validate()
@@ -246,8 +260,9 @@ class Result:
             if not isinstance(name, str) or not _OUTPUT_FILE.match(name):
                 raise SchemaError(f"output file name {name!r} is not allowed")
         _finite(self.duration_s, "duration_s")
-        if self.status == "ok" and self.kind == "evaluate" and self.score is None:
-            raise SchemaError("an ok evaluation must carry a score")
+        if self.status == "ok" and self.kind == "evaluate" and self.score is None \
+                and PREDICTIONS_FILE not in self.outputs:
+            raise SchemaError("an ok evaluation must carry a score or its predictions")
         return self
 
     def to_json(self) -> str:

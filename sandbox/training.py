@@ -1,4 +1,4 @@
-"""In-sandbox ML: build the candidate's model, train it with our loop, score it.
+"""In-sandbox ML: build the candidate's model, train it with our loop, predict with it.
 
 The candidate only decides its architecture and learning dynamics (`train()` returns an
 optimizer and a batch size; the loop is ours). Every loss, accuracy and check here goes
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sandbox.guards import CandidateError, Integrity, SetupError, Trusted
 from sandbox.protocol import PROGRESS_EVERY_S
-from sandbox.schema import Job
+from sandbox.schema import PREDICTIONS_TENSOR, Job
 
 CANDIDATE_FILE = "<candidate>"    # the file name compile() gives the candidate's code
 
@@ -242,18 +242,33 @@ def generate(model, job: Job, device) -> list[list[int]]:
     return samples
 
 
-def accuracy(model, x, y, device, t: Trusted, batch_size: int = 512) -> float:
+def predict(model, x, num_classes: int, device, t: Trusted, batch_size: int = 512):
+    """The model's class ids for `x`: int64 [N], argmax of its logits in eval mode.
+
+    Only predictions leave the sandbox; the trusted side scores them against labels that
+    never enter it (sandbox/backends/collect.py `score_predictions`)."""
     model.eval()
-    correct = 0
+    parts = []
     with t.no_grad():
         for start in range(0, x.shape[0], batch_size):
             logits = model(x[start:start + batch_size].to(device))
-            _check_logits(logits, min(batch_size, x.shape[0] - start), None, t)
+            _check_logits(logits, min(batch_size, x.shape[0] - start), num_classes, t)
             _no_modes(t)
             with t.no_subclass_fn():
-                hits = t.eq(t.to(t.argmax(logits, 1), "cpu"), y[start:start + batch_size])
-                correct += t.int(t.item(t.sum(hits)))
-    return correct / max(1, x.shape[0])
+                parts.append(t.to(t.argmax(logits, 1), "cpu"))
+    with t.no_subclass_fn():
+        return t.to(t.cat(parts), dtype=t.torch.int64).contiguous()
+
+
+def save_predictions(pred, path: Path, t: Trusted) -> None:
+    """Like save_weights: a temporary name renamed over whatever sits at `path`."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        t.os_unlink(tmp)
+    except OSError:
+        pass
+    t.save_file({PREDICTIONS_TENSOR: pred}, str(tmp))
+    t.os_replace(tmp, path)
 
 
 def count_params(model) -> int:
