@@ -79,9 +79,13 @@ def _run_declared(job: Job, out_dir: Path, backend, watch) -> Result:
     if declaration is None:
         d = _execute(backend, dj, out_dir, watch)
         if d.status != "ok":
-            status = d.status if d.status in ("timeout", "oom", "crashed") else "invalid"
-            return Result.failure(job, status, f"cannot be declared: {d.reason}", logs=d.logs,
-                                  duration_s=d.duration_s)
+            # the candidate's failure is `invalid`, saying so; a timeout, oom or crash (a
+            # stopped job included) keeps its own status and reason
+            if d.status in ("timeout", "oom", "crashed"):
+                return Result.failure(job, d.status, d.reason, logs=d.logs,
+                                      duration_s=d.duration_s)
+            return Result.failure(job, "invalid", f"cannot be declared: {d.reason}",
+                                  logs=d.logs, duration_s=d.duration_s)
         declaration, spent = d.declaration, d.duration_s
         _DECLARED[key] = declaration
         while len(_DECLARED) > _DECLARED_MAX:

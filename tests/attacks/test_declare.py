@@ -114,3 +114,24 @@ def test_declaration_schema_is_bounded_and_allow_listed(bad):
     Declaration.from_dict(good)
     with pytest.raises(SchemaError):
         Declaration.from_dict({**good, **bad})
+
+
+def test_a_declare_step_that_did_not_finish_keeps_its_status_and_reason(t5_data, tmp_path):
+    """Stopped (its run cancelled), timed out or crashed while declaring: not the
+    candidate's `invalid`, and the job itself never starts."""
+    from sandbox.backends.watch import STOPPED_REASON
+    from sandbox.schema import Result
+
+    class StopsEverything:   # a backend whose every job is stopped by a cancel
+        def __init__(self):
+            self.kinds = []
+
+        def execute(self, job, out_dir):
+            self.kinds.append(job.kind)
+            return Result.failure(job, "crashed", STOPPED_REASON)
+
+    b = StopsEverything()
+    runner._DECLARED.clear()     # an earlier test may have declared TINY in this process
+    r = runner.run(_job(TINY, t5_data), tmp_path, b)
+    assert (r.status, r.reason, r.kind) == ("crashed", STOPPED_REASON, "evaluate")
+    assert b.kinds == ["declare"]
