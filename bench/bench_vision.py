@@ -85,9 +85,9 @@ def main() -> None:
             run_id = store.create_run(config=cfg.to_dict(), task=args.task, preset=size, seed=0)
             ctx = RunContext(run_id, cfg, base)
             ctx.prepare()
-            from pipeline.datasets import load_file
-            data = load_file(ctx.dir / "task.safetensors")
-            print(f"\n== {size}: {len(data.train_y)} train / {len(data.eval_y)} eval samples, "
+            from safetensors.torch import load_file
+            data = load_file(str(ctx.dir / "task.safetensors"))   # eval_y is not in it
+            print(f"\n== {size}: {len(data['train_y'])} train / {len(data['eval_x'])} eval samples, "
                   f"{cfg.task_epochs} epochs, input {list(ctx.task.input_shape)}")
             head = f"{'candidate':<28} {'params':>8} {'acc':>6} {'in-proc s':>9}"
             for b in backends:
@@ -114,6 +114,9 @@ def main() -> None:
                     (root / "out").mkdir(parents=True, exist_ok=True)
                     t = time.monotonic()
                     res = harness.run(job, root)
+                    if res.status == "ok" and res.score is None:   # predictions: score them
+                        from sandbox.backends.collect import score_predictions
+                        res.score, _ = score_predictions(job, root / "out" / "predictions.safetensors")
                     per["inproc"].append(time.monotonic() - t)
                     if res.status != "ok" or abs(res.score - acc) > 0.02:
                         print(f"  note: in-process result differs: {res.status} {res.score} vs {acc}")

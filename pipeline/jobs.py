@@ -7,6 +7,9 @@ then describes each stage of the loop as a `sandbox.schema.Job`:
     train_lm   the LM that the current source defines, on the refinement corpus
     generate   that LM, asked to refine the current source n times
     evaluate   one candidate (or the current source), scored the same way every time
+
+A vision task's evaluation labels never go into a sandbox: the sandbox sees train_x,
+train_y and eval_x, returns predictions, and the trusted side scores them (`Job.labels`).
 """
 from __future__ import annotations
 
@@ -85,7 +88,28 @@ class RunContext:
             data = self.task.load(self.settings.data_dir or None, train_samples=cfg.train_samples,
                                   eval_samples=cfg.eval_samples, seed=cfg.seed)
             save(data, self.dir / "task.safetensors")
+            self._split_labels()
         (self.dir / "prepared").write_text("ok\n")
+
+    def _split_labels(self) -> None:
+        """Move a vision task's evaluation labels out of the file sandboxes see.
+
+        `task.safetensors` keeps train_x, train_y and eval_x (what a candidate is
+        trained on and predicts for); eval_y goes to `labels.safetensors`, which only
+        the trusted side reads (sandbox/backends/collect.py `score_predictions`). Also
+        splits the file of a run prepared before the split existed. Idempotent."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        task, labels = self.dir / "task.safetensors", self.dir / "labels.safetensors"
+        with safe_open(str(task), framework="pt") as f:
+            if "eval_y" not in f.keys():
+                return
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        save_file({"eval_y": tensors.pop("eval_y")}, str(labels), metadata=meta)
+        tmp = task.with_name(".task.safetensors.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, task)
 
     # -- jobs ------------------------------------------------------------------------
     def _job_id(self, arm: str, iteration: int, what: str) -> str:
@@ -99,6 +123,11 @@ class RunContext:
     def lm_dir(self, iteration: int) -> Path:
         # Programming another network: one LM for the whole run, trained once.
         return self.dir / (f"lm-i{iteration}" if self.task.self_programming else "lm")
+
+    def eval_dir(self, job: Job) -> Path:
+        """Where an evaluation's outputs (a vision candidate's predictions) land: one
+        directory per job, so that concurrent evaluations never share a file."""
+        return self.dir / "evaluate" / job.job_id
 
     def train_job(self, iteration: int, current: str) -> Job:
         cfg = self.config
@@ -136,11 +165,15 @@ class RunContext:
             # the LM's own source, scored by its few-shot loss on the refinement corpus
             data = self.dir / "fewshot.safetensors"
             params.update(vocab_size=self.tokenizer.get_vocab_size(), epochs=cfg.fewshot_epochs)
+            labels = ""
         else:
+            # train_x, train_y, eval_x only; eval_y stays on this side (`_split_labels`)
+            self._split_labels()
             data = self.dir / "task.safetensors"
+            labels = str(self.dir / "labels.safetensors")
             params.update(input_shape=list(self.task.input_shape),
                           num_classes=self.task.num_classes, epochs=cfg.task_epochs)
         return Job(job_id=self._job_id(arm, iteration, f"c{index}"), kind="evaluate",
                    source=source, model_kind=self.family.MODEL_KIND, inputs={"data": str(data)},
-                   params=params, limits=self._limits(cfg.eval_timeout_s))
+                   params=params, limits=self._limits(cfg.eval_timeout_s), labels=labels)
 

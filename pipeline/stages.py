@@ -221,7 +221,7 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
         todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in OPEN_STATUSES]
         store.mark_running([c.id for c in todo])
         jobs = [ctx.evaluate_job(arm, index, c.index, c.source) for c in todo]
-        header = [_job_task(j, ctx.dir / "evaluate", **kw) for j in jobs]
+        header = [_job_task(j, ctx.eval_dir(j), **kw) for j in jobs]
         body = finish_iteration.s(candidate_ids=[c.id for c in todo], **kw).set(queue="coordinator")
         if header:
             chord(header)(body)
@@ -299,12 +299,25 @@ def _add_candidates(store: LineageStore, ctx: RunContext, index: int, arm: str,
     """One row per candidate before anything runs; the policy gate's verdict is recorded."""
     incumbent = store.get_candidate(store.get_iteration(ctx.run_id, index, arm).incumbent_id)
     for i, source in enumerate(sources, start=1):
-        verdict = policy_check(source)
+        status, reason = gate(source)
         store.ensure_candidate(
             ctx.run_id, index, i, role="candidate", source=source, parent_id=incumbent.id,
-            design=refinement.parse(source, ctx.task), arm=arm,
-            status="pending" if verdict.ok else "rejected",
-            reason="" if verdict.ok else f"{verdict.rule}: {verdict.detail}")
+            design=refinement.parse(source, ctx.task), arm=arm, status=status, reason=reason)
+
+
+def gate(source: str) -> tuple[str, str]:
+    """The policy gate's verdict on a candidate: ("pending", "") or ("rejected", rule)."""
+    verdict = policy_check(source)
+    return ("pending", "") if verdict.ok else ("rejected", f"{verdict.rule}: {verdict.detail}")
+
+
+def outcome(res: Result) -> tuple[str, str]:
+    """A sandbox result -> the candidate's (status, reason) as the lineage DB records it.
+    The score is `res.score`: computed on the trusted side (a vision accuracy) or by
+    harness code from a declaration (the self task), sandbox/runner.py."""
+    status = CANDIDATE_STATUS[res.status]
+    reason = res.reason if res.status != "crashed" else f"sandbox crashed: {res.reason}"
+    return status, reason
 
 
 def _random_refinements(ctx: RunContext, source: str, index: int) -> list[str]:
@@ -331,8 +344,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
         raise RuntimeError(f"{len(results)} evaluation results for {len(candidate_ids)} candidates")
     for cid, raw in zip(candidate_ids, results):
         res = Result.from_dict(raw)
-        status = CANDIDATE_STATUS[res.status]
-        reason = res.reason if res.status != "crashed" else f"sandbox crashed: {res.reason}"
+        status, reason = outcome(res)
         if store.record_result(cid, status=status, reason=reason, score=res.score,
                                param_count=res.param_count, duration_s=res.duration_s,
                                logs=res.logs, losses=res.losses):
@@ -354,7 +366,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
             return   # a duplicate delivery: the re-score is on its way already
         job = ctx.evaluate_job(arm, index, winner.index, winner.source)
         job = dataclasses.replace(job, job_id=job.job_id + ".rescore")
-        chain(_job_task(job, ctx.dir / "evaluate", run_id=run_id, index=index, arm=arm),
+        chain(_job_task(job, ctx.eval_dir(job), run_id=run_id, index=index, arm=arm),
               confirm_winner.s(run_id=run_id, index=index, arm=arm, candidate_id=winner.id)
               .set(queue="coordinator")).apply_async()
         return

@@ -3,16 +3,24 @@
     python -I -c HARNESS_COMMAND     (sandbox/protocol.py; cwd: the job directory)
 
 It reads `job.json` and the tensors under `in/`, turns the candidate source into a
-module, and does one of three jobs (the ML is in sandbox/training.py):
+module (or, for a job with a declaration, builds the model and optimizer from it and
+runs no candidate code at all), and does one of four jobs (the ML is in
+sandbox/training.py):
+
+    declare    run a T5 candidate's build_model/train once and return them as data
+               (sandbox/schema.py `Declaration`); the self task's training, generation
+               and scoring then run on harness code only, from that declaration
 
     train_lm   build the LM the source defines, train it text-to-text, write its weights
     generate   rebuild that LM, load the weights, sample n refinements of a prompt
     evaluate   "extended few-shot": train the candidate's model briefly and score it
+               (loss), or write its predictions for the evaluation inputs (accuracy: the
+               labels never enter the sandbox; the backend scores the predictions)
 
-The score is always computed here, from model outputs on data the candidate cannot
-change. Whatever happens, the harness tries to leave a `out/result.json`, sealed for
-the backend (sandbox/guards.py); the backend treats a missing one as a crash. Nothing
-the candidate prints is ever parsed. Before the candidate's module body runs, `main`
+A loss score is computed here, from model outputs on data the candidate cannot change.
+Whatever happens, the harness tries to leave a `out/result.json`, sealed for the backend
+(sandbox/guards.py); the backend treats a missing one as a crash. Nothing the candidate
+prints is ever parsed. Before the candidate's module body runs, `main`
 takes the seal key and the guards' snapshot (sandbox/guards.py); it leaves with
 `os._exit`, so no atexit handler or thread of the candidate runs after the result.
 """
@@ -28,10 +36,12 @@ from sandbox.guards import (CandidateError, Integrity, SetupError, Trusted, take
                             write_result)
 from sandbox.protocol import (GO_FILE, GO_POLL_S, JOB_FILE, OUT_DIR, PROGRESS_FILE, READY_FILE,
                               SETUP_ERROR_PREFIX, SETUP_EXIT_CODE)
-from sandbox.schema import MAX_REASON_CHARS, Job, Result, SchemaError
-from sandbox.training import (CANDIDATE_FILE, accuracy, build, count_params, fingerprint, fit,
-                              generate, load_candidate, load_input, load_weights, mean_loss,
-                              pick_device, save_weights)
+from sandbox.schema import (MAX_REASON_CHARS, PREDICTIONS_FILE, Declaration, Job, Result,
+                            SchemaError)
+from sandbox.training import (CANDIDATE_FILE, build, build_declared, count_params, declare,
+                              declared_dynamics, fingerprint, fit, generate, load_candidate,
+                              load_input, load_weights, mean_loss, pick_device, predict,
+                              save_predictions, save_weights)
 
 
 def main(jobdir: str | os.PathLike = ".") -> None:
@@ -146,14 +156,42 @@ def run(job: Job, root: Path, t: "Trusted | None" = None,
     torch.set_num_threads(int(job.params.get("num_threads", 1)))
     torch.manual_seed(int(job.params.get("seed", 0)))
     device = pick_device(job.params.get("device", "auto"))
-    module = load_candidate(job.source)
+    if job.declaration is not None:
+        # Harness code only: the model and its learning dynamics come from the declaration
+        # a `declare` job made of the candidate (no candidate code runs in this process).
+        decl = Declaration.from_dict(job.declaration)
+        module = None
+
+        def make_model():
+            return build_declared(decl, job, device, t)
+
+        def dynamics(model):
+            return declared_dynamics(decl, model, job, t)
+    else:
+        module = load_candidate(job.source)
+
+        def make_model():
+            return build(module, job, device, t)
+
+        def dynamics(model):
+            return None   # fit asks the candidate's train(model)
     integrity.check()
 
+    if job.kind == "declare":
+        # The candidate's build_model and train, as data (sandbox/training.py `declare`);
+        # on the CPU: nothing is trained here.
+        model = build(module, job, t.torch.device("cpu"), t)
+        decl = declare(module, model, job, t)
+        n = count_params(model)
+        integrity.check()
+        return Result(job_id=job.job_id, kind=job.kind, status="ok", param_count=n,
+                      declaration=decl.to_dict())
+
     if job.kind == "train_lm":
-        model = build(module, job, device, t)
+        model = make_model()
         data = load_input(root, job, "data", t)
         losses = fit(model, module, data, job, device, t, integrity,
-                     progress=root / OUT_DIR / PROGRESS_FILE)
+                     progress=root / OUT_DIR / PROGRESS_FILE, dynamics=dynamics(model))
         n = count_params(model)
         score = mean_loss(losses)
         save_weights(model, root / OUT_DIR / "weights.safetensors", t)   # no candidate code after this
@@ -161,7 +199,7 @@ def run(job: Job, root: Path, t: "Trusted | None" = None,
                       param_count=n, score=score, outputs=["weights.safetensors"])
 
     if job.kind == "generate":
-        model = build(module, job, device, t)
+        model = make_model()
         load_weights(model, root / job.inputs["weights"], t)
         samples = generate(model, job, device)
         integrity.check()
@@ -169,21 +207,25 @@ def run(job: Job, root: Path, t: "Trusted | None" = None,
                       param_count=count_params(model))
 
     # evaluate
-    model = build(module, job, device, t)
+    model = make_model()
     data = load_input(root, job, "data", t)
     before = fingerprint(model, t)
-    losses = fit(model, module, data, job, device, t, integrity)
+    losses = fit(model, module, data, job, device, t, integrity, dynamics=dynamics(model))
     if fingerprint(model, t) == before:
         raise CandidateError("training did not change the model's parameters")
     if job.params.get("score", "loss") == "loss":
         score = mean_loss(losses)   # the paper's L_S(c): mean training loss over the few-shot epoch
-        curve = []
-    else:
-        score = accuracy(model, data["eval_x"], data["eval_y"], device, t)
-        curve = [score]
+        integrity.check()
+        return Result(job_id=job.job_id, kind=job.kind, status="ok", score=score, losses=losses,
+                      param_count=count_params(model))
+    # accuracy: the evaluation labels are not in this sandbox; its predictions leave it and
+    # the trusted side scores them. `losses` are the candidate's own, for display only.
+    pred = predict(model, data["eval_x"], int(job.params["num_classes"]), device, t)
+    n = count_params(model)
+    save_predictions(pred, root / OUT_DIR / PREDICTIONS_FILE, t)   # no candidate code after this
     integrity.check()
-    return Result(job_id=job.job_id, kind=job.kind, status="ok", score=score, losses=losses,
-                  eval_curve=curve, param_count=count_params(model))
+    return Result(job_id=job.job_id, kind=job.kind, status="ok", losses=losses, param_count=n,
+                  outputs=[PREDICTIONS_FILE])
 
 
 def _is_oom(e: BaseException) -> bool:

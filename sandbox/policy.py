@@ -38,7 +38,11 @@ Rules, each with a stable id (the ``rule`` of a rejected ``Verdict``):
                string would defeat every attribute rule here.
 ``attribute``  no attribute from a deny-list of names that reach files, pickles, code
                loading, other processes or interpreter internals (``torch.load``,
-               ``torch.hub``, ``typing.sys``, ``gen.gi_frame``, ``str.format`` ...).
+               ``torch.hub``, ``typing.sys``, ``gen.gi_frame``, ``str.format`` ...),
+               library calls that evaluate or compile a string wherever an allowed
+               module exposes one (``typing.get_type_hints``, ``torch.fx``,
+               ``torch.utils.benchmark.Timer``, ``torch.jit.script`` ...) and file-writing
+               methods of array types (``ndarray.tofile``, ``numpy.save``, ``torch.save``).
 ``private``    no attribute starting with ``_`` except on the plain name ``self``
                (``torch._C``, ``collections._sys`` are the back doors; ``self._x`` is
                ordinary class code).
@@ -117,6 +121,19 @@ DENIED_ATTRIBUTES = frozenset({
     "func_globals", "mro",
     # format strings read attributes by name: "{0.__class__}".format(x)
     "format", "format_map",
+    # library calls that evaluate or compile a string as code (the gate never looks inside
+    # string constants): typing's annotation evaluation, torch.fx/export code generation,
+    # torch.utils.benchmark's statements, sympy's parser (reached through torch)
+    "get_type_hints", "ForwardRef", "evaluate", "evaluate_forward_ref", "get_annotations",
+    "fx", "export", "benchmark", "Timer", "timeit", "jiterator", "sympify", "parse_expr",
+    "lambdify", "exec_module", "run_code", "cuda_extension", "inline", "codegen",
+    "collect_env", "utils_sympy", "compile_fx", "make_fx", "script", "trace",
+    # file writing by allowed array types and configs (numpy through Tensor.numpy(),
+    # torch, transformers): only the harness writes files in a sandbox
+    "tofile", "dump", "dumps", "savez", "savez_compressed", "savetxt", "memmap",
+    "open_memmap", "fromfile", "to_json_file", "from_json_file", "to_file", "write",
+    "writelines", "export_chrome_trace", "export_stacks", "onnx", "tensorboard", "profiler",
+    "model_zoo", "download_url_to_file",
 })
 
 

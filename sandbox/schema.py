@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-JOB_KINDS = ("train_lm", "generate", "evaluate")
+JOB_KINDS = ("train_lm", "generate", "evaluate", "declare")
 MODEL_KINDS = ("t5", "cnn")
 SCORE_KINDS = {"loss": "min", "accuracy": "max"}  # score kind -> direction (better is ...)
 
@@ -34,6 +34,10 @@ MAX_NUMBER = 1e15
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
 _INPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# An accuracy-scored evaluation's output: int64 class ids [N] for the N rows of eval_x,
+# one tensor named "predictions"; the trusted side scores it (sandbox/backends/collect.py).
+PREDICTIONS_FILE = "predictions.safetensors"
+PREDICTIONS_TENSOR = "predictions"
 _OUTPUT_FILE = re.compile(r"^[a-z][a-z0-9_]{0,31}\.safetensors$")
 
 # Parameters a job may carry, with their type and bounds: anything else is refused.
@@ -113,6 +117,111 @@ class Limits:
         return self
 
 
+# What a T5 candidate may declare (sandbox/harness.py `declare`): the T5Config keys that
+# shape the model, each with its type and bounds ...
+T5_CONFIG_KEYS: dict[str, tuple[type, float, float]] = {
+    "vocab_size": (int, 8, 1_000_000), "d_model": (int, 1, 16_384), "d_kv": (int, 1, 4096),
+    "d_ff": (int, 1, 131_072), "num_layers": (int, 1, 128), "num_decoder_layers": (int, 1, 128),
+    "num_heads": (int, 1, 512), "relative_attention_num_buckets": (int, 1, 4096),
+    "relative_attention_max_distance": (int, 1, 1_000_000), "dropout_rate": (float, 0.0, 1.0),
+    "layer_norm_epsilon": (float, 1e-12, 1.0), "initializer_factor": (float, 1e-6, 1e3),
+    "decoder_start_token_id": (int, 0, 1_000_000), "pad_token_id": (int, 0, 1_000_000),
+    "eos_token_id": (int, 0, 1_000_000),
+}
+T5_CONFIG_CHOICES = {"feed_forward_proj": ("relu", "gelu", "gated-gelu", "gated-relu",
+                                           "silu", "gated-silu"),
+                     "tie_word_embeddings": (True, False)}
+# ... and the optimizers it may use, with the hyperparameters read from its param groups.
+_FLAGS = (bool, 0, 1)
+OPTIMIZERS: dict[str, dict[str, tuple[type, float, float]]] = {
+    "AdamW": {"lr": (float, 0.0, 10.0), "beta1": (float, 0.0, 1.0), "beta2": (float, 0.0, 1.0),
+              "eps": (float, 0.0, 1.0), "weight_decay": (float, 0.0, 10.0), "amsgrad": _FLAGS},
+    "Adam": {"lr": (float, 0.0, 10.0), "beta1": (float, 0.0, 1.0), "beta2": (float, 0.0, 1.0),
+             "eps": (float, 0.0, 1.0), "weight_decay": (float, 0.0, 10.0), "amsgrad": _FLAGS},
+    "SGD": {"lr": (float, 0.0, 10.0), "momentum": (float, 0.0, 1.0),
+            "dampening": (float, 0.0, 1.0), "weight_decay": (float, 0.0, 10.0),
+            "nesterov": _FLAGS},
+    "RMSprop": {"lr": (float, 0.0, 10.0), "alpha": (float, 0.0, 1.0), "eps": (float, 0.0, 1.0),
+                "weight_decay": (float, 0.0, 10.0), "momentum": (float, 0.0, 1.0),
+                "centered": _FLAGS},
+    "Adagrad": {"lr": (float, 0.0, 10.0), "lr_decay": (float, 0.0, 10.0),
+                "weight_decay": (float, 0.0, 10.0), "initial_accumulator_value": (float, 0.0, 1e3),
+                "eps": (float, 0.0, 1.0)},
+}
+MAX_BATCH_SIZE = 65536
+
+
+def _bounded(value: Any, spec: tuple[type, float, float], what: str) -> Any:
+    typ, lo, hi = spec
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise SchemaError(f"{what}: expected true or false")
+        return value
+    _finite(value, what)
+    if typ is int and not isinstance(value, int):
+        raise SchemaError(f"{what}: expected an integer")
+    if not lo <= value <= hi:
+        raise SchemaError(f"{what}={value} outside [{lo}, {hi}]")
+    return typ(value)
+
+
+@dataclass
+class Declaration:
+    """A T5 candidate's model and learning dynamics, as data (the self task).
+
+    The candidate's code runs once, in a `declare` job, to produce this; training the LM,
+    generating and the few-shot score then run in fresh sandboxes on harness code only,
+    which build the model (`T5Config(**model)`) and the optimizer (`optimizer` from
+    OPTIMIZERS with `hyper`) from it. Every key is allow-listed, every number bounded.
+    """
+    model: dict[str, Any]
+    optimizer: str
+    hyper: dict[str, Any]
+    batch_size: int
+
+    def validate(self) -> "Declaration":
+        if not isinstance(self.model, dict):
+            raise SchemaError("declaration.model must be a mapping")
+        for key, value in self.model.items():
+            if key in T5_CONFIG_KEYS:
+                self.model[key] = _bounded(value, T5_CONFIG_KEYS[key], f"model.{key}")
+            elif key in T5_CONFIG_CHOICES:
+                if isinstance(value, bool) is not isinstance(T5_CONFIG_CHOICES[key][0], bool) \
+                        or value not in T5_CONFIG_CHOICES[key]:
+                    raise SchemaError(f"model.{key} must be one of {T5_CONFIG_CHOICES[key]}")
+            else:
+                raise SchemaError(f"model.{str(key)[:64]!r} is not a declarable T5Config key")
+        if "vocab_size" not in self.model:
+            raise SchemaError("declaration.model needs vocab_size")
+        if self.optimizer not in OPTIMIZERS:
+            raise SchemaError(f"optimizer must be one of {sorted(OPTIMIZERS)}")
+        if not isinstance(self.hyper, dict):
+            raise SchemaError("declaration.hyper must be a mapping")
+        allowed = OPTIMIZERS[self.optimizer]
+        for key, value in self.hyper.items():
+            if key not in allowed:
+                raise SchemaError(f"{self.optimizer} has no declarable hyperparameter "
+                                  f"{str(key)[:64]!r}")
+            self.hyper[key] = _bounded(value, allowed[key], f"hyper.{key}")
+        self.batch_size = _bounded(self.batch_size, (int, 1, MAX_BATCH_SIZE), "batch_size")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Declaration":
+        if not isinstance(d, dict) or set(d) != {"model", "optimizer", "hyper", "batch_size"}:
+            raise SchemaError("a declaration is {model, optimizer, hyper, batch_size}")
+        try:
+            return cls(model=dict(d["model"]) if isinstance(d["model"], dict) else d["model"],
+                       optimizer=d["optimizer"],
+                       hyper=dict(d["hyper"]) if isinstance(d["hyper"], dict) else d["hyper"],
+                       batch_size=d["batch_size"]).validate()
+        except TypeError as e:
+            raise SchemaError(str(e)) from None
+
+
 @dataclass
 class Job:
     """One unit of sandboxed work: a source, the tensors it may see, and bounds.
@@ -120,6 +229,12 @@ class Job:
     `inputs` maps a logical name (``data``, ``weights``, ...) to a file. On the trusted
     side it is a host path; the backend stages each file read-only into the sandbox as
     ``in/<name>.safetensors`` and the harness only ever sees that.
+
+    `labels` (trusted side only, never staged: the sandbox's job.json has it empty) is
+    the host path of a safetensors file holding ``eval_y``. An accuracy-scored
+    evaluation returns its predictions for ``eval_x`` and the backend scores them
+    against these labels (sandbox/backends/collect.py `score_predictions`), so no
+    held-out label is ever inside a sandbox that runs candidate code.
     """
     job_id: str
     kind: str
@@ -128,6 +243,8 @@ class Job:
     inputs: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    labels: str = ""
+    declaration: dict | None = None
 
     def validate(self) -> "Job":
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
@@ -144,6 +261,16 @@ class Job:
             if not isinstance(name, str) or not _INPUT_NAME.match(name):
                 raise SchemaError(f"input name {name!r} is not allowed")
             _text(path, f"inputs.{name}", 4096)
+        _text(self.labels, "labels", 4096)
+        if self.declaration is not None:
+            # harness code only: the model and optimizer come from the declaration
+            if self.kind not in ("train_lm", "generate", "evaluate") or self.model_kind != "t5":
+                raise SchemaError("only T5 train_lm/generate/evaluate jobs run a declaration")
+            if self.source:
+                raise SchemaError("a job with a declaration carries no source")
+            self.declaration = Declaration.from_dict(self.declaration).to_dict()
+        elif self.kind == "declare" and self.model_kind != "t5":
+            raise SchemaError("only a T5 source is declared")
         if not isinstance(self.params, dict):
             raise SchemaError("params must be a mapping")
         for key, value in self.params.items():
@@ -180,7 +307,8 @@ class Job:
     def from_dict(cls, d: Any) -> "Job":
         if not isinstance(d, dict):
             raise SchemaError("a job must be a JSON object")
-        unknown = set(d) - {"job_id", "kind", "source", "model_kind", "inputs", "params", "limits"}
+        unknown = set(d) - {"job_id", "kind", "source", "model_kind", "inputs", "params", "limits",
+                            "labels", "declaration"}
         if unknown:
             raise SchemaError(f"unknown job fields: {sorted(unknown)}")
         limits = d.get("limits") or {}
@@ -189,7 +317,8 @@ class Job:
         try:
             job = cls(job_id=d.get("job_id"), kind=d.get("kind"), source=d.get("source"),
                       model_kind=d.get("model_kind", "t5"), inputs=d.get("inputs") or {},
-                      params=d.get("params") or {}, limits=Limits(**limits))
+                      params=d.get("params") or {}, limits=Limits(**limits),
+                      labels=d.get("labels", ""), declaration=d.get("declaration"))
         except TypeError as e:
             raise SchemaError(str(e)) from None
         return job.validate()
@@ -214,6 +343,7 @@ class Result:
     outputs: list[str] = field(default_factory=list)        # files written under out/
     duration_s: float = 0.0
     logs: str = ""                                          # bounded tail, added by the backend
+    declaration: dict | None = None                         # declare: the Declaration
 
     def validate(self) -> "Result":
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
@@ -246,8 +376,13 @@ class Result:
             if not isinstance(name, str) or not _OUTPUT_FILE.match(name):
                 raise SchemaError(f"output file name {name!r} is not allowed")
         _finite(self.duration_s, "duration_s")
-        if self.status == "ok" and self.kind == "evaluate" and self.score is None:
-            raise SchemaError("an ok evaluation must carry a score")
+        if self.declaration is not None:
+            self.declaration = Declaration.from_dict(self.declaration).to_dict()
+        if self.status == "ok" and self.kind == "declare" and self.declaration is None:
+            raise SchemaError("an ok declare result must carry the declaration")
+        if self.status == "ok" and self.kind == "evaluate" and self.score is None \
+                and PREDICTIONS_FILE not in self.outputs:
+            raise SchemaError("an ok evaluation must carry a score or its predictions")
         return self
 
     def to_json(self) -> str:

@@ -1,4 +1,4 @@
-"""In-sandbox ML: build the candidate's model, train it with our loop, score it.
+"""In-sandbox ML: build the candidate's model, train it with our loop, predict with it.
 
 The candidate only decides its architecture and learning dynamics (`train()` returns an
 optimizer and a batch size; the loop is ours). Every loss, accuracy and check here goes
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sandbox.guards import CandidateError, Integrity, SetupError, Trusted
 from sandbox.protocol import PROGRESS_EVERY_S
-from sandbox.schema import Job
+from sandbox.schema import OPTIMIZERS, PREDICTIONS_TENSOR, T5_CONFIG_CHOICES, T5_CONFIG_KEYS, Declaration, Job
 
 CANDIDATE_FILE = "<candidate>"    # the file name compile() gives the candidate's code
 
@@ -101,8 +101,10 @@ def _no_modes(t: Trusted) -> None:
 
 
 def fit(model, module, data: dict, job: Job, device, t: Trusted,
-        integrity: Integrity, progress: Path | None = None) -> list[float]:
-    """Train for `epochs` over the data with the candidate's optimizer and batch size.
+        integrity: Integrity, progress: Path | None = None, dynamics=None) -> list[float]:
+    """Train for `epochs` over the data with the candidate's optimizer and batch size
+    (`train(model)` of `module`, or `dynamics` = (optimizer, batch_size) built from a
+    declaration).
 
     Returns the loss of every step. The loss is ours (cross-entropy on the model's
     logits, through references captured before the candidate ran), so a candidate
@@ -110,7 +112,7 @@ def fit(model, module, data: dict, job: Job, device, t: Trusted,
     loss are appended there as JSON lines, at most every PROGRESS_EVERY_S seconds, for
     people watching (the backend relays them; nothing is decided on them).
     """
-    optimizer, batch_size = _learning_dynamics(module, model, job, t)
+    optimizer, batch_size = dynamics or _learning_dynamics(module, model, job, t)
     integrity.check()
     x_key = "input_ids" if job.model_kind == "t5" else "train_x"
     n = data[x_key].shape[0]
@@ -242,18 +244,33 @@ def generate(model, job: Job, device) -> list[list[int]]:
     return samples
 
 
-def accuracy(model, x, y, device, t: Trusted, batch_size: int = 512) -> float:
+def predict(model, x, num_classes: int, device, t: Trusted, batch_size: int = 512):
+    """The model's class ids for `x`: int64 [N], argmax of its logits in eval mode.
+
+    Only predictions leave the sandbox; the trusted side scores them against labels that
+    never enter it (sandbox/backends/collect.py `score_predictions`)."""
     model.eval()
-    correct = 0
+    parts = []
     with t.no_grad():
         for start in range(0, x.shape[0], batch_size):
             logits = model(x[start:start + batch_size].to(device))
-            _check_logits(logits, min(batch_size, x.shape[0] - start), None, t)
+            _check_logits(logits, min(batch_size, x.shape[0] - start), num_classes, t)
             _no_modes(t)
             with t.no_subclass_fn():
-                hits = t.eq(t.to(t.argmax(logits, 1), "cpu"), y[start:start + batch_size])
-                correct += t.int(t.item(t.sum(hits)))
-    return correct / max(1, x.shape[0])
+                parts.append(t.to(t.argmax(logits, 1), "cpu"))
+    with t.no_subclass_fn():
+        return t.to(t.cat(parts), dtype=t.torch.int64).contiguous()
+
+
+def save_predictions(pred, path: Path, t: Trusted) -> None:
+    """Like save_weights: a temporary name renamed over whatever sits at `path`."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        t.os_unlink(tmp)
+    except OSError:
+        pass
+    t.save_file({PREDICTIONS_TENSOR: pred}, str(tmp))
+    t.os_replace(tmp, path)
 
 
 def count_params(model) -> int:
@@ -335,3 +352,125 @@ def mean_loss(xs: list[float]) -> float:
     if not math.isfinite(m):
         raise CandidateError("the mean loss is not finite")
     return m
+
+
+# ---------------------------------------------------------------- declarations (self task)
+# Config entries that are bookkeeping, not the model: ignored when a candidate's config is
+# compared with the one its declaration builds.
+_CONFIG_BOOKKEEPING = {"transformers_version", "_name_or_path", "architectures",
+                       "_attn_implementation_autoset", "_attn_implementation_internal",
+                       "_commit_hash", "torch_dtype", "dtype"}
+
+
+def declare(module, model, job: Job, t: Trusted) -> Declaration:
+    """What a T5 candidate's `build_model` and `train` amount to, as a Declaration, or a
+    CandidateError saying why they cannot be declared.
+
+    Declarable means: the model is exactly `T5ForConditionalGeneration(T5Config(**model))`
+    for the declared keys (its config equals the one they build, and its parameters equal
+    those of a model built from them after the same seed: no custom initialisation or
+    surgery), and the optimizer is one of OPTIMIZERS over all of the model's parameters,
+    in groups with one set of hyperparameters, exactly as that class builds them."""
+    optimizer, batch_size = _learning_dynamics(module, model, job, t)
+    cfg = model.config.to_dict()
+    declared = {k: cfg[k] for k in (*T5_CONFIG_KEYS, *T5_CONFIG_CHOICES)
+                if cfg.get(k) is not None}
+    if isinstance(declared.get("eos_token_id"), list):
+        raise CandidateError("eos_token_id must be one token id")
+    kind = type(optimizer).__name__
+    if kind not in OPTIMIZERS or type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
+        raise CandidateError(f"optimizer {kind} is not one of "
+                             f"{', '.join(sorted(OPTIMIZERS))}")
+    groups = optimizer.param_groups
+    hyper = _hyper(kind, groups[0])
+    if any(_hyper(kind, g) != hyper for g in groups[1:]):
+        raise CandidateError("the optimizer's parameter groups differ")
+    ours = [id(p) for p in model.parameters()]
+    theirs = [id(p) for g in groups for p in g["params"]]
+    if sorted(ours) != sorted(theirs):
+        raise CandidateError("the optimizer must update exactly all of "
+                             "the model's parameters")
+    try:
+        decl = Declaration(model=declared, optimizer=kind, hyper=hyper,
+                           batch_size=batch_size).validate()
+    except Exception as e:   # SchemaError: a value outside the bounds
+        raise CandidateError(f"{e}") from None
+    # The declaration must rebuild exactly this model and this optimizer.
+    seed = int(job.params.get("seed", 0))
+    t.torch.manual_seed(seed)
+    again = build_declared(decl, job, t.torch.device("cpu"), t)
+    other = {k: v for k, v in again.config.to_dict().items() if k not in _CONFIG_BOOKKEEPING}
+    mine = {k: v for k, v in cfg.items() if k not in _CONFIG_BOOKKEEPING}
+    diff = sorted(k for k in set(other) | set(mine) if other.get(k, _NONE) != mine.get(k, _NONE))
+    if diff:
+        raise CandidateError(f"the model's config sets {diff[0]!r}, which "
+                             "is not a declarable T5Config key (or differs from its default)")
+    mine_sd, other_sd = model.state_dict(), again.state_dict()
+    if list(mine_sd) != list(other_sd):
+        raise CandidateError("the model's modules differ from those its "
+                             "T5Config builds")
+    with t.no_grad():
+        for name, value in mine_sd.items():
+            ref = other_sd[name]
+            if value.shape != ref.shape or value.dtype != ref.dtype \
+                    or not t.torch.equal(value.detach().cpu(), ref):
+                raise CandidateError(f"{name} is not as its T5Config builds "
+                                     "it (custom initialisation or changes after building)")
+    fresh = make_optimizer(decl, again, t)
+    want = {k: v for k, v in fresh.param_groups[0].items() if k != "params"}
+    for g in groups:
+        got = {k: v for k, v in g.items() if k != "params"}
+        if got != want:
+            bad = sorted(k for k in set(got) | set(want) if got.get(k, _NONE) != want.get(k, _NONE))
+            raise CandidateError(f"optimizer setting {bad[0]!r} is not "
+                                 "declarable")
+    return decl
+
+
+_NONE = object()
+
+
+def _hyper(kind: str, group: dict) -> dict:
+    out = {}
+    for key in OPTIMIZERS[kind]:
+        if key in ("beta1", "beta2"):
+            betas = group.get("betas")
+            if not isinstance(betas, tuple | list) or len(betas) != 2:
+                raise CandidateError("betas must be two numbers")
+            value = betas[0] if key == "beta1" else betas[1]
+        else:
+            value = group.get(key)
+        if hasattr(value, "item"):   # a tensor learning rate
+            raise CandidateError(f"{key} must be a number, not a tensor")
+        out[key] = value
+    return out
+
+
+def build_declared(decl: Declaration, job: Job, device, t: Trusted):
+    """The model a declaration describes; no candidate code involved."""
+    import transformers
+    config = transformers.T5Config(**decl.model)
+    if config.vocab_size < int(job.params["vocab_size"]):
+        raise CandidateError("the model's vocabulary is smaller than the tokenizer's")
+    model = transformers.T5ForConditionalGeneration(config)
+    n = count_params(model)
+    if n > int(job.params.get("max_params", 10**11)):
+        raise CandidateError(f"the model has {n} parameters, more than the limit "
+                             f"{job.params['max_params']}")
+    return model.to(device)
+
+
+def make_optimizer(decl: Declaration, model, t: Trusted):
+    """The declared optimizer over all of the model's parameters."""
+    kw = dict(decl.hyper)
+    if "beta1" in kw:
+        kw["betas"] = (kw.pop("beta1"), kw.pop("beta2"))
+    cls = getattr(t.torch.optim, decl.optimizer)
+    return cls(model.parameters(), **kw)
+
+
+def declared_dynamics(decl: Declaration, model, job: Job, t: Trusted):
+    cap = int(job.params.get("max_batch_size", 4096))
+    if decl.batch_size > cap:
+        raise CandidateError(f"the declared batch size {decl.batch_size} is more than {cap}")
+    return make_optimizer(decl, model, t), decl.batch_size

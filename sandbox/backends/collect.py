@@ -10,6 +10,12 @@ reads at most MAX_RESULT_BYTES of JSON, validates it with the one schema
 copies only regular files that the result declares, within the size limit, with a
 well-formed safetensors header; anything else turns the result into `crashed` with the
 reason. Nothing is ever unpickled.
+
+An accuracy-scored evaluation is scored here, on the trusted side: the sandbox returns
+its predictions for the evaluation inputs (`out/predictions.safetensors`), which are
+checked (one int64 tensor of exactly the labels' length, every value a class id) and
+compared with labels the sandbox never saw (`Job.labels`); whatever score the sandbox
+itself reported is dropped.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ from sandbox.backends.staging import take_seal
 from sandbox.backends.watch import STOPPED_REASON
 from sandbox.protocol import (OUT_DIR, RESULT_FILE, SEAL_FILE, SETUP_ERROR_PREFIX,
                               SETUP_EXIT_CODE, seal_digest)
-from sandbox.schema import (MAX_LOG_CHARS, MAX_REASON_CHARS, MAX_RESULT_BYTES, Job, Result,
-                            SchemaError, strict_json)
+from sandbox.schema import (MAX_LOG_CHARS, MAX_REASON_CHARS, MAX_RESULT_BYTES,
+                            PREDICTIONS_FILE, PREDICTIONS_TENSOR, Job, Result, SchemaError,
+                            strict_json)
 
 LOG_TAIL_BYTES = 64 * 1024                               # of stdout and of stderr, per run
 MAX_HEADER_BYTES = 16 * 1024 * 1024                      # safetensors JSON header bound
@@ -138,7 +145,50 @@ def collect(job: Job, jobdir: Path, out_dir: Path, *, exit_code: int | None, tim
             return fail("crashed", f"output {name}: {problem}")
     result.logs = logs
     result.duration_s = extra["duration_s"]
+    if result.status == "ok" and job.kind == "evaluate" and job.params.get("score") == "accuracy":
+        score, problem = score_predictions(job, out_dir / PREDICTIONS_FILE
+                                           if PREDICTIONS_FILE in result.outputs else None)
+        if problem:
+            return fail("crashed", problem)
+        result.score, result.eval_curve = score, [score]
     return result.validate()
+
+
+def score_predictions(job: Job, path: Path | None) -> tuple[float | None, str]:
+    """Accuracy of the predictions at `path` against the labels at `job.labels`
+    (trusted side); returns (accuracy, '') or (None, the reason they cannot be scored).
+
+    The predictions must be one tensor named "predictions", int64, shape exactly [N]
+    for the N labels, every value in 0..num_classes-1."""
+    if not job.labels:
+        return None, "the job names no evaluation labels to score its predictions against"
+    if path is None:
+        return None, f"an accuracy evaluation must return {PREDICTIONS_FILE}"
+    import torch
+    from safetensors.torch import load_file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        return None, f"{PREDICTIONS_FILE}: cannot open: {e.strerror}"
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header, problem = read_safetensors_header(f, size)
+    if problem:
+        return None, f"{PREDICTIONS_FILE}: {problem}"
+    labels = load_file(job.labels)["eval_y"]
+    n = int(labels.shape[0])
+    info = {k: v for k, v in header.items() if k != "__metadata__"}
+    if set(info) != {PREDICTIONS_TENSOR}:
+        return None, f"{PREDICTIONS_FILE}: must hold exactly one tensor, '{PREDICTIONS_TENSOR}'"
+    entry = info[PREDICTIONS_TENSOR]
+    if entry["dtype"] != "I64" or entry["shape"] != [n]:
+        return None, (f"{PREDICTIONS_FILE}: expected int64 [{n}], got "
+                      f"{str(entry['dtype'])[:8]} {str(entry['shape'])[:40]}")
+    pred = load_file(str(path))[PREDICTIONS_TENSOR]
+    classes = int(job.params["num_classes"])
+    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= classes):
+        return None, f"{PREDICTIONS_FILE}: a prediction outside the class ids 0..{classes - 1}"
+    return int(torch.eq(pred, labels.long()).sum()) / max(1, n), ""
 
 
 def _setup_error(exit_code: int, stderr_tail: bytes | str) -> str:
@@ -228,23 +278,12 @@ def check_safetensors(f, size: int) -> str:
     must not overlap and must cover the buffer exactly (as the safetensors library
     itself requires). Only the header is read.
     """
-    if size < 8:
-        return "too short for a safetensors file"
-    f.seek(0)
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > MAX_HEADER_BYTES:
-        return f"safetensors header of {n} bytes is larger than {MAX_HEADER_BYTES}"
-    if 8 + n > size:
-        return "safetensors header runs past the end of the file"
-    try:
-        header = strict_json(f.read(n), limit=MAX_HEADER_BYTES)
-    except SchemaError:
-        return "safetensors header is not valid JSON"
-    if not isinstance(header, dict):
-        return "safetensors header is not a JSON object"
+    header, problem = read_safetensors_header(f, size)
+    if problem:
+        return problem
     if len(header) > MAX_TENSORS:
         return "too many tensors"
-    buffer = size - 8 - n
+    buffer = size - f.tell()           # the header read ends where the buffer begins
     spans = []
     for key, info in header.items():
         if key == "__metadata__":
@@ -278,6 +317,25 @@ def check_safetensors(f, size: int) -> str:
     if position != buffer:
         return "tensor data does not cover the file"
     return ""
+
+
+def read_safetensors_header(f, size: int) -> tuple[dict, str]:
+    """A safetensors file's JSON header (bounded, strict), or ({}, the problem)."""
+    if size < 8:
+        return {}, "too short for a safetensors file"
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES:
+        return {}, f"safetensors header of {n} bytes is larger than {MAX_HEADER_BYTES}"
+    if 8 + n > size:
+        return {}, "safetensors header runs past the end of the file"
+    try:
+        header = strict_json(f.read(n), limit=MAX_HEADER_BYTES)
+    except SchemaError:
+        return {}, "safetensors header is not valid JSON"
+    if not isinstance(header, dict):
+        return {}, "safetensors header is not a JSON object"
+    return header, ""
 
 
 def _verify_seal(key: bytes, jobdir: Path, result: Result) -> str:

@@ -137,7 +137,7 @@ def stage_job(job: Job, jobdir: Path, sources: dict[str, Path], *, uid: int | No
     staged = Job(job_id=job.job_id, kind=job.kind, source=job.source,
                  model_kind=job.model_kind,
                  inputs={name: f"{IN_DIR}/{name}.safetensors" for name in job.inputs},
-                 params=dict(job.params), limits=job.limits)
+                 params=dict(job.params), limits=job.limits, declaration=job.declaration)
     (jobdir / JOB_FILE).write_text(staged.validate().to_json())
     os.chmod(jobdir / JOB_FILE, 0o444)
     if seal:

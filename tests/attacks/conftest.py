@@ -89,9 +89,17 @@ def cnn_data(tmp_path_factory) -> Path:
     x = torch.randn(24, 1, 4, 4, generator=g)
     y = (x.mean(dim=(1, 2, 3)) > 0).long()
     path = tmp_path_factory.mktemp("cnn") / "data.safetensors"
+    # What a sandbox may see (no evaluation labels); those are in cnn_labels, beside it.
     save_file({"train_x": x[:16].contiguous(), "train_y": y[:16].contiguous(),
-               "eval_x": x[16:].contiguous(), "eval_y": y[16:].contiguous()}, str(path))
+               "eval_x": x[16:].contiguous()}, str(path))
+    save_file({"eval_y": y[16:].contiguous()}, str(path.with_name("labels.safetensors")))
     return path
+
+
+@pytest.fixture(scope="session")
+def cnn_labels(cnn_data) -> Path:
+    """The evaluation labels of cnn_data: read by the trusted side only (Job.labels)."""
+    return cnn_data.with_name("labels.safetensors")
 
 
 @dataclass

@@ -684,12 +684,14 @@ def test_attack_through_the_gate(attack, backend_name, sandbox, request, host, c
 @pytest.mark.sabotage_control
 @pytest.mark.parametrize("backend_name", [pytest.param("process"),
                                           pytest.param("docker", marks=pytest.mark.docker)])
-def test_backend_still_serves_after_the_attacks(backend_name, sandbox, cnn_data, tmp_path):
+def test_backend_still_serves_after_the_attacks(backend_name, sandbox, cnn_data, cnn_labels,
+                                                tmp_path):
     """Normal behaviour: after everything above, a plain candidate still scores."""
     job = Job(job_id=f"benign-{uuid.uuid4().hex[:8]}", kind="evaluate",
               source=cnn_source("", "pass"), model_kind="cnn", inputs={"data": str(cnn_data)},
               params={"num_classes": 2, "input_shape": [1, 4, 4], "epochs": 1, "score": "accuracy"},
-              limits=Limits(timeout_s=60, memory_mb=1024, pids=64, output_mb=16)).validate()
+              limits=Limits(timeout_s=60, memory_mb=1024, pids=64, output_mb=16),
+              labels=str(cnn_labels)).validate()
     result = runner.run(job, tmp_path / "out", sandbox)
     assert result.status == "ok", (result.reason, result.logs[-2000:])
     assert 0 <= result.score <= 1 and result.param_count == 34

@@ -372,7 +372,8 @@ def test_tiny_evaluation_through_the_real_harness(backend, tmp_path):
     y = (x.mean(dim=(1, 2, 3)) > 0).long()
     data = tmp_path / "data.safetensors"
     save_file({"train_x": x[:64].contiguous(), "train_y": y[:64].contiguous(),
-               "eval_x": x[64:].contiguous(), "eval_y": y[64:].contiguous()}, str(data))
+               "eval_x": x[64:].contiguous()}, str(data))
+    save_file({"eval_y": y[64:].contiguous()}, str(tmp_path / "labels.safetensors"))
     source = (
         "import torch\n"
         "from torch import nn\n\n"
@@ -385,7 +386,8 @@ def test_tiny_evaluation_through_the_real_harness(backend, tmp_path):
               model_kind="cnn", inputs={"data": str(data)},
               params={"score": "accuracy", "num_classes": 2, "input_shape": [1, 8, 8],
                       "epochs": 2, "seed": 0},
-              limits=Limits(timeout_s=120, memory_mb=2048)).validate()
+              limits=Limits(timeout_s=120, memory_mb=2048),
+              labels=str(tmp_path / "labels.safetensors")).validate()
     result = backend.execute(job, tmp_path / "out")
     assert result.status == "ok", (result.reason, result.logs)
     assert result.score is not None and math.isfinite(result.score) and 0 <= result.score <= 1

@@ -1,0 +1,77 @@
+"""Benchmark of the self task's two-step evaluation. Not a test: it prints numbers.
+
+    python bench/bench_declare.py [--preset quick] [--backend process] [--repeat 3]
+
+The few-shot evaluation of the quick preset's seed LM, side by side in one run:
+
+- one step: the candidate's code in the scoring sandbox (`backend.execute` of the job
+  with its source: the path before the declaration existed);
+- two steps: what the loop runs now (`sandbox.runner.run`): a `declare` sandbox runs the
+  candidate's code once, then a fresh sandbox trains and scores on harness code only.
+
+Interleaved, so drift hits both alike. Prints the median seconds of each, both scores
+(they must be equal) and the ratio two-step / one-step. Cold sandboxes: with pre-warmed
+ones (SELFPROG_SANDBOX_PREWARM) the pool refills in the background between the two
+paths, which makes a side-by-side timing on a small machine unfair to whichever runs
+first, so this script does not offer it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import celery_app, sandbox_task  # noqa: E402
+from pipeline.jobs import RunContext  # noqa: E402
+from pipeline.settings import Settings, preset  # noqa: E402
+from sandbox import runner  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--backend", default="process", choices=["process", "docker"])
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="selfprog-bench-declare-") as tmp:
+        tmp = Path(tmp)
+        s = Settings.from_env(database_url=f"sqlite:///{tmp / 'lineage.db'}",
+                              artifact_dir=str(tmp / "artifacts"), sandbox_backend=args.backend)
+        celery_app.configure(s)
+        cfg = preset(args.preset, task="self")
+        ctx = RunContext("bench-declare", cfg, s)
+        ctx.prepare()
+        job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
+        backend = sandbox_task.backend()
+        times: dict[str, list[float]] = {"one step": [], "two steps": []}
+        scores: dict[str, float | None] = {}
+        for r in range(args.repeat):
+            for name in times:
+                t = time.monotonic()
+                if name == "one step":
+                    res = backend.execute(job, tmp / f"one-{r}")
+                else:
+                    runner._DECLARED.clear()     # a new candidate: never declared before
+                    res = runner.run(job, tmp / f"two-{r}", backend)
+                times[name].append(time.monotonic() - t)
+                if res.status != "ok":
+                    raise SystemExit(f"{name}: {res.status} {res.reason}")
+                scores[name] = res.score
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"self task, preset {args.preset}, {args.backend} backend, "
+              f"{args.repeat} repeats (median wall seconds per evaluation)")
+        print(f"{'path':<12} {'seconds':>8} {'score':>10}")
+        for k in times:
+            print(f"{k:<12} {med[k]:>8.2f} {scores[k]:>10.4f}")
+        print(f"ratio two steps / one step: {med['two steps'] / med['one step']:.2f}x"
+              + ("" if scores["one step"] == scores["two steps"] else "  (SCORES DIFFER)"))
+
+
+if __name__ == "__main__":
+    main()
