@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -112,7 +113,8 @@ def _check_broker(settings: Settings) -> None:
                                    f"answer: {first_line(exc)}") from None
 
 
-WORKER_REPLY_S = 3.0     # how long live workers get to say which queues they consume
+WORKER_REPLY_S = 2.0     # how long live workers get to say which queues they consume
+WORKER_WAIT_S = 10.0     # how long a worker that is still starting gets to show up
 
 
 def _check_workers(settings: Settings, *, detach: bool, nothing: str) -> None:
@@ -122,16 +124,21 @@ def _check_workers(settings: Settings, *, detach: bool, nothing: str) -> None:
     if settings.embedded:
         return
     from pipeline.celery_app import configure, queue_consumers, worker_command
-    try:
-        configure(settings)
-        consumers = queue_consumers(timeout=WORKER_REPLY_S)
-    except Exception as exc:   # noqa: BLE001 - the broker answered a ping a moment ago
-        click.echo(f"warning: could not ask which workers are live: {first_line(exc)}",
-                   err=True)
-        return
-    missing = [q for q, names in consumers.items() if not names]
-    if not missing:
-        return
+    deadline = time.monotonic() + (0.0 if detach else WORKER_WAIT_S)
+    while True:
+        try:
+            configure(settings)
+            consumers = queue_consumers(timeout=WORKER_REPLY_S)
+        except Exception as exc:   # noqa: BLE001 - the broker answered a ping a moment ago
+            click.echo(f"warning: could not ask which workers are live: {first_line(exc)}",
+                       err=True)
+            return
+        missing = [q for q, names in consumers.items() if not names]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:   # workers that are starting answer within it
+            break
+        time.sleep(1.0)
     what = (f"no live worker consumes queue(s) {', '.join(repr(q) for q in missing)} on "
             f"{hide_password(settings.broker_url)}")
     start = "; ".join(worker_command(q) for q in missing)

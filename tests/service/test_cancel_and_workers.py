@@ -35,7 +35,9 @@ def test_no_live_worker_launch_fails_fast_naming_the_queue_and_doctor_says_so(
     for q in ("'coordinator'", "'trainer'", "'sandbox'"):
         assert q in line, line
     assert "no run was created" in line and "celery -A pipeline.worker worker -Q" in line
-    assert took < 15, took
+    # No hang: it gives starting workers pipeline/cli/run.py's WORKER_WAIT_S, then says so
+    # (the bound is generous: a loaded 2-core machine starts the CLI slowly).
+    assert took < 60, took
     with LineageStore(postgres_url) as store:
         assert store.list_runs() == []
     assert redis.Redis.from_url(redis_url).llen("coordinator") == 0   # nothing submitted

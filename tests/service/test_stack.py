@@ -171,12 +171,24 @@ def wait_healthy(client, stack: Stack, timeout: float = 300) -> None:
                 state[service] = "ok" if s["Status"] == "running" else s["Status"]
         want = {"redis", "postgres", "migrate", "docker-proxy", "coordinator",
                 "trainer-worker", "sandbox-worker"}
-        if set(state) >= want and all(v == "ok" for v in state.values()):
+        if set(state) >= want and all(v == "ok" for v in state.values()) \
+                and workers_consume(stack):
             return
         if state.get("migrate", "").startswith("exited"):
             break   # a failed migration does not heal
         time.sleep(2)
     pytest.fail(f"the stack did not come up healthy: {state}\n{stack.logs()}")
+
+
+def workers_consume(stack: "Stack") -> bool:
+    """Every queue has a live worker (running containers may still be importing torch)."""
+    out = stack.cli("doctor", "--skip-canary", "--json", check=False, timeout=120)
+    try:
+        checks = json.loads(out.stdout)
+    except ValueError:
+        return False
+    checks = checks.get("checks", checks) if isinstance(checks, dict) else checks
+    return any(c.get("name") == "workers" and c.get("status") == "ok" for c in checks)
 
 
 def query(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -308,7 +320,8 @@ def test_a_run_cancelled_while_its_lm_trains_ends_cancelled_and_its_sandbox_is_g
     deadline = time.monotonic() + 300
     while container is None and time.monotonic() < deadline:
         for c in client.containers.list(filters={"label": "selfprog.sandbox=1"}):
-            if c.labels.get("selfprog.job_id", "").startswith(run_id):
+            # the training job's own sandbox (not the short `declare` one before it)
+            if c.labels.get("selfprog.job_id", "") == f"{run_id}.lm.i0.train":
                 container = c
         if container is None:
             assert run_status(stack, run_id) not in TERMINAL, stack.logs()
