@@ -46,7 +46,7 @@ docker:
 	bash scripts/ci-docker.sh
 
 test: setup services docker
-	SELFPROG_REQUIRE_DOCKER=1 \
+	SELFPROG_REQUIRE_DOCKER=1 SELFPROG_TEST_STACK=$${SELFPROG_TEST_STACK:-1} \
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
