@@ -23,6 +23,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateSchema, DropSchema
 
+from tests.support.env import require_root
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.root`: needs root; skips without it, fails in CI (tests/support/env.py)."""
+    marker = item.get_closest_marker("root")
+    if marker is not None:
+        require_root(marker.args[0] if marker.args else "this test")
+
+
 POSTGRES_URL = os.environ.get("SELFPROG_TEST_POSTGRES_URL",
                               "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
@@ -98,8 +107,7 @@ def data_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def process_backend():
     """A confined ProcessBackend (root: per-job uid, network namespace), probed."""
-    if os.geteuid() != 0:
-        pytest.skip("the confined process backend needs root")
+    require_root("the confined process backend")
     # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, the sandbox uid could not
     # traverse it.
     workroot = Path(tempfile.mkdtemp(prefix="selfprog-sandbox-test-"))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends import SandboxError
-from sandbox.backends.base import RUNNING, Backend, Outcome, Run, sabotage_enabled
+from sandbox.backends.base import RUNNING, Backend, Outcome, Run
 from sandbox.backends.collect import LOG_TAIL_BYTES
 from sandbox.backends.docker_profile import (DEFAULT_IMAGE, LABEL_OWNER, LABEL_PID,
                                              LABEL_PID_START, LABEL_SANDBOX, HardeningError,
@@ -182,8 +182,7 @@ def create_hardened_container(client, **spec: Any):
     except docker.errors.APIError as e:
         raise SandboxError(f"the engine refused the sandbox container: {e}") from None
     try:
-        problems = ([] if sabotage_enabled() else   # TEST ONLY: the profile is off on purpose
-                    check_profile(client.api.inspect_container(container.id), config))
+        problems = check_profile(client.api.inspect_container(container.id), config)
     except BaseException:
         _remove(container)
         raise
