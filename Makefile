@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make launch   set up, then run a quick self-programming run on the embedded default
-#   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test
+#   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test (CI)
+#   make test-fast  the edit-test loop: unit, property and store tests and one end-to-end
+#                 embedded run; no sandbox attack, Docker or service test (a few minutes)
 #
 # As root the virtual environment lives in /opt/selfprog/venv: the process sandbox runs
 # candidates as unprivileged uids, which must be able to execute the interpreter (a venv
@@ -16,7 +18,7 @@ BIN := $(VENV)/bin
 PRESET ?= quick
 PYTEST_ARGS ?=
 
-.PHONY: setup launch test services docker clean
+.PHONY: setup launch test test-fast services docker clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +42,21 @@ test: setup services docker
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The fast tier: every test of these files but the slow, Docker and sandbox-running ones
+# (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
+FAST_TESTS := tests/pipeline tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
+FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
+	--ignore=tests/pipeline/test_watch.py
+FAST_E2E := tests/pipeline/test_loop.py::test_quick_run_end_to_end[sqlite]
+
+test-fast: setup services
+	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
+	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not docker" \
+		$(FAST_IGNORE) $(FAST_TESTS) $(PYTEST_ARGS)
+	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
+	$(BIN)/python -m pytest -q -p no:cacheprovider '$(FAST_E2E)' $(PYTEST_ARGS)
 
 clean:
 	rm -rf selfprog.db selfprog-artifacts
