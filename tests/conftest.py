@@ -7,7 +7,9 @@ search_path, so tests (and other people's test runs on the same database) never 
 each other's tables; the schema is dropped afterwards.
 
 PostgreSQL missing: the postgres case is skipped on a developer machine, but fails when
-the CI environment variable is set, so CI can never go green without it.
+the CI environment variable is set, so CI can never go green without it (`make test`
+starts the server and creates the `test` database: scripts/services.sh). Root-only tests
+carry `@pytest.mark.root(...)`: skipped without root, failed under CI.
 """
 from __future__ import annotations
 
