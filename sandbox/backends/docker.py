@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends import SandboxError
-from sandbox.backends.base import RUNNING, Backend, Outcome, Run
+from sandbox.backends.base import RUNNING, Backend, Outcome, Run, sabotaged
 from sandbox.backends.collect import LOG_TAIL_BYTES
 from sandbox.backends.docker_profile import (DEFAULT_IMAGE, LABEL_OWNER, LABEL_PID,
                                              LABEL_PID_START, LABEL_SANDBOX, HardeningError,
@@ -369,6 +369,8 @@ class DockerBackend(Backend):
 
 def _hand_out_dir(jobdir: Path, user: tuple[int, int]) -> None:
     """Give the sandbox user `out/`, the one place in the job dir it may write."""
+    if sabotaged("user"):   # TEST ONLY: it runs as root then (docker_profile._sabotage)
+        user = (0, 0)
     if os.geteuid() == 0:
         os.chown(jobdir / "out", *user)
     else:

@@ -252,8 +252,10 @@ def _sabotage(config: dict[str, Any], props: frozenset[str]) -> None:
         config["read_only"] = False
         config["mounts"] = config["mounts"] + [
             docker.types.Mount(target="/host", source="/", type="bind", read_only=False)]
-    if "user" in props:
+    if "user" in props:              # out/ is root's then too (docker._hand_out_dir)
         config["user"] = "0:0"
+        config["tmpfs"] = {k: re.sub(r"uid=\d+,gid=\d+", "uid=0,gid=0", v)
+                           for k, v in config["tmpfs"].items()}
     if "env" in props:
         config["environment"] = {**{k: v for k, v in os.environ.items() if k != "PATH"},
                                  **config["environment"]}
