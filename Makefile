@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make launch   set up, then run a quick self-programming run on the embedded default
-#   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test
+#   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test (CI)
+#   make test-fast  the edit-test loop: unit, property and store tests and one end-to-end
+#                 embedded run; no sandbox attack, Docker or service test (a few minutes)
 # The lab service (docker-compose.yml, docs/deploy.md):
 #   make stack-up     build what is missing and bring the stack up beside the host's
 #                     services (ports STACK_REDIS_PORT/STACK_POSTGRES_PORT, stack.env)
@@ -26,7 +28,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 STACK_REDIS_PORT ?= 16379
 STACK_POSTGRES_PORT ?= 15432
 
-.PHONY: setup launch test services docker clean stack-images stack-up stack-down test-stack
+.PHONY: setup launch test test-fast services docker clean stack-images stack-up stack-down test-stack
 
 setup: $(VENV)/.installed
 
@@ -72,6 +74,21 @@ stack-down:
 
 test-stack: setup docker
 	SELFPROG_TEST_STACK=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider tests/service/test_stack.py $(PYTEST_ARGS)
+
+# The fast tier: every test of these files but the slow, Docker and sandbox-running ones
+# (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
+FAST_TESTS := tests/pipeline tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
+FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
+	--ignore=tests/pipeline/test_watch.py
+FAST_E2E := tests/pipeline/test_loop.py::test_quick_run_end_to_end[sqlite]
+
+test-fast: setup services
+	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
+	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not docker" \
+		$(FAST_IGNORE) $(FAST_TESTS) $(PYTEST_ARGS)
+	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
+	$(BIN)/python -m pytest -q -p no:cacheprovider '$(FAST_E2E)' $(PYTEST_ARGS)
 
 clean:
 	rm -rf selfprog.db selfprog-artifacts

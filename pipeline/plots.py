@@ -1,8 +1,10 @@
 """PNG figures of a run, drawn from lineage store views.
 
-Each function takes views (never a store or a session) and a path, writes one PNG and
-returns its path, so new figures (design parameters per iteration, parameter count of
-the best model, accuracy against the number of candidates) slot in beside these.
+Each `*_figure` function takes views (never a store or a session) and returns the
+matplotlib Figure (tests read the plotted data back from its lines); each `plot_*`
+function draws the same figure into a PNG at a path and returns the path, so new
+figures (design parameters per iteration, parameter count of the best model, accuracy
+against the number of candidates) slot in beside these.
 
 Figures are drawn on `matplotlib.figure.Figure` objects rather than through pyplot:
 no global backend switch and no global figure registry, so this is safe to call from a
@@ -38,8 +40,8 @@ def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def plot_lm_loss(run: RunView, iterations: Sequence[IterationView], path: Path,
-                 curves: Sequence[CurveView] = ()) -> Path:
+def lm_loss_figure(run: RunView, iterations: Sequence[IterationView],
+                   curves: Sequence[CurveView] = ()) -> Figure:
     """LM training loss per step, one line per iteration (the paper's Figure 2).
 
     Uses each iteration's `lm_losses`; falls back to 'lm_loss' metric curves for
@@ -70,11 +72,17 @@ def plot_lm_loss(run: RunView, iterations: Sequence[IterationView], path: Path,
     ax.set_ylabel("LM training loss")
     ax.set_title(f"run {run.id}: LM training loss per iteration")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_scores(run: RunView, iterations: Sequence[IterationView],
-                candidates: Sequence[CandidateView], path: Path) -> Path:
+def plot_lm_loss(run: RunView, iterations: Sequence[IterationView], path: Path,
+                 curves: Sequence[CurveView] = ()) -> Path:
+    """`lm_loss_figure`, written to `path` as a PNG."""
+    return _save(lm_loss_figure(run, iterations, curves=curves), path)
+
+
+def scores_figure(run: RunView, iterations: Sequence[IterationView],
+                  candidates: Sequence[CandidateView]) -> Figure:
     """Score of the selected source and of the incumbent, per iteration (one line per arm)."""
     by_id = {c.id: c for c in candidates}
     fig = Figure(figsize=(7, 4.5))
@@ -103,7 +111,13 @@ def plot_scores(run: RunView, iterations: Sequence[IterationView],
     ax.set_ylabel(score_label(run))
     ax.set_title(f"run {run.id}: score per iteration")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def plot_scores(run: RunView, iterations: Sequence[IterationView],
+                candidates: Sequence[CandidateView], path: Path) -> Path:
+    """`scores_figure`, written to `path` as a PNG."""
+    return _save(scores_figure(run, iterations, candidates), path)
 
 
 def plot_run(run: RunView, iterations: Sequence[IterationView],
@@ -148,9 +162,9 @@ def _smooth(values: Sequence[float | None], window: int) -> tuple[list[int], lis
     return xs, ys
 
 
-def plot_candidate_losses(run: RunView, iterations: Sequence[IterationView],
-                          candidates: Sequence[CandidateView], curves: Sequence[CurveView],
-                          path: Path) -> Path:
+def candidate_losses_figure(run: RunView, iterations: Sequence[IterationView],
+                            candidates: Sequence[CandidateView],
+                            curves: Sequence[CurveView]) -> Figure:
     """Training loss per step of the network each iteration selected (paper Figure 3).
 
     'model 0' is the seed network (iteration 0's incumbent); 'after iteration k' is the
@@ -189,7 +203,14 @@ def plot_candidate_losses(run: RunView, iterations: Sequence[IterationView],
         ax.set_title(f"{arm} arm" + (f" (moving average, {window} steps)" if window > 1 else ""))
         ax.grid(alpha=0.3)
     fig.suptitle(f"run {run.id} ({run.task}): training loss of the selected network")
-    return _save(fig, path)
+    return fig
+
+
+def plot_candidate_losses(run: RunView, iterations: Sequence[IterationView],
+                          candidates: Sequence[CandidateView], curves: Sequence[CurveView],
+                          path: Path) -> Path:
+    """`candidate_losses_figure`, written to `path` as a PNG."""
+    return _save(candidate_losses_figure(run, iterations, candidates, curves), path)
 
 
 def design_averages(candidates: Sequence[CandidateView], arm: str) -> dict[int, dict[str, float]]:
@@ -211,8 +232,8 @@ def design_averages(candidates: Sequence[CandidateView], arm: str) -> dict[int, 
     return out
 
 
-def plot_design_params(run: RunView, iterations: Sequence[IterationView],
-                       candidates: Sequence[CandidateView], path: Path) -> Path:
+def design_params_figure(run: RunView, iterations: Sequence[IterationView],
+                         candidates: Sequence[CandidateView]) -> Figure:
     """Average design parameters of the evaluated candidates per iteration (paper
     Figure 5): one panel per parameter, one line per arm; widths as log2."""
     fig = Figure(figsize=(10, 7))
@@ -237,11 +258,17 @@ def plot_design_params(run: RunView, iterations: Sequence[IterationView],
         ax.grid(alpha=0.3)
     fig.suptitle(f"run {run.id} ({run.task}): average design of the evaluated candidates"
                  " (channels read 32 for a net without convs)", fontsize="medium")
-    return _save(fig, path)
+    return fig
 
 
-def plot_best_params(run: RunView, iterations: Sequence[IterationView],
-                     candidates: Sequence[CandidateView], path: Path) -> Path:
+def plot_design_params(run: RunView, iterations: Sequence[IterationView],
+                       candidates: Sequence[CandidateView], path: Path) -> Path:
+    """`design_params_figure`, written to `path` as a PNG."""
+    return _save(design_params_figure(run, iterations, candidates), path)
+
+
+def best_params_figure(run: RunView, iterations: Sequence[IterationView],
+                       candidates: Sequence[CandidateView]) -> Figure:
     """Parameter count of the selected (best) model per iteration (paper Figure 6);
     the seed network's count is the first point ('seed')."""
     by_id = {c.id: c for c in candidates}
@@ -274,7 +301,13 @@ def plot_best_params(run: RunView, iterations: Sequence[IterationView],
     ax.set_ylabel("parameters of the selected model")
     ax.set_title(f"run {run.id} ({run.task}): size of the best model")
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return fig
+
+
+def plot_best_params(run: RunView, iterations: Sequence[IterationView],
+                     candidates: Sequence[CandidateView], path: Path) -> Path:
+    """`best_params_figure`, written to `path` as a PNG."""
+    return _save(best_params_figure(run, iterations, candidates), path)
 
 
 def plot_vision_run(run: RunView, iterations: Sequence[IterationView],
@@ -290,7 +323,7 @@ def plot_vision_run(run: RunView, iterations: Sequence[IterationView],
     ]
 
 
-def plot_sweep(task: str, rows: Sequence[dict], path: Path) -> Path:
+def sweep_figure(task: str, rows: Sequence[dict]) -> Figure:
     """Accuracy against the total number of candidates (paper Figure 4).
 
     `rows`: one per sweep cell, with keys candidates, iterations, and end accuracy per
@@ -330,4 +363,10 @@ def plot_sweep(task: str, rows: Sequence[dict], path: Path) -> Path:
     right.set_xlabel("candidates per iteration")
     right.set_xticks(sorted({r["candidates"] for r in rows}) or [0])
     fig.suptitle(f"{task}: accuracy against the number of candidates (sweep)")
-    return _save(fig, path)
+    return fig
+
+
+def plot_sweep(task: str, rows: Sequence[dict], path: Path) -> Path:
+    """`sweep_figure`, written to `path` as a PNG."""
+    return _save(sweep_figure(task, rows), path)
+

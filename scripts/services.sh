@@ -16,6 +16,23 @@ if ! pg_up; then
 fi
 pg_up && echo "services: PostgreSQL is up" || { echo "services: PostgreSQL is not running on 127.0.0.1:5432" >&2; exit 1; }
 
+# The database the tests use (SELFPROG_TEST_POSTGRES_URL, default .../test): created when
+# missing, so that a fresh server does not make the PostgreSQL tests skip (tests/conftest.py
+# skips them only outside CI; under CI they fail).
+pg_url="${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test}"
+pg_db="${pg_url##*/}"; pg_db="${pg_db%%\?*}"
+case "$pg_url" in
+  *@127.0.0.1:5432/*|*@localhost:5432/*)
+    pg_user="${pg_url#*://}"; pg_user="${pg_user%%@*}"; pg_user="${pg_user%%:*}"
+    if ! psql -h 127.0.0.1 -U "$pg_user" -d postgres -tAc \
+         "SELECT 1 FROM pg_database WHERE datname = '$pg_db'" | grep -q 1; then
+      echo "services: creating the PostgreSQL database $pg_db"
+      createdb -h 127.0.0.1 -U "$pg_user" "$pg_db"
+    fi
+    echo "services: PostgreSQL database $pg_db is there" ;;
+  *) echo "services: $pg_db is on another server; create it there if it is missing" ;;
+esac
+
 if ! redis_up; then
   if command -v redis-server >/dev/null; then
     echo "services: starting Redis"

@@ -7,7 +7,9 @@ search_path, so tests (and other people's test runs on the same database) never 
 each other's tables; the schema is dropped afterwards.
 
 PostgreSQL missing: the postgres case is skipped on a developer machine, but fails when
-the CI environment variable is set, so CI can never go green without it.
+the CI environment variable is set, so CI can never go green without it (`make test`
+starts the server and creates the `test` database: scripts/services.sh). Root-only tests
+carry `@pytest.mark.root(...)`: skipped without root, failed under CI.
 """
 from __future__ import annotations
 
@@ -22,6 +24,15 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateSchema, DropSchema
+
+from tests.support.env import require_root
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.root`: needs root; skips without it, fails in CI (tests/support/env.py)."""
+    marker = item.get_closest_marker("root")
+    if marker is not None:
+        require_root(marker.args[0] if marker.args else "this test")
+
 
 POSTGRES_URL = os.environ.get("SELFPROG_TEST_POSTGRES_URL",
                               "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -98,8 +109,7 @@ def data_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def process_backend():
     """A confined ProcessBackend (root: per-job uid, network namespace), probed."""
-    if os.geteuid() != 0:
-        pytest.skip("the confined process backend needs root")
+    require_root("the confined process backend")
     # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, the sandbox uid could not
     # traverse it.
     workroot = Path(tempfile.mkdtemp(prefix="selfprog-sandbox-test-"))

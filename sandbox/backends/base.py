@@ -43,18 +43,59 @@ WATCH_POLL_S = 0.5               # how often a waiting backend polls the run and
 # ----------------------------------------------------------------- sabotage (TEST ONLY)
 SABOTAGE_ENV = "SELFPROG_SABOTAGE"
 
+# TEST ONLY. The confinement properties SELFPROG_SABOTAGE can switch off, one by one
+# (`SELFPROG_SABOTAGE=network` or `=network,env`; `1` or `all`: every one). A property a
+# backend does not have is ignored by it (the process backend has no IPC or PID namespace,
+# no capability set of its own and no read-only root).
+SABOTAGE_PROPERTIES = {
+    "network": "the host's network (process: no network namespace; docker: network host)",
+    "files": "docker: the host's / mounted read-write at /host, a writable root filesystem",
+    "user": "root (process: no per-job uid; docker: uid 0)",
+    "env": "the host's environment is passed in",
+    "memory": "no memory bound (process: RLIMIT_AS; docker: the memory and swap limit)",
+    "pids": "no process count bound (process: RLIMIT_NPROC; docker: the pids limit)",
+    "pid-namespace": "docker: the host's PID namespace",
+    "file-size": "no file-size bound (RLIMIT_FSIZE / the fsize ulimit; docker: tmpfs sizes)",
+    "open-files": "no open-files bound (RLIMIT_NOFILE / the nofile ulimit)",
+    "core": "core dumps allowed (RLIMIT_CORE / the core ulimit)",
+    "cpu": "no CPU bound (process: RLIMIT_CPU; docker: the CPU quota)",
+    "capabilities": "docker: the engine's default capabilities instead of none",
+    "no-new-privileges": "no PR_SET_NO_NEW_PRIVS (docker: no no-new-privileges)",
+    "ipc": "docker: the host's IPC namespace",
+}
+
+
+def sabotaged_properties() -> frozenset[str]:
+    """TEST ONLY. The confinement properties switched off by SELFPROG_SABOTAGE (empty:
+    none, the normal case). The backends then run candidates without exactly those
+    (SABOTAGE_PROPERTIES says what each means). It exists so that tests/attacks can
+    prove each deny test detects the loss of the property it names (it must FAIL with
+    that property off). Never set it anywhere a real candidate runs; the start-up canary
+    (sandbox/canary.py) reports such a sandbox as not confined and the workers refuse to
+    take jobs on it. Only the backends' confinement set-up reads it. An unknown name is
+    an error, so that a typo cannot sabotage nothing and pass."""
+    raw = os.environ.get(SABOTAGE_ENV, "").strip()
+    if raw in ("", "0"):
+        return frozenset()
+    if raw in ("1", "all"):
+        return frozenset(SABOTAGE_PROPERTIES)
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(names - set(SABOTAGE_PROPERTIES))
+    if unknown:
+        raise ValueError(f"{SABOTAGE_ENV}: unknown confinement properties {unknown}; "
+                         f"known: {sorted(SABOTAGE_PROPERTIES)}")
+    return names
+
+
+def sabotaged(prop: str) -> bool:
+    """TEST ONLY. Whether SELFPROG_SABOTAGE switched confinement property `prop` off."""
+    assert prop in SABOTAGE_PROPERTIES, prop
+    return prop in sabotaged_properties()
+
 
 def sabotage_enabled() -> bool:
-    """TEST ONLY. True when SELFPROG_SABOTAGE=1: the backends then switch their
-    confinement OFF (process: no namespaces, no uid drop, no rlimits, the host
-    environment; docker: root, host network and PID namespace, the host's / mounted at
-    /host, the host environment, no limits). It exists so that tests/attacks can prove
-    its deny tests detect an unconfined sandbox (they must FAIL with it on). Never set it
-    anywhere a real candidate runs; the start-up canary (sandbox/canary.py) reports such
-    a sandbox as not confined and the workers refuse to take jobs on it. Only the
-    backends' confinement set-up reads it.
-    """
-    return os.environ.get(SABOTAGE_ENV) == "1"
+    """TEST ONLY. True when SELFPROG_SABOTAGE switches any confinement property off."""
+    return bool(sabotaged_properties())
 
 
 def job_env(tmp: str, threads: int) -> dict[str, str]:
@@ -234,8 +275,9 @@ class Backend:
         """Check (once) that this backend can run sandboxes here; raise SandboxError if not."""
 
     def _can_warm(self) -> bool:
-        """Whether jobs may run in pre-warmed sandboxes here."""
-        return not sabotage_enabled()
+        """Whether jobs may run in pre-warmed sandboxes here (sabotaged ones too: they
+        are confined, or not, exactly like cold ones)."""
+        return True
 
     def _profile(self, job: Job) -> tuple:
         """What a pre-warmed sandbox must have been started with to run `job`."""

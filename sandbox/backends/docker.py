@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends import SandboxError
-from sandbox.backends.base import RUNNING, Backend, Outcome, Run, sabotage_enabled
+from sandbox.backends.base import RUNNING, Backend, Outcome, Run, sabotaged
 from sandbox.backends.collect import LOG_TAIL_BYTES
 from sandbox.backends.docker_profile import (DEFAULT_IMAGE, LABEL_OWNER, LABEL_PID,
                                              LABEL_PID_START, LABEL_SANDBOX, HardeningError,
@@ -182,8 +182,7 @@ def create_hardened_container(client, **spec: Any):
     except docker.errors.APIError as e:
         raise SandboxError(f"the engine refused the sandbox container: {e}") from None
     try:
-        problems = ([] if sabotage_enabled() else   # TEST ONLY: the profile is off on purpose
-                    check_profile(client.api.inspect_container(container.id), config))
+        problems = check_profile(client.api.inspect_container(container.id), config)
     except BaseException:
         _remove(container)
         raise
@@ -370,6 +369,8 @@ class DockerBackend(Backend):
 
 def _hand_out_dir(jobdir: Path, user: tuple[int, int]) -> None:
     """Give the sandbox user `out/`, the one place in the job dir it may write."""
+    if sabotaged("user"):   # TEST ONLY: it runs as root then (docker_profile._sabotage)
+        user = (0, 0)
     if os.geteuid() == 0:
         os.chown(jobdir / "out", *user)
     else:

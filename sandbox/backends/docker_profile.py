@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends import SandboxError
-from sandbox.backends.base import job_env, sabotage_enabled
+from sandbox.backends.base import job_env, sabotaged_properties
 from sandbox.protocol import HARNESS_COMMAND, JOB_FILE, WARM_COMMAND
 
 log = logging.getLogger(__name__)
@@ -234,56 +234,91 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
         config["runtime"] = runtime
     if device_requests:
         config["device_requests"] = list(device_requests)
-    if sabotage_enabled():
-        _sabotage(config)
+    if sabotaged_properties():   # TEST ONLY (base.py sabotaged_properties)
+        _sabotage(config, sabotaged_properties())
     return config
 
 
-def _sabotage(config: dict[str, Any]) -> None:
-    """TEST ONLY (base.py sabotage_enabled): a container that confines nothing, the way a
-    careless `docker run` would be: root, host network and PIDs, the host's / at /host
-    read-write, the host's environment, every capability, no limits."""
+def _sabotage(config: dict[str, Any], props: frozenset[str]) -> None:
+    """TEST ONLY (base.py sabotaged_properties): switch off exactly the confinement
+    properties in `props`, each the way a careless `docker run` would leave it."""
     docker = docker_sdk()
-    log.error("UNCONFINED docker sandbox: SABOTAGE MODE (SELFPROG_SABOTAGE=1, tests only)")
-    for key in ("mem_limit", "memswap_limit", "nano_cpus", "pids_limit", "ulimits",
-                "cap_drop", "security_opt", "ipc_mode"):
-        config.pop(key, None)
-    config.update(user="0:0", network_mode="host", pid_mode="host", read_only=False,
-                  environment={**{k: v for k, v in os.environ.items() if k != "PATH"},
-                               **config["environment"]})
-    config["mounts"] = config["mounts"] + [
-        docker.types.Mount(target="/host", source="/", type="bind", read_only=False)]
-    config["tmpfs"] = {k: re.sub(r",size=[^,]*", "", v) for k, v in config["tmpfs"].items()}
+    log.error("UNCONFINED docker sandbox: SABOTAGE MODE (SELFPROG_SABOTAGE=%s, tests only)",
+              ",".join(sorted(props)))
+    ulimits = {u["Name"]: u for u in config["ulimits"]}
+    if "network" in props:
+        config["network_mode"] = "host"
+    if "files" in props:
+        config["read_only"] = False
+        config["mounts"] = config["mounts"] + [
+            docker.types.Mount(target="/host", source="/", type="bind", read_only=False)]
+    if "user" in props:              # out/ is root's then too (docker._hand_out_dir)
+        config["user"] = "0:0"
+        config["tmpfs"] = {k: re.sub(r"uid=\d+,gid=\d+", "uid=0,gid=0", v)
+                           for k, v in config["tmpfs"].items()}
+    if "env" in props:
+        config["environment"] = {**{k: v for k, v in os.environ.items() if k != "PATH"},
+                                 **config["environment"]}
+    if "memory" in props:
+        config.pop("mem_limit")
+        config.pop("memswap_limit")
+    if "pids" in props:
+        config.pop("pids_limit")
+    if "pid-namespace" in props:
+        config["pid_mode"] = "host"
+    if "file-size" in props:
+        ulimits.pop("fsize")
+        config["tmpfs"] = {k: re.sub(r",size=[^,]*", "", v) for k, v in config["tmpfs"].items()}
+    if "open-files" in props:      # the engine's own limit (runc may not raise it)
+        ulimits.pop("nofile")
+    if "core" in props:
+        ulimits["core"] = docker.types.Ulimit(name="core", soft=-1, hard=-1)
+    if "cpu" in props:
+        config.pop("nano_cpus")
+    if "capabilities" in props:
+        config.pop("cap_drop")
+    if "no-new-privileges" in props:
+        config.pop("security_opt")
+    if "ipc" in props:
+        config["ipc_mode"] = "host"
+    config["ulimits"] = list(ulimits.values())
 
 
 def check_profile(attrs: dict, config: dict[str, Any]) -> list[str]:
-    """What in an inspected container differs from the hardened profile (empty: none)."""
+    """What in an inspected container differs from the hardened profile (empty: none).
+    TEST ONLY: the parts of a property switched off by SELFPROG_SABOTAGE are not checked
+    (base.py sabotaged_properties), every other part is."""
     hc = attrs.get("HostConfig") or {}
     cfg = attrs.get("Config") or {}
+    off = sabotaged_properties()
     problems = []
 
-    def want(cond: bool, what: str) -> None:
-        if not cond:
+    def want(cond: bool, what: str, prop: str = "") -> None:
+        if not cond and prop not in off:
             problems.append(what)
 
-    mem = int(config["mem_limit"][:-1]) * 1024 * 1024
-    want(hc.get("NetworkMode") == "none", f"NetworkMode {hc.get('NetworkMode')!r}")
-    want(hc.get("ReadonlyRootfs") is True, "root filesystem not read-only")
+    mem = int(config.get("mem_limit", "0m")[:-1]) * 1024 * 1024
+    want(hc.get("NetworkMode") == "none", f"NetworkMode {hc.get('NetworkMode')!r}", "network")
+    want(hc.get("ReadonlyRootfs") is True, "root filesystem not read-only", "files")
     want(not hc.get("Privileged"), "privileged")
-    want([c.upper() for c in hc.get("CapDrop") or []] in (["ALL"], ["CAP_ALL"]), "CapDrop not ALL")
+    want([c.upper() for c in hc.get("CapDrop") or []] in (["ALL"], ["CAP_ALL"]), "CapDrop not ALL",
+         "capabilities")
     want(not hc.get("CapAdd"), f"CapAdd {hc.get('CapAdd')}")
     want(any(s.startswith("no-new-privileges") for s in hc.get("SecurityOpt") or []),
-         "no-new-privileges missing")
-    want(hc.get("Memory") == mem and hc.get("MemorySwap") == mem, "memory/swap limit")
-    want(hc.get("NanoCpus") == config["nano_cpus"], "NanoCpus")
-    want(hc.get("PidsLimit") == config["pids_limit"], "PidsLimit")
-    want(hc.get("PidMode") in ("", None), f"PidMode {hc.get('PidMode')!r}")
-    want(hc.get("IpcMode") in ("private", "none"), f"IpcMode {hc.get('IpcMode')!r}")
+         "no-new-privileges missing", "no-new-privileges")
+    want(hc.get("Memory") == mem and hc.get("MemorySwap") == mem, "memory/swap limit", "memory")
+    want(hc.get("NanoCpus") == config.get("nano_cpus"), "NanoCpus", "cpu")
+    want(hc.get("PidsLimit") == config.get("pids_limit"), "PidsLimit", "pids")
+    want(hc.get("PidMode") in ("", None), f"PidMode {hc.get('PidMode')!r}", "pid-namespace")
+    want(hc.get("IpcMode") in ("private", "none"), f"IpcMode {hc.get('IpcMode')!r}", "ipc")
     want(hc.get("UsernsMode") in ("", None), f"UsernsMode {hc.get('UsernsMode')!r}")
     want(not hc.get("Binds") and not hc.get("VolumesFrom"), "extra volumes")
     want(not hc.get("Devices"), f"Devices {hc.get('Devices')}")
     want(not cfg.get("OpenStdin"), "stdin open")
     want(hc.get("Init") is True, "no init process")
+    ulimits = sorted((u.get("Name"), u.get("Soft"), u.get("Hard")) for u in hc.get("Ulimits") or [])
+    expected_ul = sorted((u["Name"], u["Soft"], u["Hard"]) for u in config["ulimits"])
+    want(ulimits == expected_ul, f"ulimits {ulimits}")
     mounts = sorted((m.get("Target"), m.get("Source"), bool(m.get("ReadOnly")))
                     for m in hc.get("Mounts") or [])
     expected = sorted((m["Target"], m["Source"], bool(m["ReadOnly"])) for m in config["mounts"])

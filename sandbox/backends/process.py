@@ -65,7 +65,7 @@ from pathlib import Path
 
 from sandbox.backends import SandboxError
 from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, job_env,
-                                   sabotage_enabled)
+                                   sabotage_enabled, sabotaged, sabotaged_properties)
 from sandbox.backends.collect import LOG_TAIL_BYTES, read_tail
 from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, pick_uid, release_uid,
                                            set_cpu_limit)
@@ -93,6 +93,11 @@ MAX_OPEN_FILES = 256
 WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
 
 _libc = ctypes.CDLL(None, use_errno=True)   # loaded here: never dlopen after fork
+
+# TEST ONLY: the SELFPROG_SABOTAGE property (base.py) that switches each rlimit off.
+_RLIMIT_PROPERTY = {resource.RLIMIT_AS: "memory", resource.RLIMIT_CPU: "cpu",
+                    resource.RLIMIT_NPROC: "pids", resource.RLIMIT_FSIZE: "file-size",
+                    resource.RLIMIT_NOFILE: "open-files", resource.RLIMIT_CORE: "core"}
 
 
 @dataclass
@@ -149,13 +154,6 @@ class ProcessBackend(Backend):
         with self._lock:
             if self.isolation is not None:
                 return self.isolation
-            if sabotage_enabled():   # TEST ONLY (base.py sabotage_enabled): nothing confines
-                iso = Isolation(python_ok=True, warnings=[
-                    "SABOTAGE MODE (SELFPROG_SABOTAGE=1, tests only): no network namespace, "
-                    "no uid drop, no rlimits, host environment"])
-                log.error("UNCONFINED process sandbox: %s", iso.warnings[0])
-                self.isolation = iso
-                return iso
             iso = Isolation()
             root = os.geteuid() == 0
             iso.netns = self._try_unshare(CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET)
@@ -188,6 +186,12 @@ class ProcessBackend(Backend):
                                    + " (pass allow_unconfined=True to run anyway)")
             for w in iso.warnings:
                 log.warning("UNCONFINED process sandbox: %s", w)
+            if sabotage_enabled():   # TEST ONLY (base.py sabotaged_properties)
+                iso.netns = iso.netns and not sabotaged("network")
+                iso.uid_drop = iso.uid_drop and not sabotaged("user")
+                iso.warnings.append("SABOTAGE MODE (tests only): SELFPROG_SABOTAGE="
+                                    + ",".join(sorted(sabotaged_properties())))
+                log.error("UNCONFINED process sandbox: %s", iso.warnings[-1])
             self.isolation = iso
             return iso
 
@@ -248,7 +252,7 @@ class ProcessBackend(Backend):
 
     def _can_warm(self) -> bool:
         # Needs the uid drop: kill and CPU limit work per uid.
-        return self.isolation.uid_drop and not sabotage_enabled()
+        return self.isolation.uid_drop
 
     def _profile(self, job: Job) -> tuple:
         """What a warm sandbox must have been started with to run `job`: its rlimits but
@@ -277,7 +281,7 @@ class ProcessBackend(Backend):
                     env=self._env(jobdir / TMP_DIR, threads), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=err, close_fds=True, start_new_session=True,
                     preexec_fn=self._preexec(uid, self.isolation.netns,
-                                             [] if sabotage_enabled() else self._rlimits(job)))
+                                             self._rlimits(job)))
         except (OSError, subprocess.SubprocessError) as e:
             # The child never started (e.g. preexec failed): nothing of the candidate ran.
             raise NotStarted(f"{type(e).__name__}: {e}") from None
@@ -285,10 +289,11 @@ class ProcessBackend(Backend):
 
     def _go(self, job: Job, warm: "WarmProcess", sources: dict[str, Path]) -> RunInfo:
         proc, uid, jobdir = warm.proc, warm.uid, warm.jobdir
-        cpu_budget = dict(self._rlimits(job))[resource.RLIMIT_CPU]
+        cpu_budget = dict(self._rlimits(job)).get(resource.RLIMIT_CPU)
         stage_job(job, jobdir, sources, uid=uid, gid=uid, seal=True)
         # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
-        set_cpu_limit(proc.pid, uid, math.ceil(cpu_seconds(proc.pid)) + cpu_budget)
+        if cpu_budget is not None:   # None: TEST ONLY, SELFPROG_SABOTAGE=cpu
+            set_cpu_limit(proc.pid, uid, math.ceil(cpu_seconds(proc.pid)) + cpu_budget)
         started = time.monotonic()
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -317,7 +322,7 @@ class ProcessBackend(Backend):
     # ------------------------------------------------------------------ confinement
     @staticmethod
     def _env(tmp: Path, threads: int) -> dict[str, str]:
-        host = dict(os.environ) if sabotage_enabled() else {}   # TEST ONLY: see base.py
+        host = dict(os.environ) if sabotaged("env") else {}   # TEST ONLY: see base.py
         return {**host, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **job_env(str(tmp), threads)}
 
     @staticmethod
@@ -336,6 +341,8 @@ class ProcessBackend(Backend):
         ]
         out = []
         for res, value in wanted:
+            if sabotaged(_RLIMIT_PROPERTY[res]):   # TEST ONLY: see base.py
+                continue
             _, hard = resource.getrlimit(res)
             # Never above our own hard limit (as non-root we could not raise it anyway).
             out.append((res, value if hard == resource.RLIM_INFINITY else min(value, hard)))
@@ -349,11 +356,12 @@ class ProcessBackend(Backend):
         would clear it)."""
         root = os.geteuid() == 0
         flags = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
+        no_new_privs = not sabotaged("no-new-privileges")   # TEST ONLY: see base.py
 
         def setup() -> None:
             if netns and _libc.unshare(flags) != 0:
                 raise OSError(ctypes.get_errno(), "unshare(network namespace) failed")
-            if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            if no_new_privs and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
             os.umask(0o077)
             for res, value, *hard in rlimits:     # (res, value) or (res, soft, hard)

@@ -21,14 +21,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.docker import IMAGE, OWNER
+from tests.support.docker import IMAGE, OWNER, require_runtime
+from tests.support.env import require_root
 
 BACKENDS = ("process", "docker")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "deny: a confinement (deny) test: SELFPROG_SABOTAGE=1 "
-                                       "must make it fail")
+    config.addinivalue_line("markers", "deny: a confinement (deny) test: switching off a "
+                                       "property it names (tests/support/sabotage.py) must "
+                                       "make it fail")
     config.addinivalue_line("markers", "sabotage_control: normal behaviour that must still "
                                        "pass under SELFPROG_SABOTAGE=1")
 
@@ -40,6 +42,47 @@ def docker_backend(client):   # noqa: F811  (test_docker_backend's skip/fail pol
     b = DockerBackend(image=IMAGE, workroot=workroot, client=client, owner=OWNER + "-attacks")
     yield b
     reap_orphans(client, owner=OWNER + "-attacks")
+    shutil.rmtree(workroot, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gvisor_backend(client):   # noqa: F811
+    """The Docker backend with gVisor (runsc): skips only where the engine lacks runsc
+    (tests/support/docker.py require_runtime says when that fails instead)."""
+    from sandbox.backends.docker import DockerBackend, reap_orphans
+    require_runtime(client, "runsc")
+    workroot = Path(tempfile.mkdtemp(prefix="selfprog-attacks-gvisor-"))
+    b = DockerBackend(image=IMAGE, workroot=workroot, client=client, runtime="runsc",
+                      owner=OWNER + "-attacks-gvisor")
+    yield b
+    reap_orphans(client, owner=OWNER + "-attacks-gvisor")
+    shutil.rmtree(workroot, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def docker_warm_backend(client):   # noqa: F811
+    """A Docker backend with one pre-warmed container (prewarm=1)."""
+    from sandbox.backends.docker import DockerBackend, reap_orphans
+    workroot = Path(tempfile.mkdtemp(prefix="selfprog-attacks-docker-warm-"))
+    b = DockerBackend(image=IMAGE, workroot=workroot, client=client, prewarm=1,
+                      owner=OWNER + "-attacks-warm")
+    yield b
+    b.close()
+    reap_orphans(client, owner=OWNER + "-attacks-warm")
+    shutil.rmtree(workroot, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def process_warm_backend():
+    """A confined ProcessBackend with one pre-warmed sandbox (prewarm=1)."""
+    require_root("the confined process backend")
+    from sandbox.backends.process import ProcessBackend
+    workroot = Path(tempfile.mkdtemp(prefix="selfprog-attacks-process-warm-"))
+    os.chmod(workroot, 0o711)
+    b = ProcessBackend(workroot=workroot / "jobs", prewarm=1)
+    b.probe()
+    yield b
+    b.close()
     shutil.rmtree(workroot, ignore_errors=True)
 
 

@@ -16,9 +16,12 @@ trusted side observes (the server saw no connection, the token never came back, 
 process survived ...). After every run: no container or job directory is left, and
 the backend still runs a normal candidate (`test_backend_still_serves_after_the_attacks`).
 
-`deny` names the backends on which the attack is a confinement test: with
-SELFPROG_SABOTAGE=1 (confinement off, see sandbox/backends/base.py) those tests must
-FAIL; tests/attacks/test_sabotage.py checks that they do.
+tests/support/sabotage.py names, per attack and backend, the confinement properties a
+deny test relies on (SELFPROG_SABOTAGE=<property> switches one off, see
+sandbox/backends/base.py) and what its failure then says; those tests carry the marker
+`deny` and tests/attacks/test_sabotage.py checks that they, and only they, fail with that
+message when their property is off. `test_attack_in_a_warm_sandbox` runs a subset in
+pre-warmed sandboxes; the "gvisor" backend is Docker with the runsc runtime.
 
 SECURITY.md has this table with the results.
 """
@@ -43,10 +46,10 @@ from sandbox import runner
 from sandbox.backends.collect import check_safetensors
 from sandbox.backends.process_tree import processes as _processes
 from sandbox.schema import MAX_LOG_CHARS, Job, Limits, Result, SchemaError
+from tests.support import sabotage
 from tests.support.candidates import TINY, cnn_source
 
 BACKENDS = ("process", "docker")
-SABOTAGE = os.environ.get("SELFPROG_SABOTAGE") == "1"
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 HOST_SHADOW = Path("/etc/shadow")
 FORGED = 1e-06                      # the score every forgery claims
@@ -86,12 +89,12 @@ class Attack:
     gate: str | None                       # the policy rule that rejects it; None: passes
     expect: dict                           # backend -> status ("refused": never starts)
     check: Callable[[Ctx, Result], None] = lambda ctx, r: None
-    deny: frozenset = frozenset()          # backends where this is a confinement test
     kind: str = "evaluate"
     model_kind: str = "cnn"
     limits: dict = field(default_factory=dict)
     needs: tuple = ()                      # "tcp", "udp", "target", "weights_bomb", ...
-    residual: str = ""                     # a documented residual risk: xfail(strict)
+    residual: str | dict = ""              # a documented residual risk: xfail(strict);
+                                           # a dict: only on the backends it names
 
 
 def both(status: str) -> dict:
@@ -101,7 +104,7 @@ def both(status: str) -> dict:
 # --------------------------------------------------------------------------- checks
 
 def _no_token(ctx: Ctx, r: Result) -> None:
-    assert ctx.host.token not in r.reason + r.logs, "a planted secret came back"
+    assert ctx.host.token not in r.reason + r.logs, sabotage.SECRET_BACK
 
 
 def check_fork(ctx, r):
@@ -121,8 +124,18 @@ def check_dns(ctx, r):
     assert rep["getaddrinfo"].startswith("failed"), rep
 
 
+def _host_hidden(ctx: Ctx, rep: dict) -> None:
+    """In a container the host's filesystem is not there at all: every path the attack
+    tried under /host must not exist (a PermissionError would mean it is mounted)."""
+    if ctx.backend_name == "process":
+        return
+    seen = {k: v for k, v in rep.items() if k.startswith("/host") and v != "DENIED FileNotFoundError"}
+    assert not seen, f"{sabotage.HOST_VISIBLE}: {seen}"
+
+
 def check_all_denied(ctx, r):
     rep = report(r)
+    _host_hidden(ctx, rep)
     assert all(str(v).startswith("DENIED") for v in rep.values()), rep
     _no_token(ctx, r)
 
@@ -138,6 +151,7 @@ def check_host_files(ctx, r):
     """The planted 0600 secret, the lineage DB (0600, as LineageStore makes it) and the
     host's /etc/shadow: none may be read (the container's own /etc/shadow does not count)."""
     rep = report(r)
+    _host_hidden(ctx, rep)
     for path in (ctx.host.secret, ctx.host.lineage_db):
         for p in (str(path), "/host" + str(path)):
             assert rep[p].startswith("DENIED"), (p, rep[p])
@@ -160,10 +174,7 @@ def check_disk(ctx, r):
 
 def check_flood(ctx, r):
     assert len(r.logs) <= MAX_LOG_CHARS
-    if ctx.backend_name == "process":       # RLIMIT_FSIZE stops the writes themselves
-        assert "FLOOD STOPPED" in r.reason, r.reason
-    else:                                   # the log driver keeps 1 MB; the tail is bounded
-        assert "FLOOD" in r.reason, r.reason
+    assert "FLOOD STOPPED" in r.reason, r.reason   # the file-size limit stops the writes
 
 
 def check_ctypes(ctx, r):
@@ -172,8 +183,23 @@ def check_ctypes(ctx, r):
     print(f"ctypes on {ctx.backend_name}: {rep}")   # unshare(CLONE_NEWUSER): see SECURITY.md
 
 
+def _identity(stat: str) -> tuple[str, str]:
+    """(command name, start time) of a /proc/<pid>/stat line: what names one process."""
+    comm, rest = stat.rsplit(")", 1) if ")" in stat else (stat, "")
+    fields = rest.split()
+    return comm.split("(", 1)[-1], fields[19] if len(fields) > 19 else ""
+
+
+def _stat_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read()
+
+
 def check_signal(ctx, r):
     rep = report(r)
+    if ctx.backend_name != "process":       # a PID namespace of its own: no host process
+        assert _identity(rep["stat"]) != _identity(_stat_of(ctx.host.service_pid)), \
+            f"{sabotage.HOST_PIDS}: {rep['stat']}"
     assert rep["probe"].startswith("DENIED"), rep
     assert rep["kill"].startswith("DENIED"), rep
     os.kill(ctx.host.service_pid, 0)        # and we are alive
@@ -194,6 +220,64 @@ def _marked(marker: str) -> list[int]:
 
 def check_background(ctx, r):
     assert not _marked(ctx.marker), "a background process of the candidate survived the run"
+
+
+def _status_fields(rep: dict, prefix: str) -> dict:
+    return {k: v for k, v in rep.items() if k.startswith(prefix)}
+
+
+def check_caps(ctx, r):
+    """No capability in any set; in a container not even in the bounding set (the process
+    backend drops to a uid without capabilities but keeps the bounding set: SECURITY.md)."""
+    rep = report(r)
+    sets = ["CapInh", "CapPrm", "CapEff", "CapAmb"]
+    if ctx.backend_name != "process":
+        sets.append("CapBnd")
+    held = {k: rep[k] for k in sets if int(rep.get(k, "0"), 16)}
+    assert not held and rep["raw_socket"].startswith("DENIED"), \
+        f"{sabotage.CAPS}: {held}, raw socket {rep['raw_socket']}"
+
+
+def check_nnp(ctx, r):
+    rep = report(r)
+    assert rep.get("NoNewPrivs") == "1", f"{sabotage.NNP}: {rep}"
+
+
+OPEN_FILES_LIMIT = {"process": 256, "docker": 1024, "gvisor": 1024}   # MAX_OPEN_FILES
+
+
+def check_open_files(ctx, r):
+    assert "FILES STOPPED" in r.reason, r.reason
+    assert int(r.reason.split("after ")[1].split()[0]) <= OPEN_FILES_LIMIT[ctx.backend_name], \
+        r.reason
+
+
+def check_core(ctx, r):
+    assert "CORE soft 0 hard 0 " in r.reason, f"{sabotage.CORE}: {r.reason}"
+
+
+def check_cpu(ctx, r):
+    rep = report(r)
+    if ctx.backend_name == "process":       # RLIMIT_CPU, the backstop of the deadline
+        hard = rep["rlimit_cpu"][1]
+        assert 0 <= hard <= 10 * 60, f"{sabotage.NO_CPU_BOUND}: RLIMIT_CPU {rep['rlimit_cpu']}"
+        return
+    # the container's CPU quota (cgroup v2 cpu.max, v1 cpu.cfs_quota_us): at most 1 CPU
+    v2, v1 = rep.get("/sys/fs/cgroup/cpu.max", ""), rep.get("cfs_quota_us", "")
+    if v2 and not v2.startswith("missing"):
+        quota, period = v2.split()
+        ok = quota != "max" and int(quota) <= int(period)
+    else:
+        ok = v1.lstrip("-").isdigit() and 0 < int(v1) <= int(rep["cfs_period_us"])
+    assert ok, f"{sabotage.NO_CPU_BOUND}: {rep}"
+
+
+def check_ipc(ctx, r):
+    rep = report(r)
+    if ctx.backend_name != "process":       # the process backend has no IPC namespace
+        assert rep["ns"] != ctx.extra["ipc_ns"] and not rep["visible"], \
+            f"{sabotage.SHARED_IPC}: {rep}"
+    assert ctx.host.token not in r.reason + r.logs, sabotage.SECRET_BACK
 
 
 def check_real_score(ctx, r):
@@ -270,7 +354,7 @@ ATTACKS = [
         except OSError as e:
             raise RuntimeError(f"FORKED {forked} then {type(e).__name__}")
         raise RuntimeError(f"FORKED {forked} without hitting a limit")
-        """), "import", both("invalid"), check_fork, frozenset(BACKENDS), limits={"pids": 32}),
+        """), "import", both("invalid"), check_fork, limits={"pids": 32}),
     Attack("memory_bomb", lambda c: cnn_source("", """
         hog = []
         touched = 0
@@ -281,7 +365,7 @@ ATTACKS = [
                 touched += 256
             hog.append(t)
         raise RuntimeError(f"ALLOCATED {len(hog) * 256} MB, touched {touched} MB")
-        """), None, both("oom"), deny=frozenset(BACKENDS), limits={"memory_mb": 512}),
+        """), None, both("oom"), limits={"memory_mb": 512}),
     Attack("cpu_spin", lambda c: cnn_source("", """
         x = 1.0
         while True:
@@ -303,7 +387,7 @@ ATTACKS = [
                 r[host] = "CONNECTED"
             except OSError as e:
                 r[host] = type(e).__name__
-        """ + REPORT), "import", both("invalid"), check_connect, frozenset(BACKENDS),
+        """ + REPORT), "import", both("invalid"), check_connect,
         needs=("tcp",)),
     Attack("dns_lookup", lambda c: cnn_source("import json, socket", f"""
         r = {{}}
@@ -321,16 +405,16 @@ ATTACKS = [
             r["reply"] = s.recv(512).hex()
         except OSError as e:
             r["udp"] = type(e).__name__
-        """ + REPORT), "import", both("invalid"), check_dns, frozenset(BACKENDS), needs=("udp",)),
+        """ + REPORT), "import", both("invalid"), check_dns, needs=("udp",)),
     Attack("read_host_secret_files", lambda c: cnn_source(
         "import hashlib, json", _reads(repr(tuple(
             p for f in (c.host.secret, c.host.lineage_db, "/etc/shadow")
             for p in (str(f), "/host" + str(f))))) + REPORT),
-        "import", both("invalid"), check_host_files, frozenset(BACKENDS)),
+        "import", both("invalid"), check_host_files),
     Attack("read_host_environment", lambda c: cnn_source("import json, os", """
         r = {"leak": [k for k, v in os.environ.items() if v.startswith("tok-")],
              "names": sorted(os.environ)}
-        """ + REPORT), "import", both("invalid"), check_env, frozenset(BACKENDS)),
+        """ + REPORT), "import", both("invalid"), check_env),
     Attack("use_docker_socket", lambda c: cnn_source("import json, socket", """
         r = {}
         for p in ("/var/run/docker.sock", "/run/docker.sock", "/host/var/run/docker.sock",
@@ -345,8 +429,7 @@ ATTACKS = [
                 r[p] = "DENIED " + type(e).__name__
             finally:
                 s.close()
-        """ + REPORT), "import", both("invalid"), check_all_denied,
-        frozenset(BACKENDS) if DOCKER_SOCKET.exists() else frozenset()),
+        """ + REPORT), "import", both("invalid"), check_all_denied),
     Attack("write_outside_scratch", lambda c: cnn_source("import json", f"""
         r = {{}}
         for p in {[str(c.target_dir / "new"), "/host" + str(c.target_dir / "new"),
@@ -358,7 +441,7 @@ ATTACKS = [
                 r[p] = "WROTE"
             except OSError as e:
                 r[p] = "DENIED " + type(e).__name__
-        """ + REPORT), "import", both("invalid"), check_writes, frozenset(BACKENDS),
+        """ + REPORT), "import", both("invalid"), check_writes,
         needs=("target",)),
     Attack("fill_the_disk", lambda c: cnn_source("", """
         written = 0
@@ -371,7 +454,7 @@ ATTACKS = [
         except OSError as e:
             raise RuntimeError(f"DISK STOPPED after {written} MB: {type(e).__name__}")
         raise RuntimeError(f"DISK FILLED {written} MB")
-        """), "builtin-call", both("invalid"), check_disk, frozenset(BACKENDS),
+        """), "builtin-call", both("invalid"), check_disk,
         limits={"output_mb": 8}),
     Attack("flood_stdout_and_stderr", lambda c: cnn_source("import sys", """
         chunk = "x" * (1024 * 1024)
@@ -386,8 +469,12 @@ ATTACKS = [
         except OSError as e:
             raise RuntimeError(f"FLOOD STOPPED after {done} MB each: {type(e).__name__}")
         raise RuntimeError(f"FLOOD COMPLETE {done} MB each")
-        """), "import", both("invalid"), check_flood, frozenset({"process"}),
-        limits={"output_mb": 8}),
+        """), "import", both("invalid"), check_flood,
+        limits={"output_mb": 8},
+        residual={"docker": "a container's stdout is a pipe to the engine's log driver: the "
+                            "writes complete (the engine keeps 1 MB, the tail read back is "
+                            "bounded), nothing stops the flood itself",
+                  "gvisor": "as on docker"}),
     Attack("subprocess_and_os_system", lambda c: cnn_source("import json, os, subprocess", f"""
         r = {{}}
         for p in ({str(c.host.secret)!r}, "/host" + {str(c.host.secret)!r}):
@@ -401,14 +488,19 @@ ATTACKS = [
         with open("tmp/leak", "rb") as f:
             leaked = f.read(100).decode(errors="replace")
         r["os.system"] = ("READ " + leaked) if leaked else "DENIED (nothing read)"
-        """ + REPORT), "import", both("invalid"), check_all_denied, frozenset(BACKENDS)),
+        """ + REPORT), "import", both("invalid"), check_all_denied),
     Attack("ctypes_setuid_root", lambda c: cnn_source("import ctypes, json, os", """
         libc = ctypes.CDLL(None, use_errno=True)
         r = {"setuid0": libc.setuid(0), "errno": ctypes.get_errno(), "euid": os.geteuid()}
         r["unshare_newuser"] = libc.unshare(0x10000000)
-        """ + REPORT), "import", both("invalid"), check_ctypes, frozenset(BACKENDS)),
+        """ + REPORT), "import", both("invalid"), check_ctypes),
     Attack("signal_the_service", lambda c: cnn_source("import json, os, signal", f"""
         r = {{}}
+        try:
+            with open("/proc/{c.host.service_pid}/stat") as f:
+                r["stat"] = f.read()[:400]
+        except OSError as e:
+            r["stat"] = "not seen " + type(e).__name__
         try:
             os.kill({c.host.service_pid}, 0)       # may we signal the service at all?
             r["probe"] = "PERMITTED"
@@ -420,7 +512,7 @@ ATTACKS = [
                 r["kill"] = "SENT"
             except OSError as e:
                 r["kill"] = "DENIED " + type(e).__name__
-        """ + REPORT), "import", both("invalid"), check_signal, frozenset(BACKENDS)),
+        """ + REPORT), "import", both("invalid"), check_signal),
     Attack("leave_background_process", lambda c: cnn_source("import os", f"""
         ready_r, ready_w = os.pipe()              # close-on-exec: EOF once sleep runs
         if os.fork() == 0:
@@ -430,8 +522,83 @@ ATTACKS = [
             os._exit(0)
         os.close(ready_w)
         os.read(ready_r, 1)                       # the escapee is in place before we go on
-        """), "import", both("ok"), check_background, frozenset({"process"}),
+        """), "import", both("ok"), check_background,
         needs=("marker",)),
+    Attack("write_the_root_filesystem", lambda c: cnn_source("import json", f"""
+        r = {{}}
+        for p in {([str(c.target_dir / "probe"), str(c.target_dir / "victim.txt")]
+                   if c.backend_name == "process" else
+                   ["/var/tmp/selfprog-probe", "/etc/selfprog-probe", "/selfprog-probe",
+                    "/usr/lib/selfprog-probe", "/job/selfprog-probe"])!r}:
+            try:
+                with open(p, "a") as f:
+                    f.write("x")
+                r[p] = "WROTE"
+            except OSError as e:
+                r[p] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_writes, needs=("target",)),
+    Attack("hold_capabilities", lambda c: cnn_source("import json, socket", """
+        r = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Cap"):
+                    k, v = line.split(":", 1)
+                    r[k] = v.strip()
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+            r["raw_socket"] = "OPENED"
+        except OSError as e:
+            r["raw_socket"] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_caps),
+    Attack("gain_privileges_on_exec", lambda c: cnn_source("import ctypes, json", """
+        # PR_GET_NO_NEW_PRIVS (39): 1 when exec can never gain privileges (setuid, file caps)
+        r = {"NoNewPrivs": str(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))}
+        """ + REPORT), "import", both("invalid"), check_nnp),
+    Attack("open_many_files", lambda c: cnn_source("import os", """
+        fds = []
+        try:
+            for _ in range(5000):
+                fds.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as e:
+            n = len(fds)
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"FILES STOPPED after {n} open: {type(e).__name__}")
+        raise RuntimeError(f"FILES OPENED {len(fds)}")
+        """), "import", both("invalid"), check_open_files),
+    Attack("dump_core", lambda c: cnn_source("import resource", """
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
+                                                      resource.RLIM_INFINITY))
+            raised = "RAISED"
+        except (OSError, ValueError) as e:
+            raised = "DENIED " + type(e).__name__
+        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        raise RuntimeError(f"CORE soft {soft} hard {hard} raise {raised}")
+        """), "import", both("invalid"), check_core),
+    Attack("spend_cpu_unbounded", lambda c: cnn_source("import json, resource", """
+        r = {"rlimit_cpu": list(resource.getrlimit(resource.RLIMIT_CPU))}
+        for k, p in (("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu.max"),
+                     ("cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+                     ("cfs_period_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+            try:
+                with open(p) as f:
+                    r[k] = f.read().strip()
+            except OSError as e:
+                r[k] = "missing " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_cpu),
+    Attack("reach_host_ipc", lambda c: cnn_source("import json, os", f"""
+        r = {{"visible": os.path.exists("/dev/shm/{c.extra['shm']}")}}
+        try:
+            r["ns"] = os.readlink("/proc/self/ns/ipc")
+        except OSError as e:
+            r["ns"] = "unknown " + type(e).__name__
+        try:
+            with open("/dev/shm/{c.extra['shm']}") as f:
+                r["read"] = "READ " + f.read()
+        except OSError as e:
+            r["read"] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_ipc, needs=("shm",)),
     Attack("print_fake_result_json", lambda c: cnn_source("", f"""
         print('{{"job_id": "x", "kind": "evaluate", "status": "ok", "score": {FORGED}}}')
         print("score: {FORGED}")
@@ -530,12 +697,31 @@ assert len(BY_NAME) == len(ATTACKS)
 
 # --------------------------------------------------------------------------- running
 
-def _params(deny_marks: bool = True):
+def is_deny(attack: Attack, backend: str) -> bool:
+    """A confinement test (tests/support/sabotage.py); the Docker socket attack only where
+    this host has a Docker socket to protect."""
+    docker_like = "docker" if backend == "gvisor" else backend
+    return sabotage.is_deny(attack.name, docker_like) and (
+        attack.name != "use_docker_socket" or DOCKER_SOCKET.exists())
+
+
+GVISOR_PIDS = 192    # docs/docker.md: what runsc needs on top of a job's pids
+# Not attacked on gVisor: the fork bomb's limit of 32 cannot be kept there (runsc's own
+# threads count against it; test_docker_backend.py bounds processes on runsc); the CPU
+# quota is on runsc's own cgroup, which the sandbox cannot see.
+NOT_ON_GVISOR = ("fork_bomb", "spend_cpu_unbounded")
+
+
+def _params(deny_marks: bool = True, attacks=ATTACKS, gvisor: bool = False):
+    """(attack, backend) for every attack on both backends; with `gvisor`, also the
+    attacks that are confinement tests on Docker, in Docker with the runsc runtime."""
     out = []
-    for a in ATTACKS:
-        for b in BACKENDS:
-            marks = [pytest.mark.docker] if b == "docker" else []
-            if deny_marks and b in a.deny:
+    for a in attacks:
+        for b in BACKENDS + (("gvisor",) if gvisor else ()):
+            if b == "gvisor" and (not is_deny(a, "docker") or a.name in NOT_ON_GVISOR):
+                continue
+            marks = [pytest.mark.docker] if b != "process" else []
+            if deny_marks and b != "gvisor" and is_deny(a, b):
                 marks.append(pytest.mark.deny)
             out.append(pytest.param(a, b, id=f"{a.name}-{b}", marks=marks))
     return out
@@ -575,6 +761,13 @@ def make_ctx(attack: Attack, backend_name: str, request, host, tmp_path: Path) -
         ctx.udp = request.getfixturevalue("udp_server")
     if "marker" in attack.needs:
         ctx.marker = f"{random.randint(5000, 9999)}.{random.randint(10**8, 10**9)}"
+    if "shm" in attack.needs:           # a host IPC object: a POSIX shm file, 0600 root
+        name = f"selfprog-attack-{uuid.uuid4().hex[:12]}"
+        fd = os.open(f"/dev/shm/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, host.token.encode())
+        os.close(fd)
+        request.addfinalizer(lambda: os.unlink(f"/dev/shm/{name}"))
+        ctx.extra.update(shm=name, ipc_ns=os.readlink("/proc/self/ns/ipc"))
     if "target" in attack.needs:
         d = host.dir / f"target-{uuid.uuid4().hex[:8]}"
         d.mkdir(mode=0o755)
@@ -587,6 +780,8 @@ def make_ctx(attack: Attack, backend_name: str, request, host, tmp_path: Path) -
 
 def make_job(attack: Attack, ctx: Ctx, cnn_data: Path, tmp_path: Path) -> Job:
     lim = {"timeout_s": 60, "memory_mb": 1024, "pids": 64, "output_mb": 16, **attack.limits}
+    if ctx.backend_name == "gvisor":    # gVisor's pids limit counts its own threads too
+        lim["pids"] += GVISOR_PIDS
     if attack.model_kind == "t5":
         params = {"vocab_size": 64, "n": 1, "max_new_tokens": 4, "prompt_ids": [5, 6, 7]}
         inputs = {"data": str(_t5_data(tmp_path))}
@@ -604,9 +799,17 @@ def make_job(attack: Attack, ctx: Ctx, cnn_data: Path, tmp_path: Path) -> Job:
 
 
 def leftovers(backend_name: str, sandbox, job: Job) -> list[str]:
-    """What a finished run must not leave behind: containers, job dirs, processes."""
-    left = [p.name for p in Path(sandbox.workroot).iterdir()] if Path(sandbox.workroot).exists() else []
-    if backend_name == "docker":
+    """What a finished run must not leave behind: containers, job dirs, processes (a warm
+    backend keeps its next idle sandbox: only the one the job ran in must be gone)."""
+    workroot = Path(sandbox.workroot)
+    left = [p.name for p in workroot.iterdir()] if workroot.exists() else []
+    run = sandbox.last_run
+    if run is not None and run.warm:
+        left = [run.jobdir.name] if run.jobdir.exists() else []
+        if backend_name != "process":
+            left += [c.name for c in sandbox.client.containers.list(
+                all=True, filters={"id": run.container_id})]
+    elif backend_name != "process":
         from sandbox.backends.docker_profile import LABEL_JOB
         left += [c.name for c in sandbox.client.containers.list(
             all=True, filters={"label": f"{LABEL_JOB}={job.job_id}"})]
@@ -616,8 +819,8 @@ def leftovers(backend_name: str, sandbox, job: Job) -> list[str]:
 
 
 def execute_and_check(attack: Attack, backend_name: str, sandbox, ctx: Ctx, job: Job,
-                      through_gate: bool) -> Result:
-    expected = attack.expect[backend_name]
+                      through_gate: bool, warm: bool = False) -> Result:
+    expected = attack.expect.get(backend_name) or attack.expect["docker"]   # gvisor: docker's
     started = []
 
     class Counting:   # the real backend; only counts that a sandbox was asked for
@@ -636,6 +839,8 @@ def execute_and_check(attack: Attack, backend_name: str, sandbox, ctx: Ctx, job:
                                                       result.logs[-2000:])
         assert result.reason or result.status == "ok", "a failure must carry its reason"
         attack.check(ctx, result)
+        assert bool(sandbox.last_run and sandbox.last_run.warm) == warm, \
+            f"ran {'cold' if warm else 'warm'}, expected the other"
         return result
     finally:
         left = leftovers(backend_name, sandbox, job)
@@ -645,17 +850,37 @@ def execute_and_check(attack: Attack, backend_name: str, sandbox, ctx: Ctx, job:
         assert not left, f"left behind: {left}"
 
 
-@pytest.mark.parametrize("attack,backend_name", _params())
+@pytest.mark.parametrize("attack,backend_name", _params(gvisor=True))
 def test_attack_in_the_sandbox(attack, backend_name, sandbox, request, host, cnn_data, tmp_path,
                                monkeypatch):
     """The gate bypassed: the sandbox alone must contain the attack."""
-    if attack.residual:
+    residual = (attack.residual.get(backend_name, "") if isinstance(attack.residual, dict)
+                else attack.residual)
+    if residual:
         request.applymarker(pytest.mark.xfail(strict=True, reason="documented residual risk "
-                                              "(SECURITY.md): " + attack.residual))
+                                              "(SECURITY.md): " + residual))
     monkeypatch.setenv("SELFPROG_TEST_ATTACK_SECRET", host.token)
     ctx = make_ctx(attack, backend_name, request, host, tmp_path)
     execute_and_check(attack, backend_name, sandbox, ctx,
                       make_job(attack, ctx, cnn_data, tmp_path), through_gate=False)
+
+
+@pytest.mark.parametrize("attack,backend_name",
+                         _params(attacks=[BY_NAME[n] for n in sabotage.WARM]))
+def test_attack_in_a_warm_sandbox(attack, backend_name, request, host, cnn_data, tmp_path,
+                                  monkeypatch):
+    """The same attacks in a pre-warmed sandbox (prewarm=1): it is confined like a cold
+    one, and SELFPROG_SABOTAGE reaches it the same way."""
+    sandbox = request.getfixturevalue(f"{backend_name}_warm_backend")
+    monkeypatch.setenv("SELFPROG_TEST_ATTACK_SECRET", host.token)
+    ctx = make_ctx(attack, backend_name, request, host, tmp_path)
+    job = make_job(attack, ctx, cnn_data, tmp_path)
+    sandbox.prewarm_for(job)
+    if not sandbox._can_warm():
+        pytest.skip("no pre-warmed process sandboxes without the per-job uid "
+                    "(SELFPROG_SABOTAGE=user)")
+    assert sandbox._pool.wait_ready(300), "no pre-warmed sandbox became ready"
+    execute_and_check(attack, backend_name, sandbox, ctx, job, through_gate=False, warm=True)
 
 
 @pytest.mark.parametrize("attack,backend_name", _params(deny_marks=False))

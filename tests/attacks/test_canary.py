@@ -38,7 +38,7 @@ def test_canary_reports_a_sabotaged_docker_sandbox_as_unconfined(docker_backend,
         assert not report.checks[name][0], (name, report.checks[name])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the confined process backend needs root")
+@pytest.mark.root("the confined process backend")
 def test_worker_refuses_sandbox_jobs_when_the_canary_fails(monkeypatch, tmp_path, cnn_data):
     from pipeline import celery_app, sandbox_task
     from pipeline.settings import Settings

@@ -35,7 +35,7 @@ from sandbox.backends.docker_profile import (ALLOWED_ENV, LABEL_JOB, LABEL_OWNER
                                              HardeningError, check_profile,
                                              gpu_device_requests, hardened_config)
 from sandbox.schema import Job, Limits                                    # noqa: E402
-from tests.support.docker import IMAGE, OWNER, SANDBOX_UID                # noqa: E402
+from tests.support.docker import IMAGE, OWNER, SANDBOX_UID, require_runtime  # noqa: E402
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -46,11 +46,7 @@ def backend(request, client, tmp_path):
     """The backend with the engine's default runtime, and again with gVisor (runsc)."""
     runtime = None
     if request.param == "runsc":
-        if "runsc" not in (client.info().get("Runtimes") or {}):
-            if os.environ.get("SELFPROG_REQUIRE_RUNSC") == "1":
-                pytest.fail("SELFPROG_REQUIRE_RUNSC=1 but the engine has no runsc runtime")
-            pytest.skip("the engine has no runsc (gVisor) runtime; scripts/docker-engine.sh "
-                        "registers it where the runsc package installs")
+        require_runtime(client, "runsc")   # skips, or fails where runsc must be there
         runtime = "runsc"
     b = DockerBackend(image=IMAGE, workroot=tmp_path / "work", client=client, owner=OWNER,
                       runtime=runtime)

@@ -26,7 +26,7 @@ from sandbox.backends.docker import DockerBackend, reap_orphans           # noqa
 from sandbox.backends.docker_profile import (LABEL_JOB, LABEL_OWNER,       # noqa: E402
                                              HardeningError, check_profile, hardened_config)
 from sandbox.protocol import READY_FILE                                   # noqa: E402
-from tests.support.docker import IMAGE, OWNER, SANDBOX_UID                # noqa: E402
+from tests.support.docker import IMAGE, OWNER, SANDBOX_UID, require_runtime  # noqa: E402
 from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,  # noqa: E402
                                         check_loopback_server_unreachable,
                                         make_job)
@@ -92,8 +92,8 @@ def gone(client, container_id: str) -> bool:
 
 @pytest.mark.parametrize("runtime", [None, "runsc"])
 def test_warm_container_gives_the_cold_result(client, data_file, tmp_path, runtime):
-    if runtime and runtime not in (client.info().get("Runtimes") or {}):
-        pytest.skip("the engine has no runsc (gVisor) runtime")
+    if runtime:
+        require_runtime(client, runtime)   # skips, or fails where runsc must be there
     j = job(TINY, data_file)
     b = new_backend(client, tmp_path / "work", prewarm=1, runtime=runtime)
     try:
