@@ -1,4 +1,4 @@
-"""Benchmark of the self-programming core (issue 2). Not a test: it prints numbers.
+"""Benchmark of the self-programming core. Not a test: it prints numbers.
 
     python bench/bench_core.py stages       # quick preset: seconds per stage of the loop
     python bench/bench_core.py overhead     # one evaluation: process sandbox vs in-process

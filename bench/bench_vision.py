@@ -1,4 +1,4 @@
-"""Benchmark of candidate evaluation for vision tasks (issue 3). Not a test: it prints numbers.
+"""Benchmark of candidate evaluation for vision tasks. Not a test: it prints numbers.
 
     python bench/bench_vision.py [--task mnist5k] [--sizes quick,paper-vision-cpu] [--repeat 2]
 

@@ -1,4 +1,4 @@
-"""The attack suite: hostile candidates against both sandbox backends (issue 5).
+"""The attack suite: hostile candidates against both sandbox backends.
 
 Each attack is a candidate source written the way a generated one would be (a CNN-family
 module: `build_model(input_shape, num_classes)` / `train(model)`, the hostile part in
