@@ -115,7 +115,9 @@ def train(model):
 def test_cancel_mid_evaluation_stops_the_sandbox_and_the_run(sqlite_url, tmp_path):
     """Fails if a running job's watch is not told about the cancel (pipeline/sandbox_task.py
     `watch_for`): the endless candidate would then run to its 300 s deadline."""
-    settings = embedded_settings(sqlite_url, tmp_path)
+    # Cold sandboxes: the candidate's sandbox is found by its job directory's name, which
+    # a pre-warmed sandbox's directory (named before its job exists) does not carry.
+    settings = embedded_settings(sqlite_url, tmp_path, sandbox_prewarm=0)
     config = quick_config(iterations=2, candidates=2, eval_timeout_s=300.0)
     store, ctx, inc = iteration_at_evaluation(
         settings, config, lambda ctx: [LOOPS_FOREVER, ctx.seed_source()])

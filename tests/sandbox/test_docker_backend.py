@@ -511,7 +511,7 @@ def test_compose_file_validates_and_keeps_the_socket_behind_the_proxy():
 
     import yaml
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]   # the repository
     compose = shutil.which("docker-compose")
     if compose is None:
         if os.environ.get("SELFPROG_REQUIRE_DOCKER") == "1":

@@ -225,15 +225,16 @@ def test_warm_containers_of_a_killed_worker_are_reaped(client, data_file, tmp_pa
         import sys, time
         from sandbox.backends.docker import DockerBackend
         from pathlib import Path
+        from tests.support.candidates import make_job
         b = DockerBackend(image={IMAGE!r}, workroot={str(workroot)!r}, owner={owner!r},
                           prewarm=2)
-        b.prewarm_for(job({TINY!r}, Path({str(data_file)!r})))
+        b.prewarm_for(make_job({TINY!r}, Path({str(data_file)!r}), memory_mb=2048, pids=256))
         assert b._pool.wait_ready({READY_S})
         print("READY", flush=True)
         time.sleep(600)
         """)
     worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                              cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parents[2])   # the repository
     try:
         assert worker.stdout.readline().strip() == b"READY"
         assert len(ours(client, owner)) == 2
