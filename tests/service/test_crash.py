@@ -61,7 +61,9 @@ def test_sandbox_worker_killed_in_the_middle_of_a_job(postgres_url, redis_url, t
                                     if name.startswith(run_id)},   # a job, not a canary
                            300, "an evaluation on sandbox1", poll=0.05, diagnose=cl.logs)
         pid, jobdir = next(iter(running.items()))
-        job_id = jobdir.rsplit("-", 1)[0]                 # <run>.lm.i<k>.c<index>
+        # <run>.lm.i<k>.c<index>, or its `.declare` step (sandbox/runner.py: a T5 candidate
+        # is declared in a sandbox of its own before it is scored)
+        job_id = jobdir.rsplit("-", 1)[0].removesuffix(".declare")
         cl.kill("sandbox1")
         # the sandbox died with its worker (parent-death signal), it did not linger
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the orphaned sandbox to die")
