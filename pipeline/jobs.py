@@ -80,6 +80,9 @@ class RunContext:
         tok = tk.train_tokenizer(texts, cfg.vocab_size)
         tk.save(tok, self.dir / "tokenizer.json")
         refinement.encode_pairs(tok, pairs, self.dir / "corpus.safetensors")
+        # the LM's stop criterion is measured on pairs it never trains on
+        heldout = refinement.make_pairs(cfg, self.task, cfg.heldout_samples, seed=cfg.seed + 7919)
+        refinement.encode_pairs(tok, heldout, self.dir / "heldout.safetensors")
         if self.task.self_programming:
             # "extended few-shot": the first samples of the same corpus
             refinement.encode_pairs(tok, pairs[:cfg.fewshot_samples], self.dir / "fewshot.safetensors")
@@ -131,12 +134,18 @@ class RunContext:
 
     def train_job(self, iteration: int, current: str) -> Job:
         cfg = self.config
+        inputs = {"data": str(self.dir / "corpus.safetensors")}
+        heldout = self.dir / "heldout.safetensors"
+        if cfg.lm_copy_criterion and heldout.exists():   # (a run prepared before it existed has none)
+            inputs["heldout"] = str(heldout)
         return Job(
             job_id=self._job_id("lm", iteration, "train"), kind="train_lm",
             source=self.lm_source(current), model_kind=self.lm_family.MODEL_KIND,
-            inputs={"data": str(self.dir / "corpus.safetensors")},
+            inputs=inputs,
             params={"vocab_size": self.tokenizer.get_vocab_size(), "epochs": cfg.lm_epochs,
                     "max_steps": cfg.lm_max_steps, "seed": cfg.seed + iteration,
+                    "copy_criterion": cfg.lm_copy_criterion, "budget_s": cfg.lm_budget_s,
+                    "warmup_steps": cfg.lm_warmup_steps, "decay_steps": cfg.lm_decay_steps,
                     "num_threads": cfg.num_threads, "device": self.settings.device,
                     "max_params": cfg.max_candidate_params},
             limits=self._limits(cfg.train_timeout_s),

@@ -120,6 +120,44 @@ def plot_scores(run: RunView, iterations: Sequence[IterationView],
     return _save(scores_figure(run, iterations, candidates), path)
 
 
+COPY_SERIES = (("lm_p_intact", "p_intact (held-out, LM copies every copy token)", "o-"),
+               ("lm_copy_accuracy", "copy accuracy (held-out, teacher-forced)", "s--"),
+               ("single_edit_rate", "samples changing exactly one parameter", "^-"))
+
+
+def copying_figure(run: RunView, iterations: Sequence[IterationView]) -> Figure:
+    """Per iteration: how well the LM copies its input (sandbox/lm_schedule.py) and the
+    share of its samples that changed exactly one design parameter (one line per arm
+    where it applies: the random arm's samples are single edits by construction)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    drawn = False
+    for arm in _arms(iterations):
+        rows = [it for it in iterations if it.arm == arm]
+        suffix = "" if arm == "lm" else f" ({arm})"
+        for attr, label, style in COPY_SERIES:
+            pts = [(it.index, getattr(it, attr)) for it in rows if getattr(it, attr) is not None]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label + suffix)
+                drawn = True
+    if drawn:
+        ax.legend(fontsize="small")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(-0.02, 1.02)
+    else:
+        _empty(ax, "no LM trained or sampled yet")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("share")
+    ax.set_title(f"run {run.id}: does the LM edit its input?")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_copying(run: RunView, iterations: Sequence[IterationView], path: Path) -> Path:
+    """`copying_figure`, written to `path` as a PNG."""
+    return _save(copying_figure(run, iterations), path)
+
+
 def plot_run(run: RunView, iterations: Sequence[IterationView],
              candidates: Sequence[CandidateView], curves: Sequence[CurveView],
              out_dir: Path) -> list[Path]:
@@ -129,6 +167,7 @@ def plot_run(run: RunView, iterations: Sequence[IterationView],
     return [
         plot_lm_loss(run, iterations, out_dir / "lm_loss.png", curves),
         plot_scores(run, iterations, candidates, out_dir / "score.png"),
+        plot_copying(run, iterations, out_dir / "copying.png"),
     ]
 
 
@@ -320,6 +359,7 @@ def plot_vision_run(run: RunView, iterations: Sequence[IterationView],
         plot_candidate_losses(run, iterations, candidates, curves, out_dir / "candidate_loss.png"),
         plot_design_params(run, iterations, candidates, out_dir / "design_params.png"),
         plot_best_params(run, iterations, candidates, out_dir / "best_params.png"),
+        plot_copying(run, iterations, out_dir / "copying.png"),
     ]
 
 

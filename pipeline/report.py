@@ -69,6 +69,12 @@ def iteration_rows(iterations: Sequence[IterationView],
             "decision": it.decision,
             "evaluated": sum(c.status == "evaluated" for c in generated),
             "total": len(generated),
+            # the LM's training (sandbox/lm_schedule.py) and what its samples did
+            "lm_steps": len(it.lm_losses) if it.lm_losses else None,
+            "lm_copy_accuracy": it.lm_copy_accuracy,
+            "lm_p_intact": it.lm_p_intact,
+            "lm_stop": it.lm_stop,
+            "single_edit_rate": it.single_edit_rate,
         })
     return rows
 
@@ -89,7 +95,7 @@ def candidate_record(c: CandidateView) -> dict[str, Any]:
             "reason": c.reason, "score": c.score, "rescore": c.rescore, "flagged": c.flagged,
             "param_count": c.param_count, "duration_s": c.duration_s, "design": c.design,
             "sha256": c.sha256, "source": c.source, "logs": c.logs,
-            "created_at": c.created_at, "started_at": c.started_at,
+            "declaration": c.declaration, "created_at": c.created_at, "started_at": c.started_at,
             "finished_at": c.finished_at}
 
 

@@ -106,9 +106,17 @@ class RunConfig:
     seed_d_ff: int = 1024
     lm_lr: float = 1e-3
     lm_batch_size: int = 16
-    # training stage
+    # training stage: until the LM copies its input (sandbox/lm_schedule.py: p_intact on
+    # a held-out slice of the corpus reaches lm_copy_criterion, then the learning rate
+    # decays to zero over lm_decay_steps), or until a cap: lm_budget_s of wall time,
+    # lm_max_steps, lm_epochs over the corpus, whichever comes first
     lm_epochs: int = 3
     lm_max_steps: int = 0              # 0: no cap
+    lm_copy_criterion: float = 0.8     # 0: no criterion, train lm_epochs/lm_max_steps
+    lm_budget_s: float = 0.0           # 0: no budget
+    lm_warmup_steps: int = 100
+    lm_decay_steps: int = 300
+    heldout_samples: int = 64          # refinement pairs the criterion is measured on
     # reprogramming stage (sampling)
     temperature: float = 1.0
     top_k: int = 50
@@ -146,7 +154,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         positive = ("iterations", "candidates", "dataset_size", "vocab_size", "d_model",
                     "lm_batch_size", "lm_epochs", "max_new_tokens", "fewshot_samples",
-                    "fewshot_epochs", "train_samples", "eval_samples", "num_threads")
+                    "fewshot_epochs", "train_samples", "eval_samples", "num_threads",
+                    "heldout_samples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -156,6 +165,11 @@ class RunConfig:
             raise ConfigError("candidates must be at most 64 per iteration")
         if self.fewshot_samples > self.dataset_size:
             raise ConfigError("fewshot_samples cannot exceed dataset_size")
+        if not 0 <= self.lm_copy_criterion <= 1:
+            raise ConfigError("lm_copy_criterion must lie in [0, 1]")
+        if min(self.lm_budget_s, self.lm_warmup_steps, self.lm_decay_steps, self.lm_max_steps) < 0:
+            raise ConfigError("lm_budget_s, lm_warmup_steps, lm_decay_steps and lm_max_steps "
+                              "cannot be negative")
         if self.d_model % self.seed_heads:
             raise ConfigError("d_model must be divisible by seed_heads")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
@@ -179,8 +193,14 @@ PRESETS: dict[str, RunConfig] = {
     "paper": RunConfig(preset="paper"),
     # Tiny sizes: a whole run finishes in minutes on a 2-core CPU machine.
     "quick": RunConfig(
-        preset="quick", iterations=3, candidates=4, dataset_size=512, vocab_size=512,
-        d_model=32, lm_lr=1e-2, lm_batch_size=16, lm_epochs=8, lm_max_steps=0,
+        preset="quick", iterations=3, candidates=4, dataset_size=4096, vocab_size=512,
+        # The seed LM of the measured recipe (docs/REPRODUCTION.md): heads of width 16,
+        # AdamW 3e-3 after a 100-step warm-up, trained until it copies its input (~1,000-
+        # 1,600 steps), then decayed over 300 steps; 4,096 pairs so that it does not
+        # memorise the corpus on the way. Sampling at temperature 0.7 drops most of the
+        # template tokens a temperature-1 sample corrupts.
+        d_model=64, seed_heads=4, seed_d_ff=256, lm_lr=3e-3, lm_batch_size=16, lm_epochs=20,
+        lm_max_steps=3000, lm_budget_s=150.0, temperature=0.7,
         max_new_tokens=96, train_samples=1000, eval_samples=300,
         # eval_timeout_s: an evaluation (64 steps) took up to ~100 s of wall time on the
         # 2-core machine under a load average of ~13; a slow but honest candidate must

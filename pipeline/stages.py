@@ -213,8 +213,10 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
         chain(_job_task(job, ctx.dir / "generate", **kw), after_generation.s(**kw)).apply_async()
     elif stage == "generating":   # the control arm: random refinements instead of the LM
         # Deterministic sources: a second pass finds every row already there.
-        _add_candidates(store, ctx, index, arm, _random_refinements(ctx, it.source_in, index))
-        won = _advance(store, run_id, index, arm, "generating", "evaluating")
+        sources = _random_refinements(ctx, it.source_in, index)
+        _add_candidates(store, ctx, index, arm, sources)
+        won = _advance(store, run_id, index, arm, "generating", "evaluating",
+                       single_edit_rate=single_edit_rate(ctx, it.source_in, sources))
         if _moved(won, store, run_id, index, arm, "evaluating"):
             _dispatch(store, ctx, index, arm, "evaluating")
     elif stage == "evaluating":
@@ -260,14 +262,19 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
         store.update_iteration(run_id, index, arm, lm_losses=res.losses, lm_seconds=res.duration_s)
         raise RuntimeError(f"the LM defined by the current source could not be trained "
                            f"({res.status}: {res.reason})")
+    copy = res.lm_metrics or {}
     won = _advance(store, run_id, index, arm, "training", "generating",
-                              lm_losses=res.losses, lm_seconds=res.duration_s)
+                   lm_losses=res.losses, lm_seconds=res.duration_s,
+                   lm_copy_accuracy=copy.get("copy_accuracy"), lm_p_intact=copy.get("p_intact"),
+                   lm_stop=copy.get("stop"))
     if won or (_redelivered.get()
                and not any(c.iteration == index for c in store.curves(run_id, "lm_loss"))):
         store.add_curve(run_id, "lm_loss", res.losses, iteration=index)
     if won:
         events.emit(run_id, "lm_trained", iteration=index, arm=arm, steps=len(res.losses),
-                    final_loss=res.losses[-1] if res.losses else None, seconds=res.duration_s)
+                    final_loss=res.losses[-1] if res.losses else None, seconds=res.duration_s,
+                    copy_accuracy=copy.get("copy_accuracy"), p_intact=copy.get("p_intact"),
+                    stop=copy.get("stop"))
     if _moved(won, store, run_id, index, arm, "generating"):
         _dispatch(store, ctx, index, arm, "generating")
 
@@ -279,19 +286,34 @@ def after_generation(result: dict, *, run_id: str, index: int, arm: str = "lm") 
     if store.get_run(run_id).status != "running":
         return
     # The stage moves first: only the winner's samples become candidates (a duplicate
-    # generation could have sampled differently).
+    # generation could have sampled differently). The header line naming the move is
+    # cut off each sample (pipeline/refinement.py).
+    sources = []
+    if res.status == "ok":
+        sources = [refinement.strip_header(tk.decode(ctx.tokenizer, ids)) for ids in res.samples]
+    rate = single_edit_rate(ctx, store.get_iteration(run_id, index, arm).source_in, sources)
     won = _advance(store, run_id, index, arm, "generating", "evaluating",
-                              gen_seconds=res.duration_s)
+                   gen_seconds=res.duration_s, single_edit_rate=rate)
     if not _moved(won, store, run_id, index, arm, "evaluating"):
         return
     if res.status == "ok":
-        sources = [tk.decode(ctx.tokenizer, ids) for ids in res.samples]
+        events.emit(run_id, "generated", iteration=index, arm=arm, samples=len(sources),
+                    single_edit_rate=rate)
     else:  # no candidates this time; the incumbent is still scored and kept
         log.warning("generation failed in run %s iteration %d: %s", run_id, index, res.reason)
         events.emit(run_id, "generation_failed", iteration=index, arm=arm, reason=res.reason)
-        sources = []
     _add_candidates(store, ctx, index, arm, sources)
     _dispatch(store, ctx, index, arm, "evaluating")
+
+
+def single_edit_rate(ctx: RunContext, parent: str, sources: list[str]) -> float | None:
+    """The share of samples whose design differs from the parent's in exactly one
+    parameter (an unparsable sample counts as not one edit); None without samples."""
+    if not sources:
+        return None
+    family, before = ctx.family, refinement.parse(parent, ctx.task)
+    ones = sum(refinement.edits(family, before, refinement.parse(s, ctx.task)) == 1 for s in sources)
+    return ones / len(sources)
 
 
 def _add_candidates(store: LineageStore, ctx: RunContext, index: int, arm: str,
@@ -347,7 +369,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
         status, reason = outcome(res)
         if store.record_result(cid, status=status, reason=reason, score=res.score,
                                param_count=res.param_count, duration_s=res.duration_s,
-                               logs=res.logs, losses=res.losses):
+                               logs=res.logs, losses=res.losses, declaration=res.declaration):
             c = store.get_candidate(cid)
             events.emit(run_id, "candidate", iteration=index, index=c.index, arm=arm,
                         role=c.role, status=status, score=res.score, reason=reason[:200])

@@ -38,6 +38,7 @@ from sandbox.protocol import (GO_FILE, GO_POLL_S, JOB_FILE, OUT_DIR, PROGRESS_FI
                               SETUP_ERROR_PREFIX, SETUP_EXIT_CODE)
 from sandbox.schema import (MAX_REASON_CHARS, PREDICTIONS_FILE, Declaration, Job, Result,
                             SchemaError)
+from sandbox.lm_schedule import Schedule, copy_metrics
 from sandbox.training import (CANDIDATE_FILE, build, build_declared, count_params, declare,
                               declared_dynamics, fingerprint, fit, generate, load_candidate,
                               load_input, load_weights, mean_loss, pick_device, predict,
@@ -190,13 +191,22 @@ def run(job: Job, root: Path, t: "Trusted | None" = None,
     if job.kind == "train_lm":
         model = make_model()
         data = load_input(root, job, "data", t)
+        dyn = dynamics(model)
+        schedule = None
+        if "heldout" in job.inputs and dyn is not None:
+            # train until the LM copies its input (sandbox/lm_schedule.py), judged on a
+            # held-out slice of the corpus; only for a declared LM (harness code only)
+            heldout = load_input(root, job, "heldout", t)
+            schedule = Schedule(job.params, dyn[0], lambda: copy_metrics(model, heldout, device))
         losses = fit(model, module, data, job, device, t, integrity,
-                     progress=root / OUT_DIR / PROGRESS_FILE, dynamics=dynamics(model))
+                     progress=root / OUT_DIR / PROGRESS_FILE, dynamics=dyn, schedule=schedule)
         n = count_params(model)
         score = mean_loss(losses)
+        metrics = schedule.metrics(len(losses)) if schedule is not None else None
         save_weights(model, root / OUT_DIR / "weights.safetensors", t)   # no candidate code after this
         return Result(job_id=job.job_id, kind=job.kind, status="ok", losses=losses,
-                      param_count=n, score=score, outputs=["weights.safetensors"])
+                      param_count=n, score=score, outputs=["weights.safetensors"],
+                      lm_metrics=metrics)
 
     if job.kind == "generate":
         model = make_model()

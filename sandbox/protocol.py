@@ -23,7 +23,8 @@ import hmac
 # context (scripts/build-images.sh) and covered by the harness's integrity snapshot
 # (sandbox/guards.py). Nothing else of the package goes in: the gate, the canary and
 # the backends are trusted-side code. A new module the harness needs must be named here.
-SANDBOX_MODULES = ("__init__", "protocol", "schema", "guards", "training", "harness")
+SANDBOX_MODULES = ("__init__", "protocol", "schema", "guards", "training", "lm_schedule",
+                   "harness")
 
 # Names in a job directory.
 JOB_FILE = "job.json"

@@ -21,6 +21,9 @@ SCORE_KINDS = {"loss": "min", "accuracy": "max"}  # score kind -> direction (bet
 # What a sandbox run can end as. The harness writes ok/invalid/oom itself; the backend
 # adds the ones the harness cannot report (it was killed, or never started).
 RESULT_STATUSES = ("ok", "invalid", "timeout", "oom", "rejected", "crashed")
+# why an LM's training stopped (sandbox/lm_schedule.py): it copies its input, its time
+# budget or step cap ran out, or its epochs did
+LM_STOPS = ("criterion", "budget", "max_steps", "epochs")
 
 MAX_SOURCE_BYTES = 64 * 1024
 MAX_RESULT_BYTES = 4 * 1024 * 1024
@@ -55,6 +58,11 @@ JOB_PARAMS: dict[str, tuple[type, float, float]] = {
     "num_threads": (int, 1, 256),
     "max_batch_size": (int, 1, 65536),
     "max_params": (int, 1, 10**11),
+    # train_lm: until it copies (sandbox/lm_schedule.py)
+    "copy_criterion": (float, 0.0, 1.0),    # 0: no criterion
+    "budget_s": (float, 0.0, 86_400.0),     # 0: no budget
+    "warmup_steps": (int, 0, 1_000_000),
+    "decay_steps": (int, 0, 1_000_000),
 }
 JOB_TEXT_PARAMS = {"score": tuple(SCORE_KINDS), "device": ("cpu", "cuda", "auto")}
 JOB_LIST_PARAMS = {"prompt_ids": MAX_PROMPT_TOKENS, "input_shape": 4}
@@ -62,6 +70,23 @@ JOB_LIST_PARAMS = {"prompt_ids": MAX_PROMPT_TOKENS, "input_shape": 4}
 
 class SchemaError(ValueError):
     """A job or result does not follow the schema."""
+
+
+def _lm_metrics(m: Any) -> dict:
+    """A train_lm result's copy metrics (sandbox/lm_schedule.py), exactly these keys."""
+    keys = {"copy_accuracy", "p_intact", "stop", "criterion_step"}
+    if not isinstance(m, dict) or set(m) != keys:
+        raise SchemaError(f"lm_metrics must have exactly the keys {sorted(keys)}")
+    for k in ("copy_accuracy", "p_intact"):
+        if not 0.0 <= _finite(m[k], k) <= 1.0:
+            raise SchemaError(f"{k} must lie in [0, 1]")
+    if m["stop"] not in LM_STOPS:
+        raise SchemaError(f"stop must be one of {LM_STOPS}")
+    step = m["criterion_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+        raise SchemaError("criterion_step must be an integer >= -1")
+    return {"copy_accuracy": float(m["copy_accuracy"]), "p_intact": float(m["p_intact"]),
+            "stop": m["stop"], "criterion_step": step}
 
 
 def _finite(x: Any, what: str) -> float:
@@ -344,6 +369,7 @@ class Result:
     duration_s: float = 0.0
     logs: str = ""                                          # bounded tail, added by the backend
     declaration: dict | None = None                         # declare: the Declaration
+    lm_metrics: dict | None = None                          # train_lm: how well it copies
 
     def validate(self) -> "Result":
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
@@ -378,6 +404,8 @@ class Result:
         _finite(self.duration_s, "duration_s")
         if self.declaration is not None:
             self.declaration = Declaration.from_dict(self.declaration).to_dict()
+        if self.lm_metrics is not None:
+            self.lm_metrics = _lm_metrics(self.lm_metrics)
         if self.status == "ok" and self.kind == "declare" and self.declaration is None:
             raise SchemaError("an ok declare result must carry the declaration")
         if self.status == "ok" and self.kind == "evaluate" and self.score is None \

@@ -101,7 +101,8 @@ def _no_modes(t: Trusted) -> None:
 
 
 def fit(model, module, data: dict, job: Job, device, t: Trusted,
-        integrity: Integrity, progress: Path | None = None, dynamics=None) -> list[float]:
+        integrity: Integrity, progress: Path | None = None, dynamics=None,
+        schedule=None) -> list[float]:
     """Train for `epochs` over the data with the candidate's optimizer and batch size
     (`train(model)` of `module`, or `dynamics` = (optimizer, batch_size) built from a
     declaration).
@@ -110,7 +111,9 @@ def fit(model, module, data: dict, job: Job, device, t: Trusted,
     logits, through references captured before the candidate ran), so a candidate
     cannot report a better number than it earned. With `progress`, the latest step and
     loss are appended there as JSON lines, at most every PROGRESS_EVERY_S seconds, for
-    people watching (the backend relays them; nothing is decided on them).
+    people watching (the backend relays them; nothing is decided on them). `schedule`
+    (the LM's training, sandbox/lm_schedule.py) sets the learning rate before each step
+    and decides when to stop.
     """
     optimizer, batch_size = dynamics or _learning_dynamics(module, model, job, t)
     integrity.check()
@@ -120,6 +123,7 @@ def fit(model, module, data: dict, job: Job, device, t: Trusted,
     max_steps = int(job.params.get("max_steps", 0))
     amp = device.type == "cuda"
     losses: list[float] = []
+    stopped = False
     report = _Progress(progress, t) if progress is not None else None
     model.train()
     for _ in range(int(job.params.get("epochs", 1))):
@@ -141,13 +145,19 @@ def fit(model, module, data: dict, job: Job, device, t: Trusted,
             optimizer.zero_grad(set_to_none=True)
             t.backward(loss)
             t.clip_grad_norm_(model.parameters(), 1.0)
+            if schedule is not None:
+                schedule.before_step(len(losses) + 1)
             optimizer.step()
             losses.append(value)
             if report is not None:
                 report.step(len(losses), value)
-            if max_steps and len(losses) >= max_steps:
+            if schedule is not None and schedule.after_step(len(losses)):
+                stopped = True
                 break
-        if max_steps and len(losses) >= max_steps:
+            if max_steps and len(losses) >= max_steps:
+                stopped = True
+                break
+        if stopped:
             break
     if report is not None:
         report.close(len(losses), losses[-1] if losses else None)

@@ -72,10 +72,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def iteration_table(rows: list[dict[str, Any]]) -> str:
     return table(
-        ["it", "arm", "stage", "selected design", "score", "incumbent", "decision", "evaluated"],
+        ["it", "arm", "stage", "selected design", "score", "incumbent", "decision", "evaluated",
+         "LM steps", "p_intact", "1-edit"],
         [[r["index"], r["arm"], r["stage"], fmt_design(r["design"]), fmt_score(r["score"]),
           fmt_score(r["incumbent_score"]), r["decision"] or "-",
-          f"{r['evaluated']}/{r['total']}"] for r in rows])
+          f"{r['evaluated']}/{r['total']}", _steps(r), _share(r["lm_p_intact"]),
+          _share(r["single_edit_rate"])] for r in rows])
+
+
+def _steps(row: dict[str, Any]) -> str:
+    """LM steps, and why training stopped unless it met its criterion ("1500", "3000 budget")."""
+    if row["lm_steps"] is None:
+        return "-"
+    stop = row["lm_stop"]
+    return f"{row['lm_steps']}" + (f" {stop}" if stop and stop != "criterion" else "")
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def print_progress(event: str, info: dict[str, Any]) -> None:
@@ -91,6 +105,15 @@ def print_progress(event: str, info: dict[str, Any]) -> None:
             line += f"  score {fmt_score(info['score'])}"
     elif event == "lm_step":
         line = f"{where} LM step {info.get('step', '?')}: loss {fmt_score(info.get('loss'))}"
+    elif event == "lm_trained":
+        line = f"{where} LM trained: {info.get('steps', '?')} steps, loss {fmt_score(info.get('final_loss'))}"
+        if info.get("p_intact") is not None:
+            line += (f", copies its input: p_intact {info['p_intact']:.2f}, copy accuracy "
+                     f"{info.get('copy_accuracy', 0):.3f} (stopped: {info.get('stop')})")
+    elif event == "generated":
+        rate = info.get("single_edit_rate")
+        line = (f"{where} {info.get('samples', '?')} samples, "
+                f"{'-' if rate is None else f'{100 * rate:.0f}%'} change exactly one parameter")
     elif event == "iteration":
         line = (f"{where} {info.get('decision') or 'done'}: score {fmt_score(info.get('score'))}"
                 f"  {fmt_design(info.get('design'))}")

@@ -260,7 +260,8 @@ class LineageStore:
     def record_result(self, candidate_id: int, *, status: str, reason: str = "",
                       score: float | None = None, param_count: int | None = None,
                       duration_s: float | None = None, logs: str = "",
-                      losses: list[float] | None = None) -> bool:
+                      losses: list[float] | None = None,
+                      declaration: dict | None = None) -> bool:
         """Move a pending/running candidate to its final state, once.
 
         Returns False, changing nothing, when the candidate is already terminal: a
@@ -273,7 +274,7 @@ class LineageStore:
                       score=finite(score, "score"),
                       param_count=None if param_count is None else int(param_count),
                       duration_s=finite(duration_s, "duration_s"),
-                      logs=bound_logs(logs), finished_at=utcnow())
+                      logs=bound_logs(logs), finished_at=utcnow(), declaration=declaration)
         curve = None if losses is None else floats(losses, "losses")
         with self._session() as s, s.begin():
             # The status test is in the UPDATE itself, so of two concurrent writers only

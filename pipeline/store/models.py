@@ -120,6 +120,9 @@ class Candidate(Base):
     # two scores disagree it is flagged and never selected.
     rescore: Mapped[float | None] = mapped_column(Float, nullable=True)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # the self task: the model and learning dynamics the candidate's code declared
+    # (sandbox/schema.py Declaration); what the harness then built, trained and scored
+    declaration: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
 
 
 class Iteration(Base):
@@ -146,6 +149,12 @@ class Iteration(Base):
     lm_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     gen_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # how well this iteration's LM copies its input (sandbox/lm_schedule.py), why its
+    # training stopped, and the share of its samples that changed exactly one parameter
+    lm_copy_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lm_p_intact: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lm_stop: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    single_edit_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 

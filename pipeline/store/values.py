@@ -11,7 +11,8 @@ from pipeline.store.models import DECISIONS, ITERATION_STAGES, utcnow
 from sandbox.schema import MAX_LOG_CHARS, MAX_REASON_CHARS
 
 ITERATION_FIELDS = {"stage", "incumbent_id", "selected_id", "decision", "lm_losses",
-                    "lm_seconds", "gen_seconds", "eval_seconds", "finished_at"}
+                    "lm_seconds", "gen_seconds", "eval_seconds", "finished_at",
+                    "lm_copy_accuracy", "lm_p_intact", "lm_stop", "single_edit_rate"}
 
 
 def text(value: str) -> str:
@@ -74,7 +75,8 @@ def iteration_values(fields: dict[str, Any], allowed: set[str],
         check(fields["decision"], DECISIONS, "decision")
     if "lm_losses" in fields:
         fields["lm_losses"] = floats(fields["lm_losses"] or [], "lm_losses")
-    for name in ("lm_seconds", "gen_seconds", "eval_seconds"):
+    for name in ("lm_seconds", "gen_seconds", "eval_seconds", "lm_copy_accuracy",
+                 "lm_p_intact", "single_edit_rate"):
         if name in fields:
             fields[name] = finite(fields[name], name)
     if stage == "done":

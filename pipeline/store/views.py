@@ -39,6 +39,10 @@ class IterationView:
     lm_seconds: float | None
     gen_seconds: float | None
     eval_seconds: float | None
+    lm_copy_accuracy: float | None
+    lm_p_intact: float | None
+    lm_stop: str | None
+    single_edit_rate: float | None
     created_at: datetime
     finished_at: datetime | None
 
@@ -66,6 +70,7 @@ class CandidateView:
     finished_at: datetime | None
     rescore: float | None = None
     flagged: bool = False
+    declaration: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:

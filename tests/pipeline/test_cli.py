@@ -47,9 +47,12 @@ def populated(database_url):
         s.mark_running([seed.id, good.id])
         s.record_result(seed.id, status="evaluated", score=3.0, param_count=1_000_000,
                         losses=[3.5, 3.0])
-        s.record_result(good.id, status="evaluated", score=2.0, param_count=900_000)
+        s.record_result(good.id, status="evaluated", score=2.0, param_count=900_000,
+                        declaration=DECLARED)
         s.update_iteration(run_id, 0, stage="done", incumbent_id=seed.id, selected_id=good.id,
-                           decision="replaced", lm_losses=[4.0, 3.0, 2.5, 2.2])
+                           decision="replaced", lm_losses=[4.0, 3.0, 2.5, 2.2],
+                           lm_copy_accuracy=0.998, lm_p_intact=0.83, lm_stop="criterion",
+                           single_edit_rate=0.5)
         # iteration 1: the incumbent copies the winner; its only rival times out
         s.ensure_iteration(run_id, 1, source_in=source(900))
         inc = s.ensure_candidate(run_id, 1, 0, role="incumbent", source=source(900),
@@ -59,11 +62,16 @@ def populated(database_url):
         s.record_result(inc.id, status="evaluated", score=1.9)
         s.record_result(slow.id, status="timeout", reason="deadline of 120 s exceeded")
         s.update_iteration(run_id, 1, stage="done", incumbent_id=inc.id, selected_id=inc.id,
-                           decision="kept", lm_losses=[2.4, 2.0, 1.7])
+                           decision="kept", lm_losses=[2.4, 2.0, 1.7], lm_copy_accuracy=0.97,
+                           lm_p_intact=0.31, lm_stop="budget", single_edit_rate=0.0)
         s.set_run_status(run_id, "completed")
         other = s.create_run(config={}, task="mnist", preset="quick", seed=0)
         yield {"url": database_url, "run": run_id, "other": other, "seed": seed.id,
                "good": good.id, "bad": bad.id, "inc": inc.id, "slow": slow.id}
+
+
+DECLARED = {"model": {"d_model": 64}, "optimizer": "AdamW", "hyper": {"lr": 0.003},
+            "batch_size": 16}
 
 
 def cli(url: str | None, *args: str, env: dict | None = None):
@@ -129,6 +137,9 @@ def test_show(populated):
     assert "d_ff=900" in rows[0] and "2.0000" in rows[0] and "3.0000" in rows[0]
     assert "replaced" in rows[0] and "1/2" in rows[0]
     assert "kept" in rows[1] and "1.9000" in rows[1] and "0/1" in rows[1]
+    # the LM's training: steps (and a cap that stopped it), p_intact, single-edit share
+    assert rows[0].split()[-3:] == ["4", "83%", "50%"]
+    assert rows[1].split()[-4:] == ["3", "budget", "31%", "0%"]
 
 
 def test_show_json(populated):
@@ -137,7 +148,9 @@ def test_show_json(populated):
     first, second = data["iterations"]
     assert first == {"index": 0, "arm": "lm", "stage": "done", "selected_id": populated["good"],
                      "design": design(900), "score": 2.0, "incumbent_id": populated["seed"],
-                     "incumbent_score": 3.0, "decision": "replaced", "evaluated": 1, "total": 2}
+                     "incumbent_score": 3.0, "decision": "replaced", "evaluated": 1, "total": 2,
+                     "lm_steps": 4, "lm_copy_accuracy": 0.998, "lm_p_intact": 0.83,
+                     "lm_stop": "criterion", "single_edit_rate": 0.5}
     assert (second["decision"], second["score"], second["evaluated"], second["total"]) == (
         "kept", 1.9, 0, 1)
 
@@ -201,7 +214,7 @@ def test_plot(populated, tmp_path):
     out_dir = tmp_path / "figs" / "nested"
     result = ok(cli(populated["url"], "plot", populated["run"], "--out", str(out_dir)))
     paths = result.stdout.split()
-    assert [p.rsplit("/", 1)[-1] for p in paths] == ["lm_loss.png", "score.png"]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["lm_loss.png", "score.png", "copying.png"]
     for p in paths:
         data = open(p, "rb").read()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
@@ -300,6 +313,9 @@ def test_progress_lines(capsys):
     print_progress("iteration", {"iteration": 0, "decision": "replaced", "score": 1.2,
                                  "design": design(900)})
     print_progress("lm_trained", {"iteration": 1, "steps": 256, "final_loss": 0.38312718})
+    print_progress("lm_trained", {"iteration": 2, "steps": 1400, "final_loss": 0.05,
+                                  "p_intact": 0.8312, "copy_accuracy": 0.99871, "stop": "criterion"})
+    print_progress("generated", {"iteration": 2, "samples": 8, "single_edit_rate": 0.875})
     print_progress("resumed", {"from_iteration": 2})
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -308,7 +324,10 @@ def test_progress_lines(capsys):
         "[iteration 0] candidate 2: evaluated  score 1.2346",
         "[iteration 0] candidate 3: timeout",
         "[iteration 0] replaced: score 1.2000  enc=2 dec=2 d_ff=900 heads=8",
-        "[iteration 1] lm_trained steps=256 final_loss=0.3831",
+        "[iteration 1] LM trained: 256 steps, loss 0.3831",
+        "[iteration 2] LM trained: 1400 steps, loss 0.0500, copies its input: p_intact 0.83, "
+        "copy accuracy 0.999 (stopped: criterion)",
+        "[iteration 2] 8 samples, 88% change exactly one parameter",
         "[run] resumed from_iteration=2",
     ]
 
@@ -447,12 +466,13 @@ def _documented_keys() -> dict[str, list[frozenset]]:
 RUN_KEYS = {"id", "task", "preset", "seed", "status", "error", "config", "created_at",
             "updated_at", "finished_at"}
 ROW_KEYS = {"index", "arm", "stage", "selected_id", "design", "score", "incumbent_id",
-            "incumbent_score", "decision", "evaluated", "total"}
+            "incumbent_score", "decision", "evaluated", "total", "lm_steps", "lm_copy_accuracy",
+            "lm_p_intact", "lm_stop", "single_edit_rate"}
 ARM_KEYS = {"start", "end", "iterations_done", "end_params", "end_design"}
 CANDIDATE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
                   "reason", "score", "rescore", "flagged", "param_count", "duration_s",
-                  "design", "sha256", "source", "logs", "created_at", "started_at",
-                  "finished_at"}
+                  "design", "sha256", "source", "logs", "declaration", "created_at",
+                  "started_at", "finished_at"}
 LINEAGE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
                 "score", "design", "sha256", "diff"}
 REPORT_KEYS = {"run_id", "status", "error", "iterations"}

@@ -58,6 +58,45 @@ def test_encoded_pairs_follow_the_data_contract(tmp_path):
     assert (d["attention_mask"].sum(1) == torch.tensor([len(tk.encode(tok, s)) for s, _ in pairs])).all()
     first = d["labels"][0][d["labels"][0] != -100].tolist()
     assert tk.decode(tok, first) == pairs[0][1]
+    assert d["copy_mask"].shape == d["labels"].shape
+
+
+@pytest.mark.parametrize("task", ["self", "digits"])
+def test_the_copy_mask_marks_every_target_token_but_the_header_and_the_edit(tmp_path, task):
+    spec = get_task(task)
+    cfg = preset("quick", task=task)
+    pairs = refinement.make_pairs(cfg, spec, 30, seed=5)
+    tok = tk.train_tokenizer([t for p in pairs for t in p], 512)
+    refinement.encode_pairs(tok, pairs, tmp_path / "d.safetensors")
+    d = load_file(str(tmp_path / "d.safetensors"))
+    for i, (src, target) in enumerate(pairs):
+        labels = d["labels"][i][d["labels"][i] != -100].tolist()
+        copy = d["copy_mask"][i][:len(labels)].tolist()
+        head = tok.encode(target.split("\n", 1)[0] + "\n", add_special_tokens=False).ids
+        assert labels[:len(head)] == head and not any(copy[:len(head)])
+        # what is not copied after the header is the edited number: a few digit tokens
+        edited = [t for t, c in zip(labels[len(head):], copy[len(head):]) if not c]
+        assert 1 <= len(edited) <= 4
+        assert all(tok.id_to_token(t).isdigit() for t in edited), [tok.id_to_token(t) for t in edited]
+        # and the copied tokens are exactly the source's, before and after the edit
+        body = labels[len(head):]
+        kept = [t for t, c in zip(body, copy[len(head):]) if c]
+        assert len(kept) == len(body) - len(edited)
+        assert kept[-1] == tk.EOS and tk.encode(tok, src)[-1] == tk.EOS
+
+
+def test_the_header_names_the_move_and_is_stripped_from_a_sample():
+    cfg = preset("quick")
+    family = get_family("transformer")
+    for src, target in refinement.make_pairs(cfg, T5, 40, seed=2):
+        head, body = target.split("\n", 1)
+        name, sign = head.removeprefix(refinement.HEADER).split()
+        a, b = refinement.parse(src, T5), refinement.parse(body, T5)
+        assert [p for p in family.PARAMS if a[p] != b[p]] == [name]
+        assert (b[name] > a[name]) == (sign == "+")
+        assert refinement.strip_header(target) == body
+    assert refinement.strip_header("import torch\n") == "import torch\n"   # no header: as is
+    assert refinement.strip_header("# refine: d_ff +") == ""
 
 
 def test_random_refinement_of_a_parsed_source_changes_one_parameter():
@@ -75,7 +114,9 @@ def test_every_corpus_pair_differs_in_exactly_one_integer_literal(task, seed):
     spec = get_task(task)
     cfg = preset("quick", task=task)
     seed_literals = int_literals(refinement.render(refinement.seed_design(cfg, spec), spec))
-    for src, ref in refinement.make_pairs(cfg, spec, 10, seed=seed):
+    for src, target in refinement.make_pairs(cfg, spec, 10, seed=seed):
+        ref = refinement.strip_header(target)
+        assert target.startswith(refinement.HEADER) and target.endswith(ref)
         a, b = int_literals(src), int_literals(ref)
         # every source of a family has the seed's shape: the same literals, in place
         assert len(a) == len(b) == len(seed_literals)
