@@ -195,12 +195,14 @@ PRESETS: dict[str, RunConfig] = {
     "quick": RunConfig(
         preset="quick", iterations=3, candidates=4, dataset_size=4096, vocab_size=512,
         # The seed LM of the measured recipe (docs/REPRODUCTION.md): heads of width 16,
-        # AdamW 3e-3 after a 100-step warm-up, trained until it copies its input (~1,000-
-        # 1,600 steps), then decayed over 300 steps; 4,096 pairs so that it does not
-        # memorise the corpus on the way. Sampling at temperature 0.7 drops most of the
-        # template tokens a temperature-1 sample corrupts.
+        # AdamW 3e-3 after a 100-step warm-up, trained until it copies its input (p_intact
+        # 0.6 on the held-out pairs, ~1,000-1,600 steps), then decayed over 200 steps, or
+        # for 2 minutes at most; 4,096 pairs so that it does not memorise the corpus on the
+        # way. Sampling at temperature 0.7 drops most of the template tokens a
+        # temperature-1 sample corrupts. Measured: docs/REPRODUCTION.md, bench/bench_core.py.
         d_model=64, seed_heads=4, seed_d_ff=256, lm_lr=3e-3, lm_batch_size=16, lm_epochs=20,
-        lm_max_steps=3000, lm_budget_s=150.0, temperature=0.7,
+        lm_max_steps=3000, lm_budget_s=120.0, lm_copy_criterion=0.6, lm_decay_steps=200,
+        temperature=0.7,
         max_new_tokens=96, train_samples=1000, eval_samples=300,
         # eval_timeout_s: an evaluation (64 steps) took up to ~100 s of wall time on the
         # 2-core machine under a load average of ~13; a slow but honest candidate must
@@ -214,6 +216,17 @@ PRESETS: dict[str, RunConfig] = {
         # Few-shot loss favours bigger models, and every iteration trains its LM from
         # scratch: a cap (2.7x the seed LM) keeps a whole quick run within minutes.
         # A candidate above it ends invalid, with the reason.
+        max_candidate_params=800_000,
+    ),
+    # The smallest run that goes through every stage, in about a minute: the LM (d_model
+    # 32, heads of width 4) trains 8 epochs of 512 pairs (256 steps), stays on the
+    # plateau where it writes the template with random numbers, and does not learn to
+    # edit one parameter. For tests and for trying the service, not for results.
+    "smoke": RunConfig(
+        preset="smoke", iterations=3, candidates=4, dataset_size=512, vocab_size=512,
+        d_model=32, lm_lr=1e-2, lm_batch_size=16, lm_epochs=8, lm_max_steps=0,
+        max_new_tokens=96, train_samples=1000, eval_samples=300,
+        train_timeout_s=600.0, eval_timeout_s=300.0, fewshot_samples=512, fewshot_epochs=2,
         max_candidate_params=800_000,
     ),
     # The paper's section 4.2 search (n=8 candidates, 5 iterations, 2 epochs per

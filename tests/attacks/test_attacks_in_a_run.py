@@ -54,7 +54,7 @@ BATCH = {
 @pytest.mark.root("the process sandbox")   # skips without root; fails in CI
 def test_attack_batch_as_run_candidates_all_end_recorded(sqlite_url, tmp_path):
     settings = _settings(sqlite_url, tmp_path, sandbox_memory_mb=1024)
-    config = preset("quick", iterations=1, candidates=len(BATCH), eval_timeout_s=60.0)
+    config = preset("smoke", iterations=1, candidates=len(BATCH), eval_timeout_s=60.0)
     store, ctx, inc = iteration_at_evaluation(settings, config,
                                               [src for _, _, src in BATCH.values()])
     run_id = ctx.run_id

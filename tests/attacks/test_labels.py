@@ -179,7 +179,7 @@ def test_a_runs_sandbox_file_holds_no_eval_labels(tmp_path):
     eval_x; eval_y is only in the trusted labels file the job names."""
     from pipeline.jobs import RunContext
     from pipeline.settings import Settings, preset
-    cfg = preset("quick", task="digits", dataset_size=64, train_samples=64, eval_samples=32)
+    cfg = preset("smoke", task="digits", dataset_size=64, train_samples=64, eval_samples=32)
     ctx = RunContext("r-labels", cfg, Settings.from_env(env={}, artifact_dir=str(tmp_path)))
     ctx.prepare()
     job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source())

@@ -435,7 +435,7 @@ def test_installed_package_launches_from_an_unrelated_directory(tmp_path):
                            env=env, cwd=work, capture_output=True, text=True)
     assert where.stdout.startswith(str(site)), (where.stdout, where.stderr)
     launch = subprocess.run([sys.executable, str(site / "bin" / "selfprog-cli"), "launch",
-                             "--preset", "quick", "--iterations", "1", "--candidates", "2",
+                             "--preset", "smoke", "--iterations", "1", "--candidates", "2",
                              "--backend", "process", "--set", "lm_epochs=1",
                              "--set", "fewshot_epochs=1", "--json"],
                             env=env, cwd=work, capture_output=True, text=True, timeout=900)

@@ -24,7 +24,7 @@ def _evaluate(tmp_path, path, *args: str):
 
 def test_evaluate_gives_the_score_a_run_records(sqlite_url, tmp_path):
     settings = embedded_settings(sqlite_url, tmp_path)
-    config = preset("quick", iterations=1, candidates=1)
+    config = preset("smoke", iterations=1, candidates=1)
     store, ctx, inc = iteration_at_evaluation(settings, config, lambda ctx: [
         ctx.seed_source().replace("lr=0.01", "lr=0.02")])
     stages._dispatch(store, ctx, 0, "lm", "evaluating")

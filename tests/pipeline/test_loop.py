@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from pipeline import runs, selection, stages
+from pipeline.families.transformer import PARAMS
 from pipeline.jobs import RunContext
 from pipeline.settings import RunConfig, preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
@@ -38,7 +39,7 @@ def _check_selection_rule(store: LineageStore, run_id: str, direction: str) -> N
 @pytest.mark.slow
 def test_quick_run_end_to_end(database_url, tmp_path):
     settings = _settings(database_url, tmp_path)
-    config = preset("quick", iterations=2, candidates=3)
+    config = preset("smoke", iterations=2, candidates=3)
     events = []
     run_id = runs.launch(settings, config, progress=lambda e, i: events.append((e, i)))
 
@@ -73,6 +74,17 @@ def test_quick_run_end_to_end(database_url, tmp_path):
     trained = [i for e, i in events if e == "lm_trained" and i["iteration"] == 0]
     assert len(trained) == 1 and trained[0]["steps"] == len(its[0].lm_losses)
     assert trained[0]["final_loss"] == its[0].lm_losses[-1]
+    # how well each LM copies was measured on the held-out slice and recorded, with why
+    # its training stopped (the smoke preset's LM stops at its epochs, on the plateau),
+    # and the share of samples that changed one parameter, from the candidates themselves
+    for it in its:
+        assert it.lm_stop == "epochs" and 0 <= it.lm_p_intact <= it.lm_copy_accuracy <= 1, it
+        gen = [c for c in cands if c.iteration == it.index and c.role == "candidate"]
+        parent = store.get_candidate(it.incumbent_id).design
+        ones = sum(c.design is not None and sum(c.design[k] != parent[k] for k in PARAMS) == 1
+                   for c in gen)
+        assert it.single_edit_rate == ones / len(gen)
+    assert trained[0]["p_intact"] == its[0].lm_p_intact
     store.close()
 
 
@@ -129,7 +141,7 @@ def train(model):
 
 def test_hostile_candidates_end_in_the_right_state_and_the_run_goes_on(sqlite_url, tmp_path):
     settings = _settings(sqlite_url, tmp_path, sandbox_memory_mb=1024)
-    config = preset("quick", iterations=1, candidates=len(HOSTILE), eval_timeout_s=25.0)
+    config = preset("smoke", iterations=1, candidates=len(HOSTILE), eval_timeout_s=25.0)
     # What the LM "generated" this time: four hostile sources, through the real gate.
     store, ctx, inc = iteration_at_evaluation(settings, config,
                                               [src for _, _, src in HOSTILE.values()])
@@ -151,7 +163,7 @@ def test_a_winner_whose_score_a_fresh_sandbox_does_not_reproduce_is_flagged(sqli
     """As if the first evaluation of candidate 1 had been fooled into a very low loss:
     the re-score in a fresh sandbox disagrees, so it is flagged and not selected."""
     settings = _settings(sqlite_url, tmp_path)
-    config = preset("quick", iterations=1, candidates=2)
+    config = preset("smoke", iterations=1, candidates=2)
     store, ctx, inc = iteration_at_evaluation(settings, config, lambda ctx: [
         ctx.seed_source().replace("lr=0.01", "lr=0.02"),
         ctx.seed_source().replace("lr=0.01", "lr=0.03")])

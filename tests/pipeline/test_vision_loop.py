@@ -124,7 +124,7 @@ def _source_with_in_features(design: cnn.Design, wrong: int) -> str:
 def test_wrong_in_features_ends_invalid_with_the_shape_error(sqlite_url, tmp_path):
     settings = Settings.from_env(env={}, database_url=sqlite_url,
                                  artifact_dir=str(tmp_path / "artifacts"), sandbox_backend="process")
-    config = preset("quick", task="digits", arms="lm", iterations=1, candidates=3, train_samples=200,
+    config = preset("smoke", task="digits", arms="lm", iterations=1, candidates=3, train_samples=200,
                     eval_samples=60, dataset_size=64)
     two_convs = cnn.Design(hidden_layers=1, conv_layers=2, channels=32, hidden_size=16)
 

@@ -51,9 +51,9 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_IMAGE = os.environ.get("SELFPROG_SANDBOX_IMAGE", "selfprog-sandbox:latest")
 # The quick preset, cut to what proves the path: one LM epoch (32 steps), 2 candidates.
-QUICK = ["--iterations", "1", "--candidates", "2", "--set", "lm_epochs=1"]
+QUICK = ["--preset", "smoke", "--iterations", "1", "--candidates", "2", "--set", "lm_epochs=1"]
 # The run that is cancelled: long enough that it is surely still training.
-LONG_TRAINING = ["--iterations", "1", "--candidates", "2", "--set", "lm_epochs=200"]
+LONG_TRAINING = ["--preset", "smoke", "--iterations", "1", "--candidates", "2", "--set", "lm_epochs=200"]
 TERMINAL = ("completed", "failed", "cancelled")
 
 

@@ -240,14 +240,14 @@ class RedisServer:
 
 
 # ------------------------------------------------------------------ checking a run
-QUICK_ARGS = ("--preset", "quick", "--iterations", "2", "--candidates", "2",
+QUICK_ARGS = ("--preset", "smoke", "--iterations", "2", "--candidates", "2",
               "--fewshot-samples", "16", "--set", "dataset_size=128", "--set", "lm_epochs=2")
 
 
 def quick_config(**kw):
     from pipeline.settings import preset
     base = dict(iterations=2, candidates=2, dataset_size=128, lm_epochs=2, fewshot_samples=16)
-    return preset("quick", **{**base, **kw})
+    return preset("smoke", **{**base, **kw})
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.1, diagnose=None):
