@@ -2,10 +2,11 @@
 
     python bench/bench_core.py stages       # quick preset: seconds per stage of the loop
     python bench/bench_core.py overhead     # one evaluation: process sandbox vs in-process
-    python bench/bench_core.py validity --preset paper --iterations 2 [--set k=v ...]
-                                            # per iteration: fraction of generated candidates
-                                            # that are valid, and that change exactly one
-                                            # design parameter
+    python bench/bench_core.py validity --preset quick --iterations 3 [--set k=v ...]
+                                            # per iteration: the LM's training (steps, why it
+                                            # stopped, held-out copy accuracy and p_intact),
+                                            # and the fraction of generated candidates that
+                                            # are valid and that change exactly one parameter
 
 Everything runs on the embedded default (SQLite in a temporary directory). Ratios are
 measured side by side in the same process, so they compare like with like on this
@@ -92,25 +93,37 @@ def overhead(args) -> None:
 
 
 def validity(args) -> None:
+    """Does the LM edit its input? Per iteration: how long its LM trained and why it
+    stopped, how well it copies on the held-out pairs, and of its samples the share that
+    are valid (evaluated) and that change exactly one design parameter."""
+    from pipeline.catalog import get_task
+    from pipeline.families import get_family
+
     with tempfile.TemporaryDirectory() as d:
         s = _settings(Path(d), args.backend)
         cfg = preset(args.preset, iterations=args.iterations, **_sets(args))
+        params = get_family(get_task(cfg.task).family).PARAMS
         t0 = time.monotonic()
         run_id = runs.launch(s, cfg)
         store = store_for(s.database_url)
-        print(f"preset {args.preset} ({cfg.iterations} iterations x {cfg.candidates} candidates, "
-              f"d_model {cfg.d_model}, corpus {cfg.dataset_size}), {time.monotonic() - t0:.0f} s")
-        print(f"{'iter':>4} {'generated':>9} {'valid':>7} {'one change':>10} {'decision':>9}")
-        for it in store.iterations(run_id):
-            rows = store.candidates(run_id, iteration=it.index)
+        print(f"preset {args.preset}, task {cfg.task} ({cfg.iterations} iterations x "
+              f"{cfg.candidates} candidates, d_model {cfg.d_model}, corpus {cfg.dataset_size}, "
+              f"temperature {cfg.temperature}), {time.monotonic() - t0:.0f} s wall")
+        print(f"{'iter':>4} {'LM steps':>8} {'stop':>9} {'LM s':>6} {'copy acc':>8} {'p_intact':>8} "
+              f"{'generated':>9} {'valid':>6} {'one change':>10} {'decision':>9}")
+        for it in store.iterations(run_id, arm="lm"):
+            rows = store.candidates(run_id, iteration=it.index, arm="lm")
             inc = next(c for c in rows if c.role == "incumbent")
             gen = [c for c in rows if c.role == "candidate"]
             valid = [c for c in gen if c.status == "evaluated"]
             one = [c for c in gen if c.design and inc.design and sum(
-                c.design.get(p) != inc.design.get(p) for p in transformer.PARAMS) == 1]
+                c.design.get(p) != inc.design.get(p) for p in params) == 1]
             n = max(1, len(gen))
-            print(f"{it.index:>4} {len(gen):>9} {len(valid) / n:>7.0%} {len(one) / n:>10.0%} "
-                  f"{it.decision or '-':>9}")
+            acc = "-" if it.lm_copy_accuracy is None else f"{it.lm_copy_accuracy:.4f}"
+            pi = "-" if it.lm_p_intact is None else f"{it.lm_p_intact:.3f}"
+            print(f"{it.index:>4} {len(it.lm_losses or []):>8} {it.lm_stop or '-':>9} "
+                  f"{it.lm_seconds or 0:>6.0f} {acc:>8} {pi:>8} {len(gen):>9} "
+                  f"{len(valid) / n:>6.0%} {len(one) / n:>10.0%} {it.decision or '-':>9}")
 
 
 def _sets(args) -> dict:
