@@ -85,6 +85,12 @@ def test_quick_run_end_to_end(database_url, tmp_path):
                    for c in gen)
         assert it.single_edit_rate == ones / len(gen)
     assert trained[0]["p_intact"] == its[0].lm_p_intact
+    # each scored candidate keeps what its code declared, and that is the design it has
+    for c in cands:
+        if c.status == "evaluated":
+            model = c.declaration["model"]
+            assert {k: model[k] for k in PARAMS} == {k: c.design[k] for k in PARAMS}, c.id
+            assert c.declaration["optimizer"] == "AdamW"
     store.close()
 
 
