@@ -33,14 +33,14 @@ def test_evaluate_gives_the_score_a_run_records(sqlite_url, tmp_path):
 
     f = tmp_path / "candidate.py"
     f.write_text(row.source)
-    result = _evaluate(tmp_path, f, "--json")
+    result = _evaluate(tmp_path, f, "--preset", "smoke", "--json")
     assert result.exit_code == 0, (result.output, result.exception)
     out = json.loads(result.stdout)
     assert out["status"] == "evaluated" and out["reason"] == ""
     assert out["score"] == row.score and out["param_count"] == row.param_count
     assert out["task"] == "self" and out["direction"] == "min"
 
-    text = _evaluate(tmp_path, f)            # the table form, from the prepared cache
+    text = _evaluate(tmp_path, f, "--preset", "smoke")   # the table form, from the prepared cache
     assert text.exit_code == 0 and "status:      evaluated" in text.output
     assert f"parameters:  {row.param_count}" in text.output
 
