@@ -28,9 +28,13 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 STACK_REDIS_PORT ?= 16379
 STACK_POSTGRES_PORT ?= 15432
 
-.PHONY: setup launch test test-fast services docker clean stack-images stack-up stack-down test-stack
+.PHONY: setup launch test test-fast services docker bubblewrap clean stack-images stack-up stack-down test-stack
 
-setup: $(VENV)/.installed
+# bubblewrap: the process sandbox backend runs candidates under it (installed as root)
+setup: $(VENV)/.installed bubblewrap
+
+bubblewrap:
+	bash scripts/bubblewrap.sh
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

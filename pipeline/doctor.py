@@ -4,7 +4,9 @@ Each check ends ok, warn or fail, with a one-line detail and, when something is 
 a one-line fix. A check fails only when the configured setup needs what is missing
 (the Docker engine when SELFPROG_SANDBOX_BACKEND=docker, Redis when a broker is set,
 a GPU when the sandbox or the harness is told to use one, a confining sandbox unless
-allow_unconfined); otherwise a missing piece is a warning. `run_checks` never raises.
+allow_unconfined, a process backend with bubblewrap unless process-unconfined is asked
+for by name or allow_unconfined); the sandbox backend check says which confinement is in
+force (docker, bubblewrap or unconfined). Otherwise a missing piece is a warning. `run_checks` never raises.
 """
 from __future__ import annotations
 
@@ -175,28 +177,43 @@ def pick_backend(s: Settings):
     try:
         logging.getLogger("sandbox.backends").disabled = True   # doctor says it itself
         backend = make_backend(s.sandbox_backend, **kw)
-        if backend.name == "process":
+        if backend.name.startswith("process"):
             backend.probe()
     except Exception as e:   # noqa: BLE001
         shutil.rmtree(workroot, ignore_errors=True)
         return None, workroot, Check("sandbox backend", FAIL,
                                      f"{s.sandbox_backend!r} cannot run: {_first_line(e)}",
-                                     "see the docker checks above; for the process backend run "
+                                     "see the docker checks above; for the process backend "
+                                     "install bubblewrap (apt-get install bubblewrap) and run "
                                      "as root with the venv where other users can read it")
     finally:
         logging.getLogger("sandbox.backends").disabled = False
-    if backend.name == "process":
-        weaker = ("the local process backend: WEAKER isolation (host files visible, "
-                  "no cgroup memory limit, no seccomp)")
-        if s.sandbox_backend == "auto":
-            return backend, workroot, Check("sandbox backend", WARN, f"'auto' picks {weaker}",
-                                            "install the Docker engine and the sandbox image "
-                                            "for container isolation")
-        return backend, workroot, Check("sandbox backend", OK, weaker)
+    if backend.name.startswith("process"):
+        return backend, workroot, _process_check(s, backend)
     return backend, workroot, Check("sandbox backend", OK,
                                     f"{s.sandbox_backend!r} picks docker ({s.sandbox_image}"
                                     + (f", runtime {s.sandbox_runtime}" if s.sandbox_runtime
-                                       else "") + ")")
+                                       else "") + "); confinement: docker")
+
+
+def _process_check(s: Settings, backend) -> Check:
+    """Which confinement the process backend has here: bubblewrap, or unconfined (a FAIL
+    unless asked for by name, `process-unconfined`, or with allow_unconfined)."""
+    confinement = backend.isolation.confinement
+    if confinement == "unconfined":
+        detail = ("confinement: unconfined, the local process backend WITHOUT bubblewrap: "
+                  "WEAKER isolation (host files, /tmp, /dev/shm, processes and compilers "
+                  "visible to candidates; no cgroup memory limit, no seccomp)")
+        asked = s.sandbox_backend == "process-unconfined" or s.allow_unconfined
+        return Check("sandbox backend", WARN if asked else FAIL, detail,
+                     "install bubblewrap and use --backend process, or Docker")
+    detail = ("confinement: bubblewrap, the local process backend (namespaces, a read-only "
+              "root of the interpreter only; WEAKER than a container: no cgroup memory "
+              "limit, no seccomp)")
+    if s.sandbox_backend == "auto":
+        return Check("sandbox backend", WARN, f"'auto' picks {detail}",
+                     "install the Docker engine and the sandbox image for container isolation")
+    return Check("sandbox backend", OK, detail)
 
 
 def check_canary(s: Settings, backend) -> Check:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.catalog import UnknownTask, get_task
+from sandbox.backends import BACKENDS as SANDBOX_BACKENDS   # auto, docker, process, process-unconfined
 
 
 # Pre-warmed sandboxes of the embedded default (one process runs every job in turn):
@@ -33,7 +34,8 @@ class Settings:
     result_backend: str = ""                  # defaults to the broker URL
     artifact_dir: str = "selfprog-artifacts"
     data_dir: str = ""                        # torchvision data sets (mnist, cifar10, emnist)
-    sandbox_backend: str = "auto"             # auto | docker | process
+    sandbox_backend: str = "auto"             # SANDBOX_BACKENDS: auto | docker | process
+                                              # | process-unconfined (by name only)
     sandbox_image: str = "selfprog-sandbox:latest"
     sandbox_runtime: str = ""                 # e.g. runsc (gVisor) for the docker backend
     sandbox_gpus: str = ""                    # "" none, "all", or "0,1": device ids
@@ -66,9 +68,9 @@ class Settings:
         if "sandbox_prewarm" not in values:
             values["sandbox_prewarm"] = 0 if values.get("broker_url") else EMBEDDED_PREWARM
         s = cls(**values)
-        if s.sandbox_backend not in ("auto", "docker", "process"):
+        if s.sandbox_backend not in SANDBOX_BACKENDS:
             raise ConfigError(f"unknown sandbox backend {s.sandbox_backend!r} "
-                              "(choose auto, docker or process)")
+                              f"(choose {', '.join(SANDBOX_BACKENDS)})")
         if s.sandbox_prewarm < 0:
             raise ConfigError("SELFPROG_SANDBOX_PREWARM must be 0 (off) or more")
         if not s.visibility_timeout_s >= 2:

@@ -20,7 +20,7 @@ import click
 from pipeline.cli.output import Context, emit_json, handle_errors, json_option, pass_ctx
 from pipeline.cli.run import parse_sets
 from pipeline.report import fmt_score
-from pipeline.settings import preset as build_preset
+from pipeline.settings import SANDBOX_BACKENDS, preset as build_preset
 
 
 def evaluate_source(settings, config, source: str) -> dict:
@@ -58,7 +58,7 @@ def evaluate_source(settings, config, source: str) -> dict:
 @click.option("--seed", type=int, help="Random seed (the run's seed).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a run setting, as for launch.")
-@click.option("--backend", type=click.Choice(["auto", "docker", "process"]),
+@click.option("--backend", type=click.Choice(list(SANDBOX_BACKENDS)),
               help="Sandbox backend (default: $SELFPROG_SANDBOX_BACKEND, else auto).")
 @json_option
 @pass_ctx

@@ -13,7 +13,7 @@ from pipeline import sweep as sweeps
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
                                  json_option, pass_ctx, print_progress, table)
 from pipeline.report import fmt_score, iteration_rows, shorten
-from pipeline.settings import ConfigError, Settings, preset as build_preset
+from pipeline.settings import SANDBOX_BACKENDS, ConfigError, Settings, preset as build_preset
 from pipeline.store import RUN_TERMINAL_STATUSES, LineageStore
 from pipeline.text import first_line, hide_password
 
@@ -43,10 +43,12 @@ def parse_sets(values: Sequence[str]) -> dict[str, str]:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any run setting (a RunConfig field), e.g. --set lm_epochs=2. "
                    "Repeatable; the dedicated options above win over --set.")
-@click.option("--backend", type=click.Choice(["auto", "docker", "process"]),
+@click.option("--backend", type=click.Choice(list(SANDBOX_BACKENDS)),
               help="Sandbox backend for generated code (default: $SELFPROG_SANDBOX_BACKEND, "
-                   "else auto: Docker when available, else local processes). Embedded "
-                   "runs only: workers use their own setting.")
+                   "else auto: Docker when available, else local processes under "
+                   "bubblewrap, else an error). process-unconfined: local processes "
+                   "without bubblewrap, WEAKER, only by name. Embedded runs only: workers "
+                   "use their own setting.")
 @click.option("--detach", is_flag=True,
               help="With a broker ($SELFPROG_BROKER_URL): submit the run, print its id and "
                    "return at once (follow it with `watch RUN`).")
@@ -305,7 +307,7 @@ def resume(obj: Context, run_id: str, detach: bool, anyway: bool, as_json: bool)
                              "Default: a new name.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any run setting of every cell (repeatable).")
-@click.option("--backend", type=click.Choice(["auto", "docker", "process"]),
+@click.option("--backend", type=click.Choice(list(SANDBOX_BACKENDS)),
               help="Sandbox backend (see launch).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG file for the figure. Default: <artifact-dir>/sweeps/<name>.png.")

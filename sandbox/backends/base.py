@@ -45,8 +45,9 @@ SABOTAGE_ENV = "SELFPROG_SABOTAGE"
 
 # TEST ONLY. The confinement properties SELFPROG_SABOTAGE can switch off, one by one
 # (`SELFPROG_SABOTAGE=network` or `=network,env`; `1` or `all`: every one). A property a
-# backend does not have is ignored by it (the process backend has no IPC or PID namespace,
-# no capability set of its own and no read-only root).
+# backend does not have is ignored by it (the process backend gets its PID and IPC
+# namespaces and its read-only root from bubblewrap, all three switched off by "bwrap";
+# it has no capability set of its own).
 SABOTAGE_PROPERTIES = {
     "network": "the host's network (process: no network namespace; docker: network host)",
     "files": "docker: the host's / mounted read-write at /host, a writable root filesystem",
@@ -62,6 +63,8 @@ SABOTAGE_PROPERTIES = {
     "capabilities": "docker: the engine's default capabilities instead of none",
     "no-new-privileges": "no PR_SET_NO_NEW_PRIVS (docker: no no-new-privileges)",
     "ipc": "docker: the host's IPC namespace",
+    "bwrap": "process: no bubblewrap (the host's filesystem, /tmp, /dev/shm, processes and "
+             "compilers are the sandbox's, as with process-unconfined)",
 }
 
 

@@ -1,6 +1,17 @@
 """Local process backend: run the harness as a confined child process on this machine.
 
-For machines without Docker (the embedded default). What confines a run:
+For machines without Docker (the embedded default). Two names (sandbox/backends/__init__.py):
+
+* `process` (ProcessBackend): everything below, and every sandbox runs under bubblewrap
+  (sandbox/backends/bwrap.py): its own user, PID, IPC, UTS and network namespaces, a
+  read-only root of only what the interpreter needs (no host /home, /work, /var, /tmp,
+  /dev/shm, no compiler), a private sized /tmp and /dev/shm, the job directory with
+  only out/ and tmp/ writable. It refuses to start where bubblewrap is missing or cannot
+  make its namespaces.
+* `process-unconfined` (UnconfinedProcessBackend): the same without bubblewrap, only by
+  name: it warns when built and in its `isolation` report (WEAKER, see below).
+
+What confines a run in both:
 
 * a fresh job directory (sandbox/backends/staging.py), cwd of the child; the candidate
   may write only `out/` and `tmp/`;
@@ -17,20 +28,21 @@ For machines without Docker (the embedded default). What confines a run:
   then every process still owned by the job uid (a `setsid` or double-fork escapee)
   is killed by a helper that becomes that uid and calls kill(-1, SIGKILL).
 
-Weaker than the Docker backend (docs: SECURITY/this docstring; `isolation` reports it):
-the host filesystem stays visible (world-readable files are readable, no read-only
-root, /tmp world-writable dirs are writable); memory is bounded as *address space*
-(RLIMIT_AS = memory_mb + headroom for what torch reserves but does not touch), not as
-resident memory with a cgroup; no PID namespace (the candidate sees host processes);
-no seccomp filter; no CPU quota (RLIMIT_CPU is a backstop, the deadline is the limit).
+Weaker than the Docker backend in both (SECURITY.md; `isolation` reports it): memory is
+bounded as *address space* (RLIMIT_AS = memory_mb + headroom for what torch reserves but
+does not touch), not as resident memory with a cgroup; no seccomp filter; no CPU quota
+(RLIMIT_CPU is a backstop, the deadline is the limit). process-unconfined also leaves
+the host filesystem visible (world-readable files are readable, /tmp and /dev/shm are
+writable and outlive the job), shows the host's processes and its compilers.
 As non-root there is no uid drop at all, and the network namespace needs
 unprivileged user namespaces; both need `allow_unconfined=True`, which logs a warning.
 
 Pre-warmed sandboxes (`prewarm=N`, Settings.sandbox_prewarm; 0 = off, the default). A
 fresh sandbox pays a few seconds to import torch and transformers (and on a GPU to
 initialise CUDA) before its candidate runs. With prewarm on, the backend keeps N
-sandboxes started ahead, each confined exactly like a job (same `_preexec`: network
-namespace, its own uid, the job's rlimits, scrubbed environment, own session), running
+sandboxes started ahead, each confined exactly like a job (same `_preexec` and the same
+bubblewrap command: namespaces, its own uid, the job's rlimits, scrubbed environment,
+own session; the job directory is bound, so what is staged later is seen), running
 `harness.warm_main` in a job directory that holds no job (`staging.stage_skeleton`): it
 imports, then blocks on stdin. `execute` takes one (`warm.WarmPool.take`), stages that one
 job's files into it (`staging.stage_job`: inputs, job.json, seal key), sets its CPU limit
@@ -66,9 +78,10 @@ from pathlib import Path
 from sandbox.backends import SandboxError
 from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, job_env,
                                    sabotage_enabled, sabotaged, sabotaged_properties)
+from sandbox.backends.bwrap import BWRAP_PROCESSES, BwrapMissing, bwrap_argv, find_bwrap
 from sandbox.backends.collect import LOG_TAIL_BYTES, read_tail
 from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, pick_uid, release_uid,
-                                           set_cpu_limit)
+                                           sandboxed_pid, set_cpu_limit)
 from sandbox.backends.staging import cleanup, stage, stage_job, stage_skeleton
 from sandbox.backends.warm import WARM_MAX_AGE_S, imports_of
 from sandbox.protocol import (HARNESS_COMMAND, OUT_DIR, STDERR_FILE, STDOUT_FILE, TMP_DIR,
@@ -100,17 +113,27 @@ _RLIMIT_PROPERTY = {resource.RLIMIT_AS: "memory", resource.RLIMIT_CPU: "cpu",
                     resource.RLIMIT_NOFILE: "open-files", resource.RLIMIT_CORE: "core"}
 
 
+UNCONFINED_WARNING = (
+    "process-unconfined: candidates run WITHOUT bubblewrap, WEAKER isolation: the host's "
+    "world-readable files, /tmp, /dev/shm, processes and compilers are the sandbox's "
+    "(SECURITY.md); use the 'process' (bubblewrap) or 'docker' backend to confine them")
+
+
 @dataclass
 class Isolation:
     """What this backend really got on this machine (checked, not assumed)."""
+    confinement: str = "bubblewrap"     # "bubblewrap", or "unconfined" (no filesystem,
+                                        # PID or IPC sandbox: process-unconfined)
     uid_drop: bool = False
     netns: bool = False
     userns: bool = False
+    pidns: bool = False
     python_ok: bool = False
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"uid_drop": self.uid_drop, "netns": self.netns, "userns": self.userns,
+        return {"confinement": self.confinement, "uid_drop": self.uid_drop,
+                "netns": self.netns, "userns": self.userns, "pidns": self.pidns,
                 "python_ok": self.python_ok, "warnings": list(self.warnings)}
 
 
@@ -125,18 +148,23 @@ class RunInfo(Run):
 
 
 class ProcessBackend(Backend):
+    """The `process` backend: every sandbox under bubblewrap (sandbox/backends/bwrap.py);
+    refuses to start where bubblewrap is missing or cannot make its namespaces."""
     name = "process"
+    confine = True               # run every sandbox under bubblewrap
 
     def __init__(self, workroot: Path | str | None = None, python: str = sys.executable,
                  uid_base: int = 200_000, allow_unconfined: bool = False,
                  uid_range: int = 100_000, keep_jobdirs: bool = False, prewarm: int = 0,
-                 prewarm_max_age_s: float = WARM_MAX_AGE_S):
+                 prewarm_max_age_s: float = WARM_MAX_AGE_S, bwrap: str | None = None):
         self.workroot = Path(workroot) if workroot else Path(tempfile.gettempdir()) / "selfprog-sandbox"
         self.python = python
         self.uid_base = uid_base
         self.uid_range = uid_range
         self.allow_unconfined = allow_unconfined
+        self.bwrap = bwrap                # bubblewrap's path; None: `bwrap` on PATH
         self.isolation: Isolation | None = None
+        self._wrapper: str | None = None  # the bwrap in use (None: unconfined)
         self._lock = threading.Lock()
         spawn = partial(spawn_warm_process, python=self.python, workroot=self.workroot,
                         uid_base=uid_base, uid_range=uid_range)
@@ -147,23 +175,32 @@ class ProcessBackend(Backend):
     def probe(self) -> Isolation:
         """Check once what confinement this machine gives; raise if it is not enough.
 
-        Runs a tiny child under the same preexec as a job (new netns, uid drop) that
-        checks the interpreter starts and finds torch/transformers/safetensors, and
-        reports the network interfaces it sees.
+        Runs a tiny child confined as a job is (bubblewrap, uid drop) that checks the
+        interpreter starts and finds torch/transformers/safetensors, and reports the
+        network interfaces and processes it sees.
         """
         with self._lock:
             if self.isolation is not None:
                 return self.isolation
-            iso = Isolation()
+            iso = Isolation(confinement="bubblewrap" if self.confine else "unconfined")
             root = os.geteuid() == 0
-            iso.netns = self._try_unshare(CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET)
-            iso.userns = iso.netns and not root
+            if self.confine and not sabotaged("bwrap"):   # TEST ONLY: see base.py
+                try:
+                    self._wrapper = find_bwrap(self.bwrap)
+                except BwrapMissing as e:
+                    raise SandboxError(str(e)) from None
+                iso.netns = iso.userns = iso.pidns = True   # the probe run checks them
+            else:
+                iso.netns = self._try_unshare(CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET)
+                iso.userns = iso.netns and not root
             if not iso.netns:
                 iso.warnings.append("no network namespace: candidates can reach the network")
             if root:
                 ok, why = self._probe_run(drop=True, netns=iso.netns)
                 if ok:
                     iso.uid_drop = iso.python_ok = True
+                elif self._wrapper and "bwrap" in why and "cannot enter" not in why:
+                    raise SandboxError(self._bwrap_failed(why))
                 elif self.allow_unconfined:
                     iso.warnings.append(f"the sandbox uid cannot run the interpreter ({why}); "
                                         "running WITHOUT the uid drop")
@@ -178,17 +215,23 @@ class ProcessBackend(Backend):
             if not iso.python_ok:
                 ok, why = self._probe_run(drop=False, netns=iso.netns)
                 if not ok:
+                    if self._wrapper and "bwrap" in why:
+                        raise SandboxError(self._bwrap_failed(why))
                     raise SandboxError(f"the process sandbox cannot run {self.python}: {why}")
                 iso.python_ok = True
             if iso.warnings and not self.allow_unconfined:
                 raise SandboxError("the process sandbox does not confine here: "
                                    + "; ".join(iso.warnings)
                                    + " (pass allow_unconfined=True to run anyway)")
+            if not self.confine:   # asked for by name: runs, and says so every time
+                iso.warnings.append(UNCONFINED_WARNING)
             for w in iso.warnings:
                 log.warning("UNCONFINED process sandbox: %s", w)
             if sabotage_enabled():   # TEST ONLY (base.py sabotaged_properties)
                 iso.netns = iso.netns and not sabotaged("network")
                 iso.uid_drop = iso.uid_drop and not sabotaged("user")
+                if self._wrapper is None:
+                    iso.confinement, iso.pidns = "unconfined", False
                 iso.warnings.append("SABOTAGE MODE (tests only): SELFPROG_SABOTAGE="
                                     + ",".join(sorted(sabotaged_properties())))
                 log.error("UNCONFINED process sandbox: %s", iso.warnings[-1])
@@ -204,17 +247,24 @@ class ProcessBackend(Backend):
         return os.waitstatus_to_exitcode(status) == 0
 
     def _probe_run(self, drop: bool, netns: bool) -> tuple[bool, str]:
-        code = ("import importlib.util as u, json, socket; "
+        code = ("import importlib.util as u, json, os, socket; "
                 "missing = [m for m in ('torch', 'transformers', 'safetensors') if u.find_spec(m) is None]; "
-                "print(json.dumps({'missing': missing, 'ifaces': [n for _, n in socket.if_nameindex()]}))")
+                "print(json.dumps({'missing': missing, 'ifaces': [n for _, n in socket.if_nameindex()], "
+                "'pids': sum(p.isdigit() for p in os.listdir('/proc'))}))")
         uid = pick_uid(self.uid_base, self.uid_range) if drop else None
         with tempfile.TemporaryDirectory() as tmp:
             os.chmod(tmp, 0o755)
+            for sub in (OUT_DIR, TMP_DIR):       # what bubblewrap binds writable
+                os.mkdir(Path(tmp) / sub, 0o755)
+            argv = [self.python, "-I", "-c", code]
             try:
                 proc = subprocess.run(
-                    [self.python, "-I", "-c", code], cwd=tmp, env=self._env(Path(tmp), 1),
+                    wrap(self._wrapper, argv, Path(tmp), python=self.python, gpu=False,
+                         netns=netns),
+                    cwd=tmp, env=self._env(Path(tmp) / TMP_DIR, 1),
                     stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                    preexec_fn=self._preexec(uid, netns, rlimits=[]), start_new_session=True)
+                    preexec_fn=self._preexec(uid, netns and not self._wrapper, rlimits=[]),
+                    start_new_session=True)
             except (OSError, subprocess.SubprocessError) as e:
                 return False, f"{type(e).__name__}: {e}{self._why_unreadable()}"
             finally:
@@ -231,7 +281,15 @@ class ProcessBackend(Backend):
             return False, f"cannot import {report['missing']}{self._why_unreadable()}"
         if netns and report["ifaces"] != ["lo"]:
             return False, f"network namespace shows interfaces {report['ifaces']}"
+        if self._wrapper and report["pids"] > 3:   # bubblewrap's two and the probe
+            return False, f"bwrap: the PID namespace shows {report['pids']} processes"
         return True, ""
+
+    def _bwrap_failed(self, why: str) -> str:
+        return (f"bubblewrap ({self._wrapper}) cannot make the process sandbox here: {why}. "
+                "It needs unprivileged user namespaces (sysctl user.max_user_namespaces > 0; "
+                "in a container, a seccomp profile that allows them); or use the Docker "
+                "backend, or pass --backend process-unconfined (WEAKER: SECURITY.md)")
 
     def _why_unreadable(self) -> str:
         """Name the directory on the interpreter's path that other users cannot enter."""
@@ -257,10 +315,13 @@ class ProcessBackend(Backend):
     def _profile(self, job: Job) -> tuple:
         """What a warm sandbox must have been started with to run `job`: its rlimits but
         CPU (set at "go"), threads (environment), model kind and device (what it
-        imports), and whether it has a network namespace."""
+        imports), whether it has a network namespace, bubblewrap (None: unconfined) and
+        the interpreter."""
         threads = int(job.params.get("num_threads", 1))
-        limits = tuple((res, v) for res, v in self._rlimits(job) if res != resource.RLIMIT_CPU)
-        return (limits, threads, *imports_of(job), self.isolation.netns)
+        limits = tuple((res, v) for res, v in self._rlimits(job, self._wrapper is not None)
+                       if res != resource.RLIMIT_CPU)
+        return (limits, threads, *imports_of(job), self.isolation.netns, self._wrapper,
+                self.python)
 
     def _stage(self, job: Job) -> Path:
         uid = pick_uid(self.uid_base, self.uid_range) if self.isolation.uid_drop else None
@@ -276,12 +337,15 @@ class ProcessBackend(Backend):
             with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
                 os.chmod(stdout_path, 0o600)
                 os.chmod(stderr_path, 0o600)
+                argv = [self.python, "-I", "-c", HARNESS_COMMAND]
                 proc = subprocess.Popen(
-                    [self.python, "-I", "-c", HARNESS_COMMAND], cwd=jobdir,
-                    env=self._env(jobdir / TMP_DIR, threads), stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, close_fds=True, start_new_session=True,
-                    preexec_fn=self._preexec(uid, self.isolation.netns,
-                                             self._rlimits(job)))
+                    wrap(self._wrapper, argv, jobdir, python=self.python,
+                         gpu=imports_of(job)[1] != "cpu", netns=self.isolation.netns),
+                    cwd=jobdir, env=self._env(jobdir / TMP_DIR, threads),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
+                    start_new_session=True,
+                    preexec_fn=self._preexec(uid, self.isolation.netns and not self._wrapper,
+                                             self._rlimits(job, self._wrapper is not None)))
         except (OSError, subprocess.SubprocessError) as e:
             # The child never started (e.g. preexec failed): nothing of the candidate ran.
             raise NotStarted(f"{type(e).__name__}: {e}") from None
@@ -289,11 +353,13 @@ class ProcessBackend(Backend):
 
     def _go(self, job: Job, warm: "WarmProcess", sources: dict[str, Path]) -> RunInfo:
         proc, uid, jobdir = warm.proc, warm.uid, warm.jobdir
-        cpu_budget = dict(self._rlimits(job)).get(resource.RLIMIT_CPU)
+        cpu_budget = dict(self._rlimits(job, self._wrapper is not None)).get(resource.RLIMIT_CPU)
         stage_job(job, jobdir, sources, uid=uid, gid=uid, seal=True)
         # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
         if cpu_budget is not None:   # None: TEST ONLY, SELFPROG_SABOTAGE=cpu
-            set_cpu_limit(proc.pid, uid, math.ceil(cpu_seconds(proc.pid)) + cpu_budget)
+            # On the harness itself (under bubblewrap, two processes below `proc`).
+            harness = sandboxed_pid(proc.pid) if self._wrapper else proc.pid
+            set_cpu_limit(harness, uid, math.ceil(cpu_seconds(harness)) + cpu_budget)
         started = time.monotonic()
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -326,15 +392,17 @@ class ProcessBackend(Backend):
         return {**host, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **job_env(str(tmp), threads)}
 
     @staticmethod
-    def _rlimits(job: Job) -> list[tuple[int, int]]:
+    def _rlimits(job: Job, wrapped: bool = False) -> list[tuple[int, int]]:
+        """The job's rlimits; `wrapped`: under bubblewrap, whose own processes count."""
         lim = job.limits
         threads = int(job.params.get("num_threads", 1))
         mb = 1024 * 1024
         cpu = math.ceil(lim.timeout_s * max(1.0, lim.cpus, threads)) + 5
+        wrapper_procs = BWRAP_PROCESSES if wrapped else 0
         wanted = [
             (resource.RLIMIT_AS, (lim.memory_mb + AS_HEADROOM_MB + AS_PER_THREAD_MB * threads) * mb),
             (resource.RLIMIT_CPU, cpu),
-            (resource.RLIMIT_NPROC, lim.pids),
+            (resource.RLIMIT_NPROC, lim.pids + wrapper_procs),
             (resource.RLIMIT_FSIZE, lim.output_mb * mb),
             (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
             (resource.RLIMIT_CORE, 0),
@@ -351,9 +419,10 @@ class ProcessBackend(Backend):
     @staticmethod
     def _preexec(uid: int | None, netns: bool, rlimits: list[tuple[int, int]]):
         """The child's set-up between fork and exec, in this order: network namespace
-        (needs root, so first), no-new-privs, rlimits (as root we may set any value),
-        drop groups, gid and uid, then the parent-death signal (a credential change
-        would clear it)."""
+        (needs root, so first; unconfined only: bubblewrap makes its own), no-new-privs,
+        rlimits (as root we may set any value), drop groups, gid and uid, then the
+        parent-death signal (a credential change would clear it). Then bubblewrap, as
+        the job uid, builds the rest (sandbox/backends/bwrap.py)."""
         root = os.geteuid() == 0
         flags = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
         no_new_privs = not sabotaged("no-new-privileges")   # TEST ONLY: see base.py
@@ -374,6 +443,25 @@ class ProcessBackend(Backend):
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         return setup
 
+
+class UnconfinedProcessBackend(ProcessBackend):
+    """`process-unconfined`: the process backend without bubblewrap (per-job uid, network
+    namespace, rlimits, kill paths only; see the module docstring). WEAKER: never picked
+    by `auto`, only by name; it warns when built and in its `isolation` report."""
+    name = "process-unconfined"
+    confine = False
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        log.warning("%s", UNCONFINED_WARNING)
+
+
+def wrap(wrapper: str | None, argv: list[str], jobdir: Path, *, python: str, gpu: bool,
+         netns: bool) -> list[str]:
+    """`argv` under bubblewrap (`wrapper`, its path), or as it is when unconfined."""
+    if wrapper is None:
+        return argv
+    return bwrap_argv(wrapper, argv, jobdir=jobdir, python=python, gpu=gpu, network=not netns)
 
 
 @dataclass(eq=False)
@@ -422,7 +510,7 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
     """Start one pre-warmed sandbox for profile `key` (ProcessBackend._profile), confined
     as a job of that profile would be. Runs in the pool's thread, which is the parent of
     every sandbox it starts, so they die with it (PR_SET_PDEATHSIG)."""
-    limits, threads, model_kind, device, netns = key
+    limits, threads, model_kind, device, netns, wrapper, _ = key
     uid = pick_uid(uid_base, uid_range, reserve=True)
     jobdir = None
     ready_r = ready_w = -1
@@ -438,12 +526,13 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
         with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
             os.chmod(stdout_path, 0o600)
             os.chmod(stderr_path, 0o600)
+            argv = [python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)]
             proc = subprocess.Popen(
-                [python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)],
+                wrap(wrapper, argv, jobdir, python=python, gpu=device != "cpu", netns=netns),
                 cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
                 stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
                 pass_fds=(ready_w,), start_new_session=True,
-                preexec_fn=ProcessBackend._preexec(uid, netns, rlimits))
+                preexec_fn=ProcessBackend._preexec(uid, netns and not wrapper, rlimits))
     except BaseException:
         for fd in (ready_r, ready_w):
             if fd >= 0:

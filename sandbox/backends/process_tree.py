@@ -156,3 +156,22 @@ def set_cpu_limit(pid: int, uid: int, seconds: int) -> None:
         row = next((line for line in f if line.startswith("Max cpu time")), "")
     if os.waitstatus_to_exitcode(status) != 0 or row.split()[3:5] != [str(seconds)] * 2:
         raise SandboxError(f"could not set the CPU limit of sandbox {pid}")
+
+
+def sandboxed_pid(pid: int, wrapper: str = "bwrap") -> int:
+    """The process a wrapper started as `pid` runs for it: the first descendant, following
+    only children, whose command is not the wrapper's (bubblewrap: its monitor, then its
+    PID 1, then the harness); `pid` itself when it is not the wrapper."""
+    for _ in range(8):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != wrapper:
+                    return pid
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            break
+        if len(children) != 1:
+            break
+        pid = children[0]
+    raise SandboxError(f"no process of the sandbox found under {pid}")

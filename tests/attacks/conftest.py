@@ -101,6 +101,7 @@ class Host:
     lineage_db: Path          # a real lineage DB (LineageStore makes it 0600)
     victim: Path              # 0644 root: must never change
     nowrite: Path             # 0755 root dir: nothing may appear in it
+    public: Path              # 0644 root, holds `token`, in a 0755 dir under /var/tmp
     service_pid: int = field(default_factory=os.getpid)
 
 
@@ -122,8 +123,17 @@ def host():
     os.chmod(victim, 0o644)
     nowrite = d / "nowrite"
     nowrite.mkdir(mode=0o755)
-    yield Host(dir=d, secret=secret, token=token, lineage_db=db, victim=victim, nowrite=nowrite)
+    # World-readable, outside /tmp (which a sandbox may have its own of): only a
+    # filesystem sandbox keeps it from the job uid.
+    pub = Path(tempfile.mkdtemp(prefix="selfprog-attack-public-", dir="/var/tmp"))
+    os.chmod(pub, 0o755)
+    public = pub / "public.txt"
+    public.write_text(token)
+    os.chmod(public, 0o644)
+    yield Host(dir=d, secret=secret, token=token, lineage_db=db, victim=victim, nowrite=nowrite,
+               public=public)
     shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(pub, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,10 @@ from sandbox.backends.process_tree import processes as _processes
 from sandbox.schema import MAX_LOG_CHARS, Job, Limits, Result, SchemaError
 from tests.support import sabotage
 from tests.support.candidates import TINY, cnn_source
+from tests.support.env import host_c_compilers
 
 BACKENDS = ("process", "docker")
+REPO_FILE = Path(__file__).resolve()   # world-readable on most hosts, never the sandbox's
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 HOST_SHADOW = Path("/etc/shadow")
 FORGED = 1e-06                      # the score every forgery claims
@@ -197,9 +199,9 @@ def _stat_of(pid: int) -> str:
 
 def check_signal(ctx, r):
     rep = report(r)
-    if ctx.backend_name != "process":       # a PID namespace of its own: no host process
-        assert _identity(rep["stat"]) != _identity(_stat_of(ctx.host.service_pid)), \
-            f"{sabotage.HOST_PIDS}: {rep['stat']}"
+    # A PID namespace of its own (the container's, bubblewrap's): no host process there.
+    assert _identity(rep["stat"]) != _identity(_stat_of(ctx.host.service_pid)), \
+        f"{sabotage.HOST_PIDS}: {rep['stat']}"
     assert rep["probe"].startswith("DENIED"), rep
     assert rep["kill"].startswith("DENIED"), rep
     os.kill(ctx.host.service_pid, 0)        # and we are alive
@@ -274,10 +276,50 @@ def check_cpu(ctx, r):
 
 def check_ipc(ctx, r):
     rep = report(r)
-    if ctx.backend_name != "process":       # the process backend has no IPC namespace
-        assert rep["ns"] != ctx.extra["ipc_ns"] and not rep["visible"], \
-            f"{sabotage.SHARED_IPC}: {rep}"
+    # An IPC namespace and a /dev/shm of its own (the container's, bubblewrap's).
+    assert rep["ns"] != ctx.extra["ipc_ns"] and not rep["visible"], \
+        f"{sabotage.SHARED_IPC}: {rep}"
     assert ctx.host.token not in r.reason + r.logs, sabotage.SECRET_BACK
+
+
+def check_public_files(ctx, r):
+    """World-readable host files (one planted under /var/tmp, this repository's own): not
+    in the sandbox's root at all."""
+    rep = report(r)
+    _host_hidden(ctx, rep)
+    read = {p: v for p, v in rep.items() if not v.startswith("DENIED")}
+    assert not read, f"{sabotage.READ}of world-readable host files: {read}"
+    _no_token(ctx, r)
+
+
+def _left_paths(ctx: Ctx) -> list[str]:
+    return [f"/tmp/selfprog-left-{ctx.marker}", f"/dev/shm/selfprog-left-{ctx.marker}"]
+
+
+def check_left_files(ctx, r):
+    report(r)
+    left = [p for p in _left_paths(ctx) if os.path.exists(p)]
+    for p in left:
+        os.unlink(p)
+    assert not left, f"{sabotage.LEFT_FILES}: {left}"
+
+
+def check_processes(ctx, r):
+    rep = report(r)
+    assert rep["service"] == "not seen" and len(rep["pids"]) < 10, \
+        f"{sabotage.HOST_PIDS}: {rep['service']}, {len(rep['pids'])} processes"
+
+
+def check_native(ctx, r):
+    rep = report(r)
+    ran = {cc: v for cc, v in rep.items() if v.startswith("COMPILED")}
+    assert not ran, f"{sabotage.RAN_NATIVE}: {ran}"
+
+
+def check_no_exec(ctx, r):
+    rep = report(r)
+    ran = {d: v for d, v in rep.items() if v.startswith("RAN")}
+    assert not ran, f"a binary the sandbox wrote ran: {ran}"
 
 
 def check_real_score(ctx, r):
@@ -411,6 +453,65 @@ ATTACKS = [
             p for f in (c.host.secret, c.host.lineage_db, "/etc/shadow")
             for p in (str(f), "/host" + str(f))))) + REPORT),
         "import", both("invalid"), check_host_files),
+    Attack("read_world_readable_host_files", lambda c: cnn_source(
+        "import hashlib, json", _reads(repr(tuple(
+            p for f in (c.host.public, REPO_FILE) for p in (str(f), "/host" + str(f)))))
+        + REPORT), "import", both("invalid"), check_public_files),
+    Attack("leave_files_in_tmp_and_shm", lambda c: cnn_source("import json", f"""
+        r = {{}}
+        for p in {_left_paths(c)!r}:
+            try:
+                with open(p, "w") as f:
+                    f.write("left behind")
+                r[p] = "WROTE"
+            except OSError as e:
+                r[p] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_left_files, needs=("marker",)),
+    Attack("list_host_processes", lambda c: cnn_source("import json, os", """
+        r = {"pids": [], "service": "not seen"}
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                r["pids"].append(int(p))
+                try:
+                    with open("/proc/" + p + "/cmdline", "rb") as f:
+                        if b"pytest" in f.read():
+                            r["service"] = "SEEN pid " + p
+                except OSError:
+                    pass
+        """ + REPORT), "import", both("invalid"), check_processes),
+    Attack("build_native_code", lambda c: cnn_source("import json, subprocess", f"""
+        r = {{}}
+        with open("tmp/hello.c", "w") as f:
+            f.write("int main(void) {{ return 42; }}" + chr(10))
+        for cc in ["cc", "gcc", "clang"] + {c.extra.get("compilers", [])!r}:
+            try:
+                built = subprocess.run([cc, "-o", "tmp/hello", "tmp/hello.c"],
+                                       capture_output=True, timeout=60)
+                if built.returncode != 0:
+                    r[cc] = "DENIED build: " + built.stderr.decode(errors="replace")[-200:]
+                    continue
+                ran = subprocess.run(["tmp/hello"], timeout=10)
+                r[cc] = "COMPILED AND RAN, exit " + str(ran.returncode)
+            except OSError as e:
+                r[cc] = "DENIED " + type(e).__name__
+        """ + REPORT), "import", both("invalid"), check_native, needs=("compilers",)),
+    Attack("run_a_written_binary", lambda c: cnn_source("import json, os, shutil, subprocess", """
+        r = {}
+        for d in ("out", "tmp", "/tmp", "/dev/shm"):
+            p = os.path.join(os.path.abspath(d), "copied-sleep")
+            try:
+                shutil.copyfile("/bin/sleep", p)      # bytes a candidate could carry itself
+                os.chmod(p, 0o755)
+                r[d] = "RAN, exit " + str(subprocess.run([p, "0"], timeout=10).returncode)
+            except OSError as e:
+                r[d] = "DENIED " + type(e).__name__
+            finally:
+                if os.path.exists(p):
+                    os.unlink(p)
+        """ + REPORT), "import", both("invalid"), check_no_exec,
+        residual="a file the candidate writes can be executed: bubblewrap 0.8 mounts its "
+                 "tmpfs without noexec and out/ (both backends) is a bind of the host's file "
+                 "system; ctypes runs machine code in-process anyway (SECURITY.md)"),
     Attack("read_host_environment", lambda c: cnn_source("import json, os", """
         r = {"leak": [k for k, v in os.environ.items() if v.startswith("tok-")],
              "names": sorted(os.environ)}
@@ -768,6 +869,10 @@ def make_ctx(attack: Attack, backend_name: str, request, host, tmp_path: Path) -
         os.close(fd)
         request.addfinalizer(lambda: os.unlink(f"/dev/shm/{name}"))
         ctx.extra.update(shm=name, ipc_ns=os.readlink("/proc/self/ns/ipc"))
+    if "compilers" in attack.needs:
+        ctx.extra["compilers"] = host_c_compilers()
+        if not ctx.extra["compilers"]:
+            pytest.skip("no C compiler on this host to attack with")
     if "target" in attack.needs:
         d = host.dir / f"target-{uuid.uuid4().hex[:8]}"
         d.mkdir(mode=0o755)

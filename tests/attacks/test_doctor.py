@@ -95,3 +95,18 @@ def test_doctor_builds_the_backend_a_worker_builds(tmp_path):
         if backend is not None:
             backend.close()
         shutil.rmtree(workroot, ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend,sabotage,status,confinement", [
+    ("process", "", "ok", "bubblewrap"),
+    ("process-unconfined", "", "warn", "unconfined"),   # asked for by name: runs, warns
+    ("process", "bwrap", "fail", "unconfined"),         # not asked for: a failure
+])
+def test_doctor_says_which_confinement_is_in_force(tmp_path, backend, sabotage, status,
+                                                   confinement):
+    result = _doctor(tmp_path, "--json", "--skip-canary", SELFPROG_SANDBOX_BACKEND=backend,
+                     SELFPROG_SABOTAGE=sabotage)
+    check = _checks(result)["sandbox backend"]
+    assert check["status"] == status, check
+    assert f"confinement: {confinement}" in check["detail"], check
+    assert (result.exit_code == 1) == (status == "fail"), result.output

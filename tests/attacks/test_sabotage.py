@@ -28,7 +28,7 @@ import pytest
 from sandbox.backends.base import SABOTAGE_PROPERTIES
 from tests.support import sabotage
 from tests.support.docker import IMAGE
-from tests.support.env import require_root
+from tests.support.env import host_c_compilers, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 2
@@ -47,7 +47,10 @@ def _backends() -> tuple[str, ...]:
 
 
 def _usable(attack: str, backend: str) -> bool:
-    # test_attacks.py: the Docker socket attack is a deny test only where the socket exists
+    # test_attacks.py: the Docker socket attack is a deny test only where the socket
+    # exists, the compiler attack runs only where this host has a compiler
+    if attack == "build_native_code":
+        return bool(host_c_compilers())
     return attack != "use_docker_socket" or Path("/var/run/docker.sock").exists()
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.settings import ConfigError, Settings
 from sandbox.backends.process import WARM_CPU_S, ProcessBackend
-from sandbox.backends.process_tree import processes as _processes
+from sandbox.backends.process_tree import processes as _processes, sandboxed_pid
 from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,
                                         check_loopback_server_unreachable,
                                         check_planted_secret_unreadable, make_job)
@@ -105,11 +105,13 @@ def test_an_idle_warm_sandbox_holds_nothing_of_any_job(warm, data_file, tmp_path
     assert not (w.jobdir / "job.json").exists()
     assert os.listdir(w.jobdir / "in") == []
     assert os.listdir(w.jobdir / "out") == []                # no seal key, no result
-    # It waits confined: its own uid, no network but a loopback.
-    with open(f"/proc/{w.proc.pid}/status") as f:
+    # It waits confined: its own uid, no network but a loopback (the harness itself,
+    # under bubblewrap's two processes).
+    harness = sandboxed_pid(w.proc.pid)
+    with open(f"/proc/{harness}/status") as f:
         uid_line = next(line for line in f if line.startswith("Uid:"))
     assert set(uid_line.split()[1:]) == {str(w.uid)}
-    assert os.readlink(f"/proc/{w.proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert os.readlink(f"/proc/{harness}/ns/net") != os.readlink("/proc/self/ns/net")
 
 
 def test_cpu_limit_covers_the_warm_up_and_the_job(warm, data_file, tmp_path):

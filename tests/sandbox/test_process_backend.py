@@ -20,7 +20,7 @@ import torch
 
 from sandbox.backends import SandboxError, backend_options, make_backend
 from sandbox.backends.collect import check_safetensors, collect
-from sandbox.backends.process import ProcessBackend
+from sandbox.backends.process import UNCONFINED_WARNING, ProcessBackend, UnconfinedProcessBackend
 from sandbox.backends.staging import stage
 from sandbox.runner import run
 from sandbox.schema import MAX_LOG_CHARS
@@ -98,10 +98,40 @@ def test_stage_refuses_a_workroot_the_sandbox_uid_cannot_reach(data_file, tmp_pa
         stage(make_job(TINY, data_file), hidden / "w", uid=250_000, gid=250_000)
 
 
-def test_make_backend_knows_process_only_by_name():
-    assert isinstance(make_backend("process"), ProcessBackend)
+def test_make_backend_knows_process_only_by_name(caplog):
+    b = make_backend("process")
+    assert type(b) is ProcessBackend and b.confine
+    with caplog.at_level("WARNING"):
+        weak = make_backend("process-unconfined")
+    assert isinstance(weak, UnconfinedProcessBackend) and not weak.confine
+    assert "WEAKER" in caplog.text                      # loud when built
     with pytest.raises(ValueError, match="unknown sandbox backend"):
         make_backend("nonsense")
+
+
+def test_process_refuses_to_start_without_bubblewrap(tmp_path):
+    with pytest.raises(SandboxError, match="bubblewrap.*not installed.*process-unconfined"):
+        ProcessBackend(workroot=tmp_path / "w", bwrap=str(tmp_path / "no-bwrap")).probe()
+
+
+def test_unconfined_backend_says_so_in_its_isolation_report(tmp_path):
+    iso = UnconfinedProcessBackend(workroot=tmp_path / "w").probe()
+    assert iso.confinement == "unconfined" and not iso.pidns
+    assert UNCONFINED_WARNING in iso.warnings and "WEAKER" in UNCONFINED_WARNING
+    assert iso.uid_drop and iso.netns                   # what it still has
+
+
+def test_auto_picks_bubblewrap_without_docker_and_refuses_without_either(tmp_path, monkeypatch):
+    no_docker = dict(image="selfprog-no-such-image:never")   # Docker cannot run it
+    b = make_backend("auto", **backend_options("auto", **no_docker))
+    assert type(b) is ProcessBackend and b.name == "process"
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))                    # no bwrap to be found
+    with pytest.raises(SandboxError) as refused:
+        make_backend("auto", **backend_options("auto", **no_docker))
+    for advice in ("Docker", "bubblewrap", "--backend process-unconfined"):
+        assert advice in str(refused.value)
 
 
 def test_backend_options_turns_settings_into_each_backends_arguments():

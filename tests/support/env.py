@@ -6,7 +6,9 @@ never go green having tested less than it says.
 """
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import pytest
 
@@ -21,3 +23,9 @@ def missing(reason: str) -> None:
 def require_root(what: str = "this test") -> None:
     if os.geteuid() != 0:
         missing(f"{what} needs root")
+
+
+def host_c_compilers() -> list[str]:
+    """The C compilers on this host, by absolute path (what an attack tries to reach)."""
+    found = [shutil.which(cc) for cc in ("cc", "gcc", "clang", "tcc")]
+    return sorted({p for p in found + glob.glob("/usr/lib/llvm-*/bin/clang") if p})

@@ -41,6 +41,8 @@ CORE = "core dumps are allowed"
 NO_CPU_BOUND = "no CPU bound"
 SHARED_IPC = "the sandbox shares the host's IPC namespace"
 SECRET_BACK = "a planted secret came back"
+LEFT_FILES = "files the sandbox wrote outlive it on this host"
+RAN_NATIVE = "the sandbox built and ran native code with this host's compiler"
 
 # attack -> backend -> {property: failure message}. Backends not listed: not a deny test.
 DENY: dict[str, dict[str, dict[str, str]]] = {
@@ -50,34 +52,45 @@ DENY: dict[str, dict[str, dict[str, str]]] = {
     "connect_to_loopback_server": {"process": {"network": REACHED},
                                    "docker": {"network": REACHED}},
     "dns_lookup": {"process": {"network": DNS_REACHED}, "docker": {"network": DNS_REACHED}},
-    "read_host_secret_files": {"process": {"user": READ}, "docker": {"files": HOST_VISIBLE}},
+    # process: the uid (0600) and bubblewrap (host paths absent): defence in depth.
+    "read_host_secret_files": {"process": {}, "docker": {"files": HOST_VISIBLE}},
+    "read_world_readable_host_files": {"process": {"bwrap": READ},
+                                       "docker": {"files": HOST_VISIBLE}},
     "read_host_environment": {"process": {"env": ENV_LEAK}, "docker": {"env": ENV_LEAK}},
-    "use_docker_socket": {"process": {"user": ANSWERED}, "docker": {"files": HOST_VISIBLE}},
-    "write_outside_scratch": {"process": {"user": WROTE}, "docker": {"files": HOST_VISIBLE}},
-    "write_the_root_filesystem": {"process": {"user": WROTE}, "docker": {"files": WROTE}},
+    "use_docker_socket": {"process": {}, "docker": {"files": HOST_VISIBLE}},
+    "write_outside_scratch": {"process": {}, "docker": {"files": HOST_VISIBLE}},
+    "write_the_root_filesystem": {"process": {}, "docker": {"files": WROTE}},
+    "leave_files_in_tmp_and_shm": {"process": {"bwrap": LEFT_FILES}},
     "fill_the_disk": {"process": {"file-size": DISK_FILLED},
                       "docker": {"file-size": DISK_FILLED}},
     "flood_stdout_and_stderr": {"process": {"file-size": FLOOD_COMPLETE}},
     # docker: /host (files) needs root (user) too, and root needs /host: defence in depth.
-    "subprocess_and_os_system": {"process": {"user": READ}, "docker": {}},
+    "subprocess_and_os_system": {"process": {}, "docker": {}},
+    "build_native_code": {"process": {"bwrap": RAN_NATIVE}},
     "ctypes_setuid_root": {"process": {"user": SETUID}, "docker": {"user": SETUID}},
-    "signal_the_service": {"process": {"user": SIGNAL_PERMITTED},
+    # process: the uid (kill denied) and the PID namespace (not even seen).
+    "signal_the_service": {"process": {"bwrap": HOST_PIDS},
                            "docker": {"pid-namespace": HOST_PIDS}},
-    "leave_background_process": {"process": {"user": SURVIVED}},
+    "list_host_processes": {"process": {"bwrap": HOST_PIDS},
+                            "docker": {"pid-namespace": HOST_PIDS}},
+    # process: killed by uid, and with bubblewrap's PID namespace.
+    "leave_background_process": {"process": {}},
     "hold_capabilities": {"process": {"user": CAPS}, "docker": {"capabilities": CAPS}},
-    "gain_privileges_on_exec": {"process": {"no-new-privileges": NNP},
+    # process: set by the backend and by bubblewrap itself.
+    "gain_privileges_on_exec": {"process": {},
                                 "docker": {"no-new-privileges": NNP}},
     "open_many_files": {"process": {"open-files": FILES_OPENED},
                         "docker": {"open-files": FILES_OPENED}},
     "dump_core": {"process": {"core": CORE}, "docker": {"core": CORE}},
     "spend_cpu_unbounded": {"process": {"cpu": NO_CPU_BOUND}, "docker": {"cpu": NO_CPU_BOUND}},
-    "reach_host_ipc": {"process": {"user": SECRET_BACK}, "docker": {"ipc": SHARED_IPC}},
+    "reach_host_ipc": {"process": {"bwrap": SHARED_IPC}, "docker": {"ipc": SHARED_IPC}},
 }
 
 # The attacks that also run in a pre-warmed sandbox (prewarm=1), with the same names. A
 # process sandbox is warm only with the per-job uid, so "user" is not sabotaged warm there.
 WARM = ("connect_to_loopback_server", "read_host_environment", "fork_bomb",
-        "gain_privileges_on_exec", "read_host_secret_files", "hold_capabilities")
+        "gain_privileges_on_exec", "read_host_secret_files", "hold_capabilities",
+        "read_world_readable_host_files", "leave_files_in_tmp_and_shm")
 
 
 def names(attack: str, backend: str, warm: bool = False) -> dict[str, str]:
