@@ -57,7 +57,7 @@ def test_cli_launch_goes_through_celery_workers_and_lands_in_postgres(
             cands = check_complete_run(store, out["run_id"], quick_config(arms="lm,random"))
         assert any(c.status == "evaluated" for c in cands)
         # live events came back over Redis to the attached CLI
-        assert "[iteration 1]" in p.stderr and "lm_trained" in p.stderr, p.stderr
+        assert "[iteration 1]" in p.stderr and "LM trained:" in p.stderr, p.stderr
         assert "LM step" in p.stderr, p.stderr           # per-step losses, from the trainer
         # the chord spread over both sandbox workers; LM jobs went to the trainer
         evaluations = sum(1 for c in cands if c.status != "rejected")

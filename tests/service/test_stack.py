@@ -268,7 +268,7 @@ def test_a_quick_run_through_the_broker_followed_from_the_host_cli(stack):
     run_id = report["run_id"]
     assert report["status"] == "completed", report
     # followed: the live events reached the host (stage changes, the LM's training)
-    assert "lm_trained" in out.stderr, out.stderr[-2000:]
+    assert "LM trained:" in out.stderr, out.stderr[-2000:]
 
     # what the CLI says is what the stack's PostgreSQL holds
     (db_run,) = query(stack.database_url, "SELECT * FROM runs WHERE id = :id", id=run_id)
