@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import celery_app, runs, sandbox_task  # noqa: E402
+from pipeline import celery_app, refinement, runs, sandbox_task  # noqa: E402
 from pipeline.store import store_for
-from pipeline.families import transformer  # noqa: E402
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings, preset  # noqa: E402
 
@@ -102,7 +101,7 @@ def validity(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         s = _settings(Path(d), args.backend)
         cfg = preset(args.preset, iterations=args.iterations, **_sets(args))
-        params = get_family(get_task(cfg.task).family).PARAMS
+        family = get_family(get_task(cfg.task).family)
         t0 = time.monotonic()
         run_id = runs.launch(s, cfg)
         store = store_for(s.database_url)
@@ -116,8 +115,7 @@ def validity(args) -> None:
             inc = next(c for c in rows if c.role == "incumbent")
             gen = [c for c in rows if c.role == "candidate"]
             valid = [c for c in gen if c.status == "evaluated"]
-            one = [c for c in gen if c.design and inc.design and sum(
-                c.design.get(p) != inc.design.get(p) for p in params) == 1]
+            one = [c for c in gen if refinement.edits(family, inc.design, c.design) == 1]
             n = max(1, len(gen))
             acc = "-" if it.lm_copy_accuracy is None else f"{it.lm_copy_accuracy:.4f}"
             pi = "-" if it.lm_p_intact is None else f"{it.lm_p_intact:.3f}"
