@@ -10,10 +10,16 @@ The few-shot evaluation of the quick preset's seed LM, side by side in one run:
   candidate's code once, then a fresh sandbox trains and scores on harness code only.
 
 Interleaved, so drift hits both alike. Prints the median seconds of each, both scores
-(they must be equal) and the ratio two-step / one-step. Cold sandboxes: with pre-warmed
-ones (SELFPROG_SANDBOX_PREWARM) the pool refills in the background between the two
-paths, which makes a side-by-side timing on a small machine unfair to whichever runs
-first, so this script does not offer it.
+(they must be equal) and the ratio two-step / one-step.
+
+`--prewarm N` keeps N pre-warmed sandboxes (as the embedded default keeps
+EMBEDDED_PREWARM in pipeline/settings.py). Before each timed evaluation the script waits
+until the pool is full again, so neither path pays for the other's refill; the pool's
+counters are printed, so a path that ran cold (nothing taken) shows. Without it (0),
+every sandbox starts cold. `--batch K` times K evaluations back to back per sample (as
+a run evaluates its candidates one after another): then the refills of the pool
+overlap the following evaluations instead of being waited for, and the seconds are per
+evaluation.
 """
 from __future__ import annotations
 
@@ -38,39 +44,56 @@ def main() -> None:
     p.add_argument("--preset", default="quick")
     p.add_argument("--backend", default="process", choices=["process", "docker"])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--prewarm", type=int, default=0,
+                   help="pre-warmed sandboxes kept ready (0: cold, as before)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="evaluations back to back per timed sample")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="selfprog-bench-declare-") as tmp:
         tmp = Path(tmp)
         s = Settings.from_env(database_url=f"sqlite:///{tmp / 'lineage.db'}",
-                              artifact_dir=str(tmp / "artifacts"), sandbox_backend=args.backend)
+                              artifact_dir=str(tmp / "artifacts"), sandbox_backend=args.backend,
+                              sandbox_prewarm=args.prewarm)
         celery_app.configure(s)
         cfg = preset(args.preset, task="self")
         ctx = RunContext("bench-declare", cfg, s)
         ctx.prepare()
         job = ctx.evaluate_job("lm", 0, 0, ctx.seed_source()).validate()
         backend = sandbox_task.backend()
+        pool = backend._pool if args.prewarm else None
+        if args.prewarm and pool is None:
+            raise SystemExit(f"the {args.backend} backend cannot pre-warm here")
+        if pool is not None:
+            backend.prewarm_for(job)
         times: dict[str, list[float]] = {"one step": [], "two steps": []}
         scores: dict[str, float | None] = {}
         for r in range(args.repeat):
             for name in times:
+                if pool is not None and not pool.wait_ready(300):
+                    raise SystemExit("the pre-warmed pool did not fill in 300 s")
                 t = time.monotonic()
-                if name == "one step":
-                    res = backend.execute(job, tmp / f"one-{r}")
-                else:
-                    runner._DECLARED.clear()     # a new candidate: never declared before
-                    res = runner.run(job, tmp / f"two-{r}", backend)
-                times[name].append(time.monotonic() - t)
-                if res.status != "ok":
-                    raise SystemExit(f"{name}: {res.status} {res.reason}")
-                scores[name] = res.score
+                for b in range(args.batch):
+                    if name == "one step":
+                        res = backend.execute(job, tmp / f"one-{r}-{b}")
+                    else:
+                        runner._DECLARED.clear()     # a new candidate: never declared before
+                        res = runner.run(job, tmp / f"two-{r}-{b}", backend)
+                    if res.status != "ok":
+                        raise SystemExit(f"{name}: {res.status} {res.reason}")
+                    scores[name] = res.score
+                times[name].append((time.monotonic() - t) / args.batch)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"self task, preset {args.preset}, {args.backend} backend, "
-              f"{args.repeat} repeats (median wall seconds per evaluation)")
+              f"prewarm {args.prewarm}, {args.repeat} repeats of {args.batch} "
+              f"(median wall seconds per evaluation)")
         print(f"{'path':<12} {'seconds':>8} {'score':>10}")
         for k in times:
             print(f"{k:<12} {med[k]:>8.2f} {scores[k]:>10.4f}")
         print(f"ratio two steps / one step: {med['two steps'] / med['one step']:.2f}x"
               + ("" if scores["one step"] == scores["two steps"] else "  (SCORES DIFFER)"))
+        if pool is not None:
+            print(f"pre-warmed pool: {pool.stats}")
+        backend.close()
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from sandbox.backends import BACKENDS as SANDBOX_BACKENDS   # auto, docker, proc
 
 
 # Pre-warmed sandboxes of the embedded default (one process runs every job in turn):
-# one is enough, since a replacement starts as soon as one is taken.
-EMBEDDED_PREWARM = 1
+# two, because a self-task evaluation takes two at once (declare, then score:
+# sandbox/runner.py); with one, the second step waited for a replacement to import
+# torch (bench/bench_declare.py: 2.1x a one-step evaluation, against 1.0x with two).
+EMBEDDED_PREWARM = 2
 
 
 class ConfigError(ValueError):

@@ -48,9 +48,13 @@ def needs_declaration(job: Job) -> bool:
 
 def declare_job(job: Job) -> Job:
     """The `declare` job for `job`'s source: no inputs, the same limits. The seed is fixed:
-    a declaration says what the source builds, whatever seed the later job trains with."""
+    a declaration says what the source builds, whatever seed the later job trains with.
+    Threads and device stay as the job's: with them the declare job has the job's
+    pre-warm profile, so both steps draw from one pool (another profile would make the
+    pool throw its sandboxes away at every step)."""
     params = {k: v for k, v in job.params.items()
-              if k in ("vocab_size", "max_params", "max_batch_size", "num_threads")}
+              if k in ("vocab_size", "max_params", "max_batch_size", "num_threads",
+                       "device")}
     return Job(job_id=f"{job.job_id[:88]}.declare", kind="declare", source=job.source,
                model_kind=job.model_kind, params=params, limits=job.limits).validate()
 

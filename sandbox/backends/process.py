@@ -46,7 +46,8 @@ own session; the job directory is bound, so what is staged later is seen), runni
 `harness.warm_main` in a job directory that holds no job (`staging.stage_skeleton`): it
 imports, then blocks on stdin. `execute` takes one (`warm.WarmPool.take`), stages that one
 job's files into it (`staging.stage_job`: inputs, job.json, seal key), sets its CPU limit
-to what it used warming up plus the job's own budget, writes "go", and from then on
+to what it used warming up plus the job's own budget, gives it normal priority (it warms
+up at WARM_NICE, so a refill yields the CPU to the job that is running), writes "go", and from then on
 treats it as a cold run: the deadline counts from "go", and afterwards the process
 group and every process of its uid are killed and its directory removed. A sandbox
 serves one job only; a replacement is started in the background as soon as one is
@@ -81,7 +82,7 @@ from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, j
 from sandbox.backends.bwrap import BWRAP_PROCESSES, BwrapMissing, bwrap_argv, find_bwrap
 from sandbox.backends.collect import LOG_TAIL_BYTES, read_tail
 from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, pick_uid, release_uid,
-                                           sandboxed_pid, set_cpu_limit)
+                                           sandboxed_pid, set_cpu_limit, set_priority)
 from sandbox.backends.staging import cleanup, stage, stage_job, stage_skeleton
 from sandbox.backends.warm import WARM_MAX_AGE_S, imports_of
 from sandbox.protocol import (HARNESS_COMMAND, OUT_DIR, STDERR_FILE, STDOUT_FILE, TMP_DIR,
@@ -104,6 +105,12 @@ AS_HEADROOM_MB = 4096
 AS_PER_THREAD_MB = 256
 MAX_OPEN_FILES = 256
 WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
+# A pre-warmed sandbox imports at this niceness until "go" gives it the job's (0): a
+# refill started when a job takes a sandbox then uses mostly the CPU that job leaves
+# idle instead of slowing it (bench/bench_declare.py measures the two-step evaluation,
+# which takes two sandboxes at a time).
+WARM_NICE = 10
+HARNESS_FOUND_S = 5.0            # how long a spawn looks for its harness process to renice
 
 _libc = ctypes.CDLL(None, use_errno=True)   # loaded here: never dlopen after fork
 
@@ -355,11 +362,13 @@ class ProcessBackend(Backend):
         proc, uid, jobdir = warm.proc, warm.uid, warm.jobdir
         cpu_budget = dict(self._rlimits(job, self._wrapper is not None)).get(resource.RLIMIT_CPU)
         stage_job(job, jobdir, sources, uid=uid, gid=uid, seal=True)
+        # On the harness itself (under bubblewrap, two processes below `proc`).
+        harness = sandboxed_pid(proc.pid) if self._wrapper else proc.pid
         # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
         if cpu_budget is not None:   # None: TEST ONLY, SELFPROG_SABOTAGE=cpu
-            # On the harness itself (under bubblewrap, two processes below `proc`).
-            harness = sandboxed_pid(proc.pid) if self._wrapper else proc.pid
             set_cpu_limit(harness, uid, math.ceil(cpu_seconds(harness)) + cpu_budget)
+        if warm.nice:
+            set_priority(harness, uid, 0)      # the job's own priority
         started = time.monotonic()
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -417,10 +426,10 @@ class ProcessBackend(Backend):
         return out
 
     @staticmethod
-    def _preexec(uid: int | None, netns: bool, rlimits: list[tuple[int, int]]):
+    def _preexec(uid: int | None, netns: bool, rlimits: list[tuple[int, int]], nice: int = 0):
         """The child's set-up between fork and exec, in this order: network namespace
         (needs root, so first; unconfined only: bubblewrap makes its own), no-new-privs,
-        rlimits (as root we may set any value), drop groups, gid and uid, then the
+        rlimits (as root we may set any value), niceness, drop groups, gid and uid, then the
         parent-death signal (a credential change would clear it). Then bubblewrap, as
         the job uid, builds the rest (sandbox/backends/bwrap.py)."""
         root = os.geteuid() == 0
@@ -435,6 +444,8 @@ class ProcessBackend(Backend):
             os.umask(0o077)
             for res, value, *hard in rlimits:     # (res, value) or (res, soft, hard)
                 resource.setrlimit(res, (value, hard[0] if hard else value))
+            if nice:
+                os.nice(nice)
             if uid is not None:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
@@ -474,6 +485,7 @@ class WarmProcess:
     key: tuple
     born: float
     ready_r: int            # read end of the pipe warm_main writes one byte to when ready
+    nice: int = 0           # its niceness until "go" (WARM_NICE)
     ready: bool = False
 
     def alive(self) -> bool:
@@ -532,7 +544,8 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
                 cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
                 stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
                 pass_fds=(ready_w,), start_new_session=True,
-                preexec_fn=ProcessBackend._preexec(uid, netns and not wrapper, rlimits))
+                preexec_fn=ProcessBackend._preexec(uid, netns and not wrapper, rlimits,
+                                                   nice=WARM_NICE))
     except BaseException:
         for fd in (ready_r, ready_w):
             if fd >= 0:
@@ -542,5 +555,23 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
         release_uid(uid)
         raise
     os.close(ready_w)
-    return WarmProcess(proc=proc, uid=uid, jobdir=jobdir, key=key,
-                       born=time.monotonic(), ready_r=ready_r)
+    warm = WarmProcess(proc=proc, uid=uid, jobdir=jobdir, key=key,
+                       born=time.monotonic(), ready_r=ready_r, nice=WARM_NICE)
+    _lower_priority(warm, wrapper)
+    return warm
+
+
+def _lower_priority(warm: "WarmProcess", wrapper: str | None) -> None:
+    """The warm-up at WARM_NICE for its whole session (process_tree.set_priority): the
+    session is the harness's, which bubblewrap makes (--new-session) just before it
+    starts the interpreter, so wait for that process. Not found in time: the process
+    niceness from `_preexec` still applies."""
+    deadline = time.monotonic() + HARNESS_FOUND_S
+    while warm.alive() and time.monotonic() < deadline:
+        try:
+            harness = sandboxed_pid(warm.proc.pid) if wrapper else warm.proc.pid
+            set_priority(harness, warm.uid, WARM_NICE)
+            return
+        except (SandboxError, OSError):
+            time.sleep(0.01)
+    log.debug("pre-warmed sandbox %r: no harness process to renice", warm)

@@ -175,3 +175,18 @@ def sandboxed_pid(pid: int, wrapper: str = "bwrap") -> int:
             break
         pid = children[0]
     raise SandboxError(f"no process of the sandbox found under {pid}")
+
+
+def set_priority(pid: int, uid: int, nice: int) -> None:
+    """Give a sandbox the niceness `nice`: every process of its uid, and the scheduler's
+    autogroup of the session `pid` leads. Where the kernel groups each session
+    (sched_autogroup_enabled, on here), CPU is shared between sessions first and a
+    process's own niceness only counts within its session; every sandbox is a session
+    of its own. Lowering a niceness needs root (pre-warming needs it anyway). A kernel
+    without autogroups has no such file: the process niceness alone then applies."""
+    os.setpriority(os.PRIO_USER, uid, nice)
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except FileNotFoundError:
+        pass

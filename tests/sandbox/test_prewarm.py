@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.settings import ConfigError, Settings
-from sandbox.backends.process import WARM_CPU_S, ProcessBackend
+from sandbox.backends.process import WARM_CPU_S, WARM_NICE, ProcessBackend
 from sandbox.backends.process_tree import processes as _processes, sandboxed_pid
 from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,
                                         check_loopback_server_unreachable,
@@ -128,6 +128,20 @@ def test_cpu_limit_covers_the_warm_up_and_the_job(warm, data_file, tmp_path):
     assert budget <= soft <= budget + WARM_CPU_S
 
 
+def test_an_idle_sandbox_waits_at_low_priority_and_its_job_runs_at_normal(warm, data_file,
+                                                                        tmp_path):
+    # A refill must not slow the job that is running; the job itself must not be slowed.
+    assert warm._pool.wait_ready(READY_S)
+    (w,) = warm._pool.idle()
+    assert os.getpriority(os.PRIO_PROCESS, sandboxed_pid(w.proc.pid)) == WARM_NICE
+    src = candidate("import os\n", """
+        raise RuntimeError(f"NICE {os.getpriority(os.PRIO_PROCESS, 0)}")
+        """)
+    result = run_warm(warm, make_job(src, data_file), tmp_path)
+    assert result.status == "invalid", result
+    assert int(result.reason.split("NICE ")[1].split()[0]) == 0
+
+
 # ----------------------------------------------------------------- confinement holds
 
 def test_warm_network_to_a_loopback_server_is_unreachable(warm, data_file, tmp_path):
@@ -225,8 +239,9 @@ def test_an_old_warm_sandbox_is_recycled(data_file):
 
 
 def test_prewarm_setting():
-    # unset: one for the embedded default, none per worker process with a broker
-    assert Settings.from_env({}).sandbox_prewarm == 1
+    # unset: two for the embedded default (a self-task evaluation takes two sandboxes),
+    # none per worker process with a broker
+    assert Settings.from_env({}).sandbox_prewarm == 2
     assert Settings.from_env({"SELFPROG_BROKER_URL": "redis://127.0.0.1:6379/0"}).sandbox_prewarm == 0
     assert Settings.from_env({}, broker_url="redis://127.0.0.1:6379/0").sandbox_prewarm == 0
     assert Settings.from_env({"SELFPROG_SANDBOX_PREWARM": "0"}).sandbox_prewarm == 0
