@@ -7,6 +7,11 @@
                                             # stopped, held-out copy accuracy and p_intact),
                                             # and the fraction of generated candidates that
                                             # are valid and that change exactly one parameter
+        [--effect-steps 600 --effect-seeds 3 --plot effect.png]
+                                            # then Figure 2 at equal steps: each distinct LM
+                                            # of the run (the seed, each selected one)
+                                            # trained again for the same steps, data and
+                                            # seeds; its loss against iteration 0's
 
 Everything runs on the embedded default (SQLite in a temporary directory). Ratios are
 measured side by side in the same process, so they compare like with like on this
@@ -109,19 +114,110 @@ def validity(args) -> None:
               f"{cfg.candidates} candidates, d_model {cfg.d_model}, corpus {cfg.dataset_size}, "
               f"temperature {cfg.temperature}), {time.monotonic() - t0:.0f} s wall")
         print(f"{'iter':>4} {'LM steps':>8} {'stop':>9} {'LM s':>6} {'copy acc':>8} {'p_intact':>8} "
-              f"{'generated':>9} {'valid':>6} {'one change':>10} {'decision':>9}")
+              f"{'generated':>9} {'valid':>6} {'one change':>10} {'no change':>9} {'decision':>9}")
         for it in store.iterations(run_id, arm="lm"):
             rows = store.candidates(run_id, iteration=it.index, arm="lm")
             inc = next(c for c in rows if c.role == "incumbent")
             gen = [c for c in rows if c.role == "candidate"]
             valid = [c for c in gen if c.status == "evaluated"]
-            one = [c for c in gen if refinement.edits(family, inc.design, c.design) == 1]
+            edits = [refinement.edits(family, inc.design, c.design) for c in gen]
+            one, none = edits.count(1), edits.count(0)
             n = max(1, len(gen))
             acc = "-" if it.lm_copy_accuracy is None else f"{it.lm_copy_accuracy:.4f}"
             pi = "-" if it.lm_p_intact is None else f"{it.lm_p_intact:.3f}"
             print(f"{it.index:>4} {len(it.lm_losses or []):>8} {it.lm_stop or '-':>9} "
                   f"{it.lm_seconds or 0:>6.0f} {acc:>8} {pi:>8} {len(gen):>9} "
-                  f"{len(valid) / n:>6.0%} {len(one) / n:>10.0%} {it.decision or '-':>9}")
+                  f"{len(valid) / n:>6.0%} {one / n:>10.0%} {none / n:>9.0%} "
+                  f"{it.decision or '-':>9}")
+        if args.effect_steps:
+            effect(s, cfg, run_id, args.effect_steps, args.effect_seeds, args.plot)
+
+
+def effect(s: Settings, cfg, run_id: str, steps: int, seeds: int, plot: str | None) -> None:
+    """The self-programming effect of the paper's Figure 2, at equal steps: the LM each
+    iteration trained (and the one the run selected last) trained again for `steps`
+    optimizer steps on the run's corpus, under `seeds` seeds (the same ones for every
+    LM), with the run's learning rate, no copy criterion and no time budget. A later LM
+    whose loss is lower in the same steps learns faster per step; the seconds column
+    says what its steps cost here. The loss compared is the mean over the last TAIL
+    steps (a single step's loss is noisy), as mean and spread over the seeds."""
+    from dataclasses import replace
+    from sandbox import runner
+
+    store = store_for(s.database_url)
+    celery_app.configure(s)
+    its = store.iterations(run_id, arm="lm")
+    lms: list[tuple[str, str]] = [(f"iteration {it.index}", it.source_in) for it in its]
+    last = its[-1].selected_id if its else None
+    if last is not None:
+        lms.append(("selected last", store.get_candidate(last).source))
+    fixed = replace(cfg, lm_copy_criterion=0.0, lm_budget_s=0.0, lm_max_steps=steps,
+                    lm_epochs=max(cfg.lm_epochs, 1000))
+    ctx = RunContext(run_id, fixed, s)      # the run's own directory: the same corpus
+    backend = sandbox_task.backend()
+    seen: dict[str, str] = {}
+    curves: list[tuple[str, list[float]]] = []
+    print(f"\nFigure 2 at equal steps: each LM trained {steps} steps under seeds "
+          f"{cfg.seed}..{cfg.seed + seeds - 1}, lr {cfg.lm_lr}; loss: mean of the last "
+          f"{TAIL} steps, mean +- std over the seeds")
+    print(f"{'LM':<16} {'design (d_ff/enc+dec/heads)':>27} {'loss':>16} {'vs it 0':>8} "
+          f"{'s per run':>9}")
+    base = None
+    for name, source in lms:
+        if source in seen:
+            print(f"{name:<16} (the same source as {seen[source]})")
+            continue
+        seen[source] = name
+        finals, runs_s, mean_curve, failed = [], [], None, ""
+        for k in range(seeds):
+            job = ctx.train_job(k, source)       # seed cfg.seed + k, for every LM alike
+            with tempfile.TemporaryDirectory() as out:
+                res = runner.run(job, Path(out), backend)
+            if res.status != "ok":
+                failed = f"{res.status}: {res.reason[:80]}"
+                break
+            losses = [x for x in res.losses if x is not None]
+            finals.append(statistics.mean(losses[-TAIL:]))
+            runs_s.append(res.duration_s)
+            mean_curve = losses if mean_curve is None else [
+                (m * k + x) / (k + 1) for m, x in zip(mean_curve, losses)]
+        if failed:
+            print(f"{name:<16} {failed}")
+            continue
+        m = statistics.mean(finals)
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        base = m if base is None else base
+        curves.append((name, mean_curve))
+        d = (res.declaration or {}).get("model", {})
+        size = (f"{d.get('d_ff', '?')}/{d.get('num_layers', '?')}+"
+                f"{d.get('num_decoder_layers', '?')}/{d.get('num_heads', '?')}")
+        print(f"{name:<16} {size:>27} {m:>9.4f} +-{sd:.4f} {m / base:>8.3f} "
+              f"{statistics.median(runs_s):>9.0f}")
+    if plot and curves:
+        _plot_effect(curves, steps, seeds, Path(plot))
+        print(f"plot: {plot}")
+
+
+TAIL = 100
+
+
+def _plot_effect(curves, steps: int, seeds: int, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from pipeline.plots import smooth
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for name, losses in curves:
+        ax.plot(*smooth(losses, 25), label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("LM training loss (nats/token, smoothed)")
+    ax.set_yscale("log")
+    ax.set_title(f"Each selected LM trained {steps} steps on the same corpus "
+                 f"(mean of {seeds} seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
 
 
 def _sets(args) -> dict:
@@ -140,5 +236,10 @@ if __name__ == "__main__":
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--effect-steps", type=int, default=0,
+                   help="validity: then train every LM of the run this many steps (Figure 2)")
+    p.add_argument("--effect-seeds", type=int, default=3,
+                   help="validity --effect-steps: seeds per LM")
+    p.add_argument("--plot", help="validity --effect-steps: write the curves to this PNG")
     a = p.parse_args()
     {"stages": stages, "overhead": overhead, "validity": validity}[a.what](a)

@@ -187,7 +187,7 @@ def _arms(iterations: Sequence[IterationView]) -> list[str]:
     return sorted({it.arm for it in iterations}, key=lambda a: (a != "lm", a))
 
 
-def _smooth(values: Sequence[float | None], window: int) -> tuple[list[int], list[float]]:
+def smooth(values: Sequence[float | None], window: int) -> tuple[list[int], list[float]]:
     """Trailing moving average over the finite values; x is the 1-based step."""
     xs, ys, buf = [], [], []
     for i, v in enumerate(values):
@@ -229,7 +229,7 @@ def candidate_losses_figure(run: RunView, iterations: Sequence[IterationView],
                 kept = " (kept)" if chosen is not None and chosen.role == "incumbent" else ""
                 series.append((f"after iteration {it.index}{kept}", losses[it.selected_id]))
         for n, (label, values) in enumerate(series):
-            xs, ys = _smooth(values, window)
+            xs, ys = smooth(values, window)
             color = colormaps["viridis"](0.9 * n / max(1, len(series) - 1))
             ax.plot(xs, ys, label=label, linewidth=1.3, color=color,
                     linestyle="--" if label.endswith("(kept)") else "-")

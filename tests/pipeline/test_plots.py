@@ -163,10 +163,10 @@ def trailing_mean(values, window):
 
 
 def test_smoothing_is_a_trailing_mean_over_the_finite_values():
-    xs, ys = plots._smooth([1.0, None, 3.0, 5.0, 7.0], 2)
+    xs, ys = plots.smooth([1.0, None, 3.0, 5.0, 7.0], 2)
     assert (xs, ys) == ([1, 3, 4, 5], [1.0, 2.0, 4.0, 6.0])
-    assert plots._smooth([2.0, 4.0], 1) == ([1, 2], [2.0, 4.0])
-    assert plots._smooth([], 3) == ([], [])
+    assert plots.smooth([2.0, 4.0], 1) == ([1, 2], [2.0, 4.0])
+    assert plots.smooth([], 3) == ([], [])
 
 
 def test_candidate_losses_figure_plots_the_smoothed_stored_curves(vision_run):
