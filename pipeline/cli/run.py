@@ -30,8 +30,11 @@ def parse_sets(values: Sequence[str]) -> dict[str, str]:
 
 @click.command()
 @click.option("--preset", "preset_name", default="quick", show_default=True,
-              help="Starting configuration: 'quick' (tiny sizes, minutes on a CPU) or "
-                   "'paper' (the paper's section 4.1 setting).")
+              help="Starting configuration: 'quick' (the LM learns to edit its input; "
+                   "a self run in ~5 minutes on a 2-core CPU), 'smoke' (every stage in about "
+                   "a minute, the LM does not learn to edit: for trying the service), "
+                   "'paper' (the paper's section 4.1 setting, for a GPU) or "
+                   "'paper-vision-cpu' (vision tasks on a CPU, with the random control arm).")
 @click.option("--task", default="self", show_default=True,
               help="'self': the LM programs itself; or a vision task name for "
                    "programming other AI.")
