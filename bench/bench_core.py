@@ -129,6 +129,9 @@ def validity(args) -> None:
                   f"{it.lm_seconds or 0:>6.0f} {acc:>8} {pi:>8} {len(gen):>9} "
                   f"{len(valid) / n:>6.0%} {one / n:>10.0%} {none / n:>9.0%} "
                   f"{it.decision or '-':>9}")
+        t = sandbox_task.templates(family.MODEL_KIND)
+        if t is not None:
+            print(f"declare sandboxes skipped (declaration derived from the design): {t.derived}")
         if args.effect_steps:
             effect(s, cfg, run_id, args.effect_steps, args.effect_seeds, args.plot)
 

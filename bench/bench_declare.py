@@ -6,11 +6,16 @@ The few-shot evaluation of the quick preset's seed LM, side by side in one run:
 
 - one step: the candidate's code in the scoring sandbox (`backend.execute` of the job
   with its source: the path before the declaration existed);
-- two steps: what the loop runs now (`sandbox.runner.run`): a `declare` sandbox runs the
-  candidate's code once, then a fresh sandbox trains and scores on harness code only.
+- two steps: a `declare` sandbox runs the candidate's code once, then a fresh sandbox
+  trains and scores on harness code only (`sandbox.runner.run`): what the loop runs for
+  a source that is not exactly the family's rendering of a design;
+- derived: what the loop runs for a source that is (almost every LM-written candidate):
+  its declaration follows from its design and one real declaration of another
+  rendering (pipeline/declarations.py, learnt once before the timing), so only the
+  scoring sandbox runs.
 
-Interleaved, so drift hits both alike. Prints the median seconds of each, both scores
-(they must be equal) and the ratio two-step / one-step.
+Interleaved, so drift hits all alike. Prints the median seconds of each, the scores
+(they must be equal) and the ratios two steps / one step and derived / one step.
 
 `--prewarm N` keeps N pre-warmed sandboxes (as the embedded default keeps
 EMBEDDED_PREWARM in pipeline/settings.py). Before each timed evaluation the script waits
@@ -33,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import celery_app, sandbox_task  # noqa: E402
+from pipeline.declarations import Templates  # noqa: E402
+from pipeline.families import transformer  # noqa: E402
 from pipeline.jobs import RunContext  # noqa: E402
 from pipeline.settings import Settings, preset  # noqa: E402
 from sandbox import runner  # noqa: E402
@@ -65,7 +72,9 @@ def main() -> None:
             raise SystemExit(f"the {args.backend} backend cannot pre-warm here")
         if pool is not None:
             backend.prewarm_for(job)
-        times: dict[str, list[float]] = {"one step": [], "two steps": []}
+        templates = Templates(transformer)
+        runner.run(job, tmp / "learn", backend, templates=templates)   # one real declaration
+        times: dict[str, list[float]] = {"one step": [], "two steps": [], "derived": []}
         scores: dict[str, float | None] = {}
         for r in range(args.repeat):
             for name in times:
@@ -73,11 +82,14 @@ def main() -> None:
                     raise SystemExit("the pre-warmed pool did not fill in 300 s")
                 t = time.monotonic()
                 for b in range(args.batch):
+                    out = tmp / f"{name.replace(' ', '-')}-{r}-{b}"
+                    runner._DECLARED.clear()     # a new candidate: never declared before
                     if name == "one step":
-                        res = backend.execute(job, tmp / f"one-{r}-{b}")
+                        res = backend.execute(job, out)
+                    elif name == "two steps":
+                        res = runner.run(job, out, backend)
                     else:
-                        runner._DECLARED.clear()     # a new candidate: never declared before
-                        res = runner.run(job, tmp / f"two-{r}-{b}", backend)
+                        res = runner.run(job, out, backend, templates=templates)
                     if res.status != "ok":
                         raise SystemExit(f"{name}: {res.status} {res.reason}")
                     scores[name] = res.score
@@ -89,8 +101,10 @@ def main() -> None:
         print(f"{'path':<12} {'seconds':>8} {'score':>10}")
         for k in times:
             print(f"{k:<12} {med[k]:>8.2f} {scores[k]:>10.4f}")
-        print(f"ratio two steps / one step: {med['two steps'] / med['one step']:.2f}x"
-              + ("" if scores["one step"] == scores["two steps"] else "  (SCORES DIFFER)"))
+        for k in ("two steps", "derived"):
+            print(f"ratio {k} / one step: {med[k] / med['one step']:.2f}x"
+                  + ("" if scores["one step"] == scores[k] else "  (SCORES DIFFER)"))
+        print(f"declarations derived without a sandbox: {templates.derived}")
         if pool is not None:
             print(f"pre-warmed pool: {pool.stats}")
         backend.close()

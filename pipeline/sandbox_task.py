@@ -19,6 +19,8 @@ from celery.signals import worker_process_init, worker_ready
 
 from pipeline import celery_app, events
 from pipeline.cancellation import cancel_check
+from pipeline.declarations import templates_for
+from pipeline.families import FAMILIES
 from pipeline.celery_app import QUEUES, app
 from pipeline.settings import Settings, backend_kwargs
 from pipeline.text import is_redis_url
@@ -34,11 +36,16 @@ PROGRESS_RELAY_S = 2.0       # live LM losses: at most one event per job this of
 
 _backend = None
 _backend_lock = threading.Lock()
+# Per model kind, the declarations this process can derive without a declare sandbox
+# (pipeline/declarations.py); built on first use, after every family has registered.
+_templates: dict | None = None
 
 
 def _forget_backend(_settings: Settings | None = None) -> None:
-    global _backend
+    # the learnt declarations go too: they came from that backend's sandboxes
+    global _backend, _templates
     _backend = None
+    _templates = None
 
 
 celery_app._on_configure.append(_forget_backend)
@@ -55,6 +62,14 @@ def backend():
             require_confinement(b, s)   # the confinement canary, see below
             _backend = b
         return _backend
+
+
+def templates(model_kind: str):
+    global _templates
+    with _backend_lock:
+        if _templates is None:
+            _templates = templates_for(FAMILIES)
+        return _templates.get(model_kind)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,7 +161,8 @@ def run_job(self, job: dict, out_dir: str, run: dict | None = None) -> dict:
                       status="rejected", reason=f"schema: {e}").validate().to_dict()
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        result = runner.run(job_obj, Path(out_dir), backend(), watch=watch_for(job_obj, run))
+        result = runner.run(job_obj, Path(out_dir), backend(), watch=watch_for(job_obj, run),
+                            templates=templates(job_obj.model_kind))
     except Exception as e:
         if not isinstance(e, SchemaError) and not app.conf.task_always_eager \
                 and self.request.retries < JOB_RETRIES:

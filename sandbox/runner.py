@@ -4,7 +4,10 @@
 
 A source that breaks the policy comes back as `rejected` with the rule it broke and is
 never started. A T5 job (the self task) runs in two fresh sandboxes: `declare` (the
-candidate's code, once) then the job itself on harness code only (`_run_declared`). Everything that does start goes through `backend.execute`, which always
+candidate's code, once) then the job itself on harness code only (`_run_declared`).
+The caller may pass `templates`, trusted knowledge of sources whose declaration follows
+without running them (pipeline/declarations.py); then such a source skips the first
+sandbox. Everything that does start goes through `backend.execute`, which always
 returns a validated `Result` (ok / invalid / timeout / oom / crashed).
 """
 from __future__ import annotations
@@ -20,14 +23,16 @@ from sandbox.schema import MAX_REASON_CHARS, Job, Result
 
 
 def run(job: Job, out_dir: Path, backend, *, gate: bool = True,
-        policy: Policy = DEFAULT_POLICY, watch=None) -> Result:
+        policy: Policy = DEFAULT_POLICY, watch=None, templates=None) -> Result:
     """Gate `job.source`, then run it in `backend`; `out_dir` receives the output files.
 
     The gate runs before `job.validate()` so that an LM-written source that is huge, has
     NUL bytes or is not encodable ends as `rejected` (a property of the candidate), not
     as a SchemaError (which means the trusted caller built a bad job). `gate=False` is
     for tests of the sandbox itself. `watch` (sandbox/backends/watch.py Watch) hears the
-    training losses while the job runs (display only) and can stop it.
+    training losses while the job runs (display only) and can stop it. `templates`
+    (an object with `derive(source, params) -> dict | None` and `learn(source, params,
+    declaration)`, pipeline/declarations.py) derives declarations it can vouch for.
     """
     if gate:
         verdict = check(job.source, policy)
@@ -36,7 +41,7 @@ def run(job: Job, out_dir: Path, backend, *, gate: bool = True,
                           reason=f"{verdict.rule}: {verdict.detail}"[:MAX_REASON_CHARS]).validate()
     job.validate()
     if needs_declaration(job):
-        return _run_declared(job, Path(out_dir), backend, watch)
+        return _run_declared(job, Path(out_dir), backend, watch, templates)
     return _execute(backend, job, Path(out_dir), watch)
 
 
@@ -71,7 +76,7 @@ def _declaration_key(d: Job) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
-def _run_declared(job: Job, out_dir: Path, backend, watch) -> Result:
+def _run_declared(job: Job, out_dir: Path, backend, watch, templates=None) -> Result:
     """Two fresh sandboxes: the candidate's code runs once to declare its model and
     learning dynamics (sandbox/schema.py `Declaration`); then `job` runs on harness code
     only, from that declaration. Whatever the first sandbox does, the second computes
@@ -80,6 +85,8 @@ def _run_declared(job: Job, out_dir: Path, backend, watch) -> Result:
     dj = declare_job(job)
     key = _declaration_key(dj)
     declaration, spent = _DECLARED.get(key), 0.0
+    if declaration is None and templates is not None:
+        declaration = templates.derive(dj.source, dj.params)
     if declaration is None:
         d = _execute(backend, dj, out_dir, watch)
         if d.status != "ok":
@@ -91,6 +98,9 @@ def _run_declared(job: Job, out_dir: Path, backend, watch) -> Result:
             return Result.failure(job, "invalid", f"cannot be declared: {d.reason}",
                                   logs=d.logs, duration_s=d.duration_s)
         declaration, spent = d.declaration, d.duration_s
+        if templates is not None:
+            templates.learn(dj.source, dj.params, declaration)
+    if key not in _DECLARED:
         _DECLARED[key] = declaration
         while len(_DECLARED) > _DECLARED_MAX:
             _DECLARED.popitem(last=False)

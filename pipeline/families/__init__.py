@@ -22,6 +22,13 @@ What a family module provides:
     parse(source) -> dict | None     the design parameters a source writes, or None
     design_from_params(params, config)  the Design a parsed source of ours describes
 
+Optional, for a family whose sources are declared (model kind "t5", pipeline/declarations.py):
+
+    template_design(source, declaration) -> Design | None   the design `source` is
+                    byte for byte the rendering of, or None
+    derived_declaration(declaration, design) -> dict        another rendering's
+                    declaration with this design's numbers
+
 Adding a family: one module with these names, and one `register_family(module)` line
 (below for the built-in ones).
 """

@@ -133,6 +133,33 @@ def train(model):
 '''
 
 
+def template_design(source: str, declaration: dict) -> Design | None:
+    """The design `source` is the rendering of, when it is byte for byte `render` of a
+    design with the learning rate and batch size `declaration` declares; else None.
+    Such a source is this module's own code with five numbers filled in."""
+    params = parse(source)
+    if params is None or "d_model" not in params:
+        return None
+    try:
+        design = Design(**{k: params[k] for k in PARAMS}, d_model=params["d_model"],
+                        lr=declaration["hyper"]["lr"], batch_size=declaration["batch_size"])
+    except (KeyError, TypeError):
+        return None
+    return design if render(design) == source else None
+
+
+def derived_declaration(declaration: dict, design: Design) -> dict:
+    """The declaration (sandbox/schema.py Declaration, as data) of `render(design)`, from
+    the declaration of another rendering: renderings differ only in the five numbers,
+    and those set exactly these keys of T5Config and the optimizer."""
+    model = dict(declaration["model"], d_model=design.d_model,
+                 d_kv=design.d_model // design.num_heads, num_layers=design.num_layers,
+                 num_decoder_layers=design.num_decoder_layers, num_heads=design.num_heads,
+                 d_ff=design.d_ff)
+    return {**declaration, "model": model, "hyper": dict(declaration["hyper"], lr=design.lr),
+            "batch_size": design.batch_size}
+
+
 def parse(source: str) -> dict[str, int] | None:
     """Read the design parameters (and d_model, d_kv) from a source without running it.
 
