@@ -19,9 +19,9 @@ from celery.signals import worker_process_init, worker_ready
 
 from pipeline import celery_app, events
 from pipeline.cancellation import cancel_check
+from pipeline.celery_app import QUEUES, app
 from pipeline.declarations import templates_for
 from pipeline.families import FAMILIES
-from pipeline.celery_app import QUEUES, app
 from pipeline.settings import Settings, backend_kwargs
 from pipeline.text import is_redis_url
 from sandbox import runner

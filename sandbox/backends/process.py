@@ -367,8 +367,7 @@ class ProcessBackend(Backend):
         # RLIMIT_CPU: what it spent warming up, plus the job's own budget (soft = hard).
         if cpu_budget is not None:   # None: TEST ONLY, SELFPROG_SABOTAGE=cpu
             set_cpu_limit(harness, uid, math.ceil(cpu_seconds(harness)) + cpu_budget)
-        if warm.nice:
-            set_priority(harness, uid, 0)      # the job's own priority
+        set_priority(harness, uid, 0)      # the job's own priority (it warmed up at WARM_NICE)
         started = time.monotonic()
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -485,7 +484,6 @@ class WarmProcess:
     key: tuple
     born: float
     ready_r: int            # read end of the pipe warm_main writes one byte to when ready
-    nice: int = 0           # its niceness until "go" (WARM_NICE)
     ready: bool = False
 
     def alive(self) -> bool:
@@ -556,7 +554,7 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
         raise
     os.close(ready_w)
     warm = WarmProcess(proc=proc, uid=uid, jobdir=jobdir, key=key,
-                       born=time.monotonic(), ready_r=ready_r, nice=WARM_NICE)
+                       born=time.monotonic(), ready_r=ready_r)
     _lower_priority(warm, wrapper)
     return warm
 

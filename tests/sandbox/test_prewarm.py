@@ -133,7 +133,11 @@ def test_an_idle_sandbox_waits_at_low_priority_and_its_job_runs_at_normal(warm, 
     # A refill must not slow the job that is running; the job itself must not be slowed.
     assert warm._pool.wait_ready(READY_S)
     (w,) = warm._pool.idle()
-    assert os.getpriority(os.PRIO_PROCESS, sandboxed_pid(w.proc.pid)) == WARM_NICE
+    harness = sandboxed_pid(w.proc.pid)
+    assert os.getpriority(os.PRIO_PROCESS, harness) == WARM_NICE
+    if os.path.exists(f"/proc/{harness}/autogroup"):   # the kernel groups CPU by session
+        with open(f"/proc/{harness}/autogroup") as f:
+            assert f.read().split()[-1] == str(WARM_NICE)
     src = candidate("import os\n", """
         raise RuntimeError(f"NICE {os.getpriority(os.PRIO_PROCESS, 0)}")
         """)
