@@ -160,16 +160,22 @@ def test_infinite_loop_ignoring_sigterm_times_out_and_leaves_nothing(backend, da
 
 
 def test_background_process_is_killed_after_a_normal_run(backend, data_file, tmp_path):
+    # The job goes on only once the escapee is up in its own session, so it is alive when
+    # the harness exits. Who ends it is a race under bubblewrap: the PID namespace dies
+    # with its init and the kernel kills it, often before the uid sweep looks (the sweep
+    # then counts no survivor). What is promised is only that it is gone.
     src = candidate("import os, time\n", """
+        ready, up = os.pipe()
         if os.fork() == 0:
             os.setsid()
+            os.write(up, b"1")
             time.sleep(600)
             os._exit(0)
+        assert os.read(ready, 1) == b"1"
         """)
     result = backend.execute(make_job(src, data_file), tmp_path)
     assert result.status == "ok", result
-    assert backend.last_run.survivors_killed >= 1     # the setsid escapee was found ...
-    assert not uid_processes(backend.last_run.uid)    # ... and is gone
+    assert not uid_processes(backend.last_run.uid)
 
 
 def test_memory_hog_is_oom(backend, data_file, tmp_path):
