@@ -94,17 +94,6 @@ def _aware(value: Any) -> Any:
     return value
 
 
-def _view(cls: type, row: Base) -> Any:
-    return cls(**{f.name: _aware(getattr(row, f.name)) for f in dataclasses.fields(cls)})
-
-
-def _aware(value: Any) -> Any:
-    # SQLite keeps no time zone: everything is written in UTC, so say so on the way out.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
 def view(cls: type, row: Base) -> Any:
     """The frozen view `cls` of an ORM row."""
     return cls(**{f.name: _aware(getattr(row, f.name)) for f in dataclasses.fields(cls)})
