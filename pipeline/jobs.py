@@ -157,7 +157,7 @@ class RunContext:
             job_id=self._job_id("lm", iteration, "generate"), kind="generate",
             source=self.lm_source(current), model_kind=self.lm_family.MODEL_KIND,
             inputs={"weights": str(self.lm_dir(iteration) / "weights.safetensors")},
-            params={"vocab_size": self.tokenizer.get_vocab_size(), "n": cfg.candidates,
+            params={"vocab_size": self.tokenizer.get_vocab_size(), "n": cfg.candidates * cfg.sample_factor,
                     "prompt_ids": tk.encode(self.tokenizer, current),
                     "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                     "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed + iteration,

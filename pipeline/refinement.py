@@ -96,6 +96,31 @@ def edits(family, parent: dict | None, child: dict | None) -> int | None:
     return sum(parent.get(p) != child.get(p) for p in family.PARAMS)
 
 
+def network_key(family, params: dict) -> tuple:
+    key = getattr(family, "network_key", None)
+    return key(params) if key else tuple(sorted(params.items()))
+
+
+def choose_distinct(family, parent: dict | None, designs: list[dict | None], n: int) -> list[int]:
+    """Which of the drawn samples become the n candidates, in draw order: first those
+    that change the parent's network and no earlier choice builds the same one (an
+    unparsable sample is kept: it is what was written, and it ends invalid); then, if
+    that leaves fewer than n, the earliest of the rest. A copy of the input could only
+    repeat the incumbent's score, and a repeat spends an evaluation on a known one."""
+    seen = {network_key(family, parent)} if parent is not None else set()
+    chosen = []
+    for i, d in enumerate(designs):
+        if len(chosen) == n:
+            break
+        if d is None:
+            chosen.append(i)
+        elif network_key(family, d) not in seen:
+            seen.add(network_key(family, d))
+            chosen.append(i)
+    rest = [i for i in range(len(designs)) if i not in chosen]
+    return sorted(chosen + rest[:n - len(chosen)])
+
+
 def _target_ids(tok, text: str) -> tuple[list[int], int]:
     """Token ids of a target and where its source starts: the header and the source are
     encoded apart, so the header's tokens never merge into the source's."""

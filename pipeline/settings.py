@@ -126,6 +126,10 @@ class RunConfig:
     top_k: int = 50
     top_p: float = 1.0
     max_new_tokens: int = 512
+    # draw sample_factor x candidates (the LM's samples, or random refinements) and keep
+    # `candidates` of them, preferring distinct networks that differ from the input
+    # (refinement.choose_distinct); 1: every draw is a candidate, as in the paper
+    sample_factor: int = 1
     # evaluation ("extended few-shot")
     fewshot_samples: int = 1024
     fewshot_epochs: int = 1
@@ -248,9 +252,9 @@ PRESETS: dict[str, RunConfig] = {
         preset="paper-vision-cpu", iterations=5, candidates=8, task_epochs=2,
         arms=("lm", "random"), dataset_size=4096, vocab_size=512, d_model=64,
         seed_heads=4, seed_d_ff=256, lm_lr=3e-3, lm_batch_size=16, lm_epochs=20,
-        lm_max_steps=3000, lm_copy_criterion=0.6, lm_decay_steps=200, temperature=0.7,
-        max_new_tokens=256, fewshot_samples=32, train_samples=2000, eval_samples=1000,
-        train_timeout_s=1800.0, eval_timeout_s=240.0,
+        lm_max_steps=3000, lm_copy_criterion=0.8, lm_decay_steps=200, temperature=0.7,
+        max_new_tokens=256, sample_factor=2, fewshot_samples=32, train_samples=2000,
+        eval_samples=1000, train_timeout_s=1800.0, eval_timeout_s=240.0,
     ),
 }
 

@@ -288,16 +288,18 @@ def after_generation(result: dict, *, run_id: str, index: int, arm: str = "lm") 
     # The stage moves first: only the winner's samples become candidates (a duplicate
     # generation could have sampled differently). The header line naming the move is
     # cut off each sample (pipeline/refinement.py).
-    sources = []
+    samples = []
     if res.status == "ok":
-        sources = [refinement.strip_header(tk.decode(ctx.tokenizer, ids)) for ids in res.samples]
-    rate = single_edit_rate(ctx, store.get_iteration(run_id, index, arm).source_in, sources)
+        samples = [refinement.strip_header(tk.decode(ctx.tokenizer, ids)) for ids in res.samples]
+    parent = store.get_iteration(run_id, index, arm).source_in
+    rate = single_edit_rate(ctx, parent, samples)     # of everything the LM wrote
+    sources = _keep(ctx, parent, samples)
     won = _advance(store, run_id, index, arm, "generating", "evaluating",
                    gen_seconds=res.duration_s, single_edit_rate=rate)
     if not _moved(won, store, run_id, index, arm, "evaluating"):
         return
     if res.status == "ok":
-        events.emit(run_id, "generated", iteration=index, arm=arm, samples=len(sources),
+        events.emit(run_id, "generated", iteration=index, arm=arm, samples=len(samples),
                     single_edit_rate=rate)
     else:  # no candidates this time; the incumbent is still scored and kept
         log.warning("generation failed in run %s iteration %d: %s", run_id, index, res.reason)
@@ -342,14 +344,25 @@ def outcome(res: Result) -> tuple[str, str]:
     return status, reason
 
 
+def _keep(ctx: RunContext, parent: str, samples: list[str]) -> list[str]:
+    """The `candidates` samples of the sample_factor x candidates drawn that become
+    candidates (refinement.choose_distinct); all of them when nothing extra was drawn."""
+    if ctx.config.sample_factor == 1:
+        return samples
+    designs = [refinement.parse(s, ctx.task) for s in samples]
+    keep = refinement.choose_distinct(ctx.family, refinement.parse(parent, ctx.task), designs,
+                                      ctx.config.candidates)
+    return [samples[i] for i in keep]
+
+
 def _random_refinements(ctx: RunContext, source: str, index: int) -> list[str]:
     params = refinement.parse(source, ctx.task)
     design = refinement.design_from_params(params, ctx.config, ctx.task)
     out = []
-    for i in range(ctx.config.candidates):
+    for i in range(ctx.config.candidates * ctx.config.sample_factor):
         rng = random.Random(f"{ctx.config.seed}-{index}-{i}")
         out.append(refinement.render(refinement.refine(design, rng, ctx.task), ctx.task))
-    return out
+    return _keep(ctx, source, out)
 
 
 @coordinator_task

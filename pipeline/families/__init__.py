@@ -29,6 +29,12 @@ Optional, for a family whose sources are declared (model kind "t5", pipeline/dec
     derived_declaration(declaration, design) -> dict        another rendering's
                     declaration with this design's numbers
 
+Optional, for a family where two designs can build the same network:
+
+    network_key(params) -> tuple     equal for parsed designs that build the same network
+                    (default: the parameters themselves); a run that samples more than
+                    it keeps drops a candidate whose network is its input's or another's
+
 Adding a family: one module with these names, and one `register_family(module)` line
 (below for the built-in ones).
 """

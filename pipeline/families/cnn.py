@@ -147,6 +147,12 @@ def refine(design: Design, rng: random.Random) -> Design:
     raise AssertionError("unreachable: hidden_layers can always move one way")
 
 
+def network_key(params: dict) -> tuple:
+    """Without convs the channel count builds nothing: such designs are one network."""
+    return tuple((p, params[p]) for p in PARAMS
+                 if not (p == "channels" and params.get("conv_layers") == 0))
+
+
 def render(design: Design) -> str:
     """The design as a complete module: `Net`, `build_model(input_shape, num_classes)`
     and `train(model)`. The same text for every task; the sizes come from the input

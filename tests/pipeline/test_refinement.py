@@ -143,3 +143,48 @@ def test_int_literals_lists_the_integers_as_written_in_order():
     src = "A = 10\nB = 0.5\nC = f(3, 1e3 if x else 2)  # 99\nD = 'text 5'\n"
     assert int_literals(src) == ["10", "3", "2"]
     assert int_literals("x = (1,\n") is None   # does not tokenize
+
+
+def test_choose_distinct_prefers_new_networks_then_fills_in_draw_order():
+    cnn = get_family("cnn")
+    parent = {"hidden_layers": 1, "conv_layers": 0, "channels": 32, "hidden_size": 16}
+    wider = {**parent, "hidden_size": 32}
+    deeper = {**parent, "hidden_layers": 2}
+    no_op = {**parent, "channels": 16}          # channels without convs: the parent's network
+    drawn = [parent, wider, wider, None, no_op, deeper, wider]
+    # the copy, the repeat and the no-op are passed over; the unparsable sample stays
+    assert refinement.choose_distinct(cnn, parent, drawn, 3) == [1, 3, 5]
+    # too few distinct ones: the earliest of the rest fill up, and draw order is kept
+    assert refinement.choose_distinct(cnn, parent, drawn, 5) == [0, 1, 2, 3, 5]
+    assert refinement.choose_distinct(cnn, parent, drawn[:2], 4) == [0, 1]
+
+
+def test_network_key_ignores_channels_only_without_convs():
+    cnn = get_family("cnn")
+    a = {"hidden_layers": 1, "conv_layers": 0, "channels": 32, "hidden_size": 16}
+    assert refinement.network_key(cnn, a) == refinement.network_key(cnn, {**a, "channels": 64})
+    b = {**a, "conv_layers": 1}
+    assert refinement.network_key(cnn, b) != refinement.network_key(cnn, {**b, "channels": 64})
+    t5 = get_family("transformer")       # no network_key: every parameter counts
+    d = t5.seed_design(preset("quick")).params()
+    assert refinement.network_key(t5, d) != refinement.network_key(t5, {**d, "d_ff": 1})
+
+
+def test_the_control_arm_draws_more_and_keeps_distinct_moves(tmp_path):
+    from pipeline import stages
+    from pipeline.jobs import RunContext
+    from pipeline.settings import Settings
+
+    cnn = get_family("cnn")
+    seed = cnn.render(cnn.SEED)     # from the seed only 3 moves exist: deeper, a conv, wider
+    for factor in (1, 4):
+        cfg = preset("paper-vision-cpu", task="digits", candidates=3, sample_factor=factor)
+        ctx = RunContext("r", cfg, Settings.from_env(env={}, artifact_dir=str(tmp_path)))
+        keys = [refinement.network_key(cnn, cnn.parse(s))
+                for s in stages._random_refinements(ctx, seed, 0)]
+        assert len(keys) == 3
+        if factor == 4:
+            assert len(set(keys)) == 3
+            assert refinement.network_key(cnn, cnn.parse(seed)) not in keys
+        else:   # every draw is a candidate: seeded draws that repeat a move here
+            assert len(set(keys)) < 3
