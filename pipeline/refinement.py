@@ -108,17 +108,19 @@ def choose_distinct(family, parent: dict | None, designs: list[dict | None], n: 
     that leaves fewer than n, the earliest of the rest. A copy of the input could only
     repeat the incumbent's score, and a repeat spends an evaluation on a known one."""
     seen = {network_key(family, parent)} if parent is not None else set()
-    chosen = []
+    chosen: set[int] = set()
     for i, d in enumerate(designs):
         if len(chosen) == n:
             break
         if d is None:
-            chosen.append(i)
-        elif network_key(family, d) not in seen:
-            seen.add(network_key(family, d))
-            chosen.append(i)
+            chosen.add(i)
+            continue
+        key = network_key(family, d)
+        if key not in seen:
+            seen.add(key)
+            chosen.add(i)
     rest = [i for i in range(len(designs)) if i not in chosen]
-    return sorted(chosen + rest[:n - len(chosen)])
+    return sorted(chosen | set(rest[:n - len(chosen)]))
 
 
 def _target_ids(tok, text: str) -> tuple[list[int], int]:

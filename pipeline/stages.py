@@ -346,9 +346,7 @@ def outcome(res: Result) -> tuple[str, str]:
 
 def _keep(ctx: RunContext, parent: str, samples: list[str]) -> list[str]:
     """The `candidates` samples of the sample_factor x candidates drawn that become
-    candidates (refinement.choose_distinct); all of them when nothing extra was drawn."""
-    if ctx.config.sample_factor == 1:
-        return samples
+    candidates (refinement.choose_distinct: all of them when nothing extra was drawn)."""
     designs = [refinement.parse(s, ctx.task) for s in samples]
     keep = refinement.choose_distinct(ctx.family, refinement.parse(parent, ctx.task), designs,
                                       ctx.config.candidates)
