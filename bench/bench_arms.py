@@ -15,8 +15,8 @@ Per run it prints the seed network's accuracy, each arm's final accuracy (the ne
 the last iteration selected), the share of the LM arm's candidates that were valid
 (built, trained and scored), and the share of the LM's samples that changed exactly one
 design parameter of their input (the iterations' recorded rate: every sample it wrote,
-also those a sample_factor > 1 did not keep as candidates). Per task: means over seeds with the sample standard deviation,
-LM minus random per seed, and each of the reproduction's targets (LM valid >= 80%,
+also those a sample_factor > 1 did not keep as candidates). Per task: means over seeds
+with the sample standard deviation, LM minus random per seed, and each of the reproduction's targets (LM valid >= 80%,
 single edits >= 70%, LM end no more than 1 point below random) met or missed.
 """
 from __future__ import annotations
@@ -31,18 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import report, runs  # noqa: E402
-from pipeline.settings import RunConfig, Settings, preset  # noqa: E402
+from pipeline.cli.run import parse_sets  # noqa: E402
+from pipeline.settings import ConfigError, RunConfig, Settings, preset  # noqa: E402
 from pipeline.store import store_for  # noqa: E402
 
 VALID_TARGET, SINGLE_TARGET, GAP_TARGET = 0.80, 0.70, -0.01
-
-
-def _sets(pairs: list[str] | None) -> dict:
-    out = {}
-    for kv in pairs or []:
-        k, _, v = kv.partition("=")
-        out[k] = v
-    return out
 
 
 def find_run(store, cfg) -> str | None:
@@ -55,18 +48,15 @@ def find_run(store, cfg) -> str | None:
 
 
 def measure(store, run_id: str) -> dict:
-    iterations = store.iterations(run_id)
-    outcomes = report.arm_outcomes(iterations, store.candidates(run_id))
-    generated = valid = 0
-    for it in (i for i in iterations if i.arm == "lm"):
-        for c in store.candidates(run_id, iteration=it.index, arm="lm"):
-            if c.role == "candidate":
-                generated += 1
-                valid += c.status == "evaluated"
+    iterations, candidates = store.iterations(run_id), store.candidates(run_id)
+    outcomes = report.arm_outcomes(iterations, candidates)
+    written = [c for c in candidates if c.arm == "lm" and c.role == "candidate"]
+    generated = len(written)
+    valid = sum(c.status == "evaluated" for c in written)
     # measured on every sample the LM wrote, also those a sample_factor > 1 left out
     rates = [i.single_edit_rate for i in iterations if i.arm == "lm" and i.single_edit_rate is not None]
     lm0 = next(i for i in iterations if i.arm == "lm" and i.index == 0)
-    by_id = {c.id: c for c in store.candidates(run_id)}
+    by_id = {c.id: c for c in candidates}
     # per iteration, the accuracy of the network it selected (the incumbent's, if kept)
     curves = {arm: [by_id[it.selected_id].score for it in sorted(iterations, key=lambda i: i.index)
                     if it.arm == arm] for arm in ("lm", "random")}
@@ -75,8 +65,7 @@ def measure(store, run_id: str) -> dict:
             "valid": valid / max(1, generated),
             "single": statistics.mean(rates) if rates else 0.0,
             "lm_steps": len(lm0.lm_losses or []), "p_intact": lm0.lm_p_intact,
-            "curves": curves, "lm_design": outcomes["lm"]["end_design"],
-            "random_design": outcomes["random"]["end_design"]}
+            "curves": curves}
 
 
 def spread(values: list[float]) -> str:
@@ -97,27 +86,31 @@ def main() -> None:
     args = p.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:   # every configuration first: a bad --set stops the bench before any run starts
+        configs = {(task, seed): preset(args.preset, task=task, seed=seed,
+                                        **parse_sets(args.set or []))
+                   for task in tasks for seed in seeds}
+    except ConfigError as exc:
+        raise SystemExit(f"bench_arms: {exc}")
 
     with tempfile.TemporaryDirectory() as d:
         url = args.database_url or f"sqlite:///{Path(d) / 'bench.db'}"
         settings = Settings.from_env(database_url=url, artifact_dir=str(Path(d) / "artifacts"),
                                      sandbox_backend=args.backend)
         results: dict[str, list[dict]] = {}
-        for task in tasks:
-            for seed in seeds:
-                cfg = preset(args.preset, task=task, seed=seed, **_sets(args.set))
-                store = store_for(url)
-                run_id = find_run(store, cfg)
-                how = "read back"
-                if run_id is None:
-                    t0 = time.monotonic()
-                    run_id = runs.launch(settings, cfg)
-                    how = f"launched, {time.monotonic() - t0:.0f} s"
-                    if store.get_run(run_id).status != "completed":
-                        raise SystemExit(f"run {run_id} ({task}, seed {seed}) did not complete: "
-                                         f"{store.get_run(run_id).error}")
-                results.setdefault(task, []).append({**measure(store, run_id), "seed": seed})
-                print(f"{task} seed {seed}: run {run_id} ({how})", flush=True)
+        for (task, seed), cfg in configs.items():
+            store = store_for(url)
+            run_id = find_run(store, cfg)
+            how = "read back"
+            if run_id is None:
+                t0 = time.monotonic()
+                run_id = runs.launch(settings, cfg)
+                how = f"launched, {time.monotonic() - t0:.0f} s"
+                if store.get_run(run_id).status != "completed":
+                    raise SystemExit(f"run {run_id} ({task}, seed {seed}) did not complete: "
+                                     f"{store.get_run(run_id).error}")
+            results.setdefault(task, []).append({**measure(store, run_id), "seed": seed})
+            print(f"{task} seed {seed}: run {run_id} ({how})", flush=True)
         print_table(args.preset, results)
         if args.plot:
             plot(results, Path(args.plot))
