@@ -5,7 +5,7 @@ hands out frozen views (pipeline/store/views.py), never live ORM objects, and ev
 call is one short transaction.
 
 The same code serves the embedded default (a SQLite file) and the deployment
-(PostgreSQL); the schema comes from the Alembic migrations in pipeline/store/migrations/
+(PostgreSQL); the schema comes from the Alembic migrations in the top-level migrations/
 (pipeline/store/schema.py).
 """
 from __future__ import annotations

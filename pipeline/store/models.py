@@ -1,7 +1,7 @@
 """The lineage schema: runs, their iterations, every candidate ever produced, curves.
 
 These ORM models are the single description of the schema. The Alembic migrations in
-pipeline/store/migrations/versions/ must create exactly this (`alembic check` passes,
+migrations/versions/ (top level) must create exactly this (`alembic check` passes,
 and tests/pipeline/test_store.py compares constraint and index names, CHECKs included), so any
 change here goes together with a new migration.
 

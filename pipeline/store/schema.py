@@ -1,5 +1,5 @@
 """Engines and the schema of the lineage database: opening a URL, the Alembic migrations
-(in pipeline/store/migrations/, shipped as package data), and whether a database is at
+(in the top-level migrations/, installed as pipeline/store/migrations/), and whether a database is at
 the newest revision.
 
 Query paths never migrate (`schema_is_current`, `SchemaOutOfDate`); only
@@ -24,7 +24,16 @@ from sqlalchemy.pool import StaticPool
 from pipeline.store.errors import SchemaOutOfDate, StoreError
 from pipeline.text import first_line, sqlite_path
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+def _migrations_dir() -> Path:
+    # One copy: the repository's top-level migrations/, which pyproject.toml installs as
+    # pipeline/store/migrations/ in a wheel. A checkout (or an editable install) has only
+    # the first, an installed package only the second.
+    here = Path(__file__).resolve().parent
+    installed = here / "migrations"
+    return installed if installed.is_dir() else here.parents[1] / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def alembic_config():
@@ -132,7 +141,7 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     cfg = alembic_config()
     # Several stores may start at once (threads of the embedded default, worker
     # processes). PostgreSQL serializes them with an advisory lock in
-    # pipeline/store/migrations/env.py;
+    # migrations/env.py;
     # SQLite runs each DDL statement on its own, so hold an exclusive flock on the
     # database file meanwhile (flock is independent of SQLite's own fcntl locks).
     # Within one process, Alembic's `context`/`op` proxies are module globals, so
