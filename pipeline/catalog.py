@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.families import get_family
-
-SCORES = {"loss": "min", "accuracy": "max"}   # score -> which way is better
+# score -> which way is better: the sandbox's own table (an evaluate job's score kind is
+# checked against it), so a task cannot name a score the sandbox does not compute
+from sandbox.schema import SCORE_KINDS
 
 
 class UnknownTask(ValueError):
@@ -36,13 +37,13 @@ class TaskSpec:
     load: Callable | None = None      # the task's data (None: the refinement corpus is it)
 
     def __post_init__(self):
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.score not in SCORE_KINDS:
+            raise ValueError(f"score must be one of {', '.join(SCORE_KINDS)}, got {self.score!r}")
 
     @property
     def direction(self) -> str:
         """"min" when a lower score is better (a loss), else "max"."""
-        return SCORES[self.score]
+        return SCORE_KINDS[self.score]
 
 
 SELF = TaskSpec("self", family="transformer", score="loss", self_programming=True)
