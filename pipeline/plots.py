@@ -19,7 +19,8 @@ from typing import Sequence
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from pipeline.report import direction
+from pipeline.families import plot_note, plotted
+from pipeline.report import direction, task_family
 from pipeline.store import CandidateView, CurveView, IterationView, RunView
 
 
@@ -177,8 +178,6 @@ def plot_run(run: RunView, iterations: Sequence[IterationView],
 # candidates (Figure 5), parameter count of the best model (Figure 6), and accuracy
 # against the total number of candidates over a sweep of runs (Figure 4).
 
-DESIGN_PARAMS = (("hidden_layers", "hidden layers", False), ("conv_layers", "conv layers", False),
-                 ("hidden_size", "log2 hidden size", True), ("channels", "log2 conv channels", True))
 _ARM_STYLE = {"lm": dict(color="tab:blue", linestyle="-", marker="o"),
               "random": dict(color="tab:orange", linestyle="--", marker="s")}
 
@@ -252,9 +251,11 @@ def plot_candidate_losses(run: RunView, iterations: Sequence[IterationView],
     return _save(candidate_losses_figure(run, iterations, candidates, curves), path)
 
 
-def design_averages(candidates: Sequence[CandidateView], arm: str) -> dict[int, dict[str, float]]:
-    """Per iteration, the mean design parameters of the arm's evaluated candidates
-    (widths as log2). Iterations with no evaluated candidate are left out."""
+def design_averages(candidates: Sequence[CandidateView], arm: str,
+                    shown: Sequence[tuple[str, str, bool]]) -> dict[int, dict[str, float]]:
+    """Per iteration, the mean of each shown design parameter (families.plotted: param,
+    label, log2) over the arm's evaluated candidates. Iterations with no evaluated
+    candidate are left out."""
     import math
 
     out: dict[int, dict[str, float]] = {}
@@ -263,10 +264,10 @@ def design_averages(candidates: Sequence[CandidateView], arm: str) -> dict[int, 
                    if c.arm == arm and c.iteration == index and c.role == "candidate"
                    and c.status == "evaluated" and c.design]
         designs = [d for d in designs if all(isinstance(d.get(k), int) and d[k] >= (1 if log else 0)
-                                             for k, _, log in DESIGN_PARAMS)]
+                                             for k, _, log in shown)]
         if designs:
             out[index] = {k: sum(math.log2(d[k]) if log else d[k] for d in designs) / len(designs)
-                          for k, _, log in DESIGN_PARAMS}
+                          for k, _, log in shown}
             out[index]["n"] = len(designs)
     return out
 
@@ -274,12 +275,16 @@ def design_averages(candidates: Sequence[CandidateView], arm: str) -> dict[int, 
 def design_params_figure(run: RunView, iterations: Sequence[IterationView],
                          candidates: Sequence[CandidateView]) -> Figure:
     """Average design parameters of the evaluated candidates per iteration (paper
-    Figure 5): one panel per parameter, one line per arm; widths as log2."""
-    fig = Figure(figsize=(10, 7))
-    axes = [fig.add_subplot(2, 2, i + 1) for i in range(4)]
+    Figure 5): one panel per parameter the run's family shows (families.plotted), one
+    line per arm."""
+    family = task_family(run.task)
+    shown = plotted(family)
+    rows = max(1, (len(shown) + 1) // 2)
+    fig = Figure(figsize=(10, 3.5 * rows))
+    axes = [fig.add_subplot(rows, 2, i + 1) for i in range(len(shown))]
     arms = _arms(iterations) or ["lm"]
-    averages = {arm: design_averages(candidates, arm) for arm in arms}
-    for ax, (key, label, _) in zip(axes, DESIGN_PARAMS):
+    averages = {arm: design_averages(candidates, arm, shown) for arm in arms}
+    for ax, (key, label, _) in zip(axes, shown):
         drawn = False
         for arm in arms:
             pts = averages[arm]
@@ -295,8 +300,11 @@ def design_params_figure(run: RunView, iterations: Sequence[IterationView],
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"avg {label}")
         ax.grid(alpha=0.3)
+    if not shown:
+        _empty(fig.add_subplot(), f"no design parameters known for task {run.task!r}")
+    note = plot_note(family)
     fig.suptitle(f"run {run.id} ({run.task}): average design of the evaluated candidates"
-                 " (channels read 32 for a net without convs)", fontsize="medium")
+                 + (f" ({note})" if note else ""), fontsize="medium")
     return fig
 
 

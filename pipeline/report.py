@@ -1,14 +1,14 @@
 """Summaries of runs, shared by the CLI and the plots: one row per iteration, a run's
-best score, each arm's start and end, and the short text forms of scores and designs."""
+best score, each arm's start and end, a candidate's lineage with its diffs, and the short
+text forms of scores and designs (a design as its family names it)."""
 from __future__ import annotations
 
+import difflib
 from datetime import datetime
 from typing import Any, Sequence
 
+from pipeline.families import get_family, short_names
 from pipeline.store import CandidateView, IterationView, LineageStore, RunView
-
-# Short names for the transformer design parameters in tables; other keys print as is.
-_SHORT = {"num_layers": "enc", "num_decoder_layers": "dec", "num_heads": "heads"}
 
 
 def direction(task: str) -> str:
@@ -21,6 +21,16 @@ def direction(task: str) -> str:
         return "max"
 
 
+def task_family(task: str) -> Any | None:
+    """The family of the task's sources (pipeline/families/), or None for a task this
+    installation does not know (an old run's): its designs then print by their keys."""
+    from pipeline.catalog import get_task
+    try:
+        return get_family(get_task(task).family)
+    except (ValueError, LookupError):
+        return None
+
+
 def fmt_score(score: float | None) -> str:
     if score is None:
         return "-"
@@ -31,14 +41,16 @@ def fmt_time(value: datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def fmt_design(design: dict[str, Any] | None) -> str:
+def fmt_design(design: dict[str, Any] | None, family: Any | None = None) -> str:
+    """`key=value ...`, with the family's short names (task_family) where it has them."""
     if not design:
         return "-"
+    names = short_names(family)
     parts = []
     for key, value in design.items():
         if isinstance(value, float):
             value = f"{value:g}"
-        parts.append(f"{_SHORT.get(key, key)}={value}")
+        parts.append(f"{names.get(key, key)}={value}")
     return " ".join(parts)
 
 
@@ -133,3 +145,24 @@ def arm_outcomes(iterations: Sequence[IterationView],
 def arms_line(outcomes: dict[str, dict[str, Any]]) -> str:
     return "   ".join(f"{arm}: {fmt_score(o['start'])} -> {fmt_score(o['end'])} "
                       f"({o['iterations_done']} it.)" for arm, o in outcomes.items())
+
+
+def lineage_record(chain: Sequence[CandidateView]) -> list[dict[str, Any]]:
+    """A candidate's ancestry, seed first (LineageStore.lineage), as `lineage --json`
+    prints it (docs/json.md): per step the candidate and a unified diff of its source
+    against the previous step's ("" for the seed, and for a step that copies its
+    parent, as an incumbent does)."""
+    steps = []
+    previous: CandidateView | None = None
+    for c in chain:
+        diff = ""
+        if previous is not None and previous.source != c.source:
+            diff = "".join(difflib.unified_diff(
+                previous.source.splitlines(keepends=True), c.source.splitlines(keepends=True),
+                fromfile=f"candidate {previous.id}", tofile=f"candidate {c.id}"))
+        steps.append({"id": c.id, "run_id": c.run_id, "iteration": c.iteration,
+                      "index": c.index, "arm": c.arm, "role": c.role,
+                      "parent_id": c.parent_id, "status": c.status, "score": c.score,
+                      "design": c.design, "sha256": c.sha256, "diff": diff})
+        previous = c
+    return steps

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.report import fmt_design, fmt_score
+from pipeline.report import fmt_design, fmt_score, task_family
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import LineageStore, StoreError
 from pipeline.text import first_line
@@ -70,11 +70,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def iteration_table(rows: list[dict[str, Any]]) -> str:
+def iteration_table(rows: list[dict[str, Any]], family: Any | None = None) -> str:
+    """`rows` (report.iteration_rows) as a table; designs as `family` names them."""
     return table(
         ["it", "arm", "stage", "selected design", "score", "incumbent", "decision", "evaluated",
          "LM steps", "p_intact", "1-edit"],
-        [[r["index"], r["arm"], r["stage"], fmt_design(r["design"]), fmt_score(r["score"]),
+        [[r["index"], r["arm"], r["stage"], fmt_design(r["design"], family), fmt_score(r["score"]),
           fmt_score(r["incumbent_score"]), r["decision"] or "-",
           f"{r['evaluated']}/{r['total']}", _steps(r), _share(r["lm_p_intact"]),
           _share(r["single_edit_rate"])] for r in rows])
@@ -92,8 +93,14 @@ def _share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def print_progress(event: str, info: dict[str, Any]) -> None:
-    """One concise line per loop event, on stderr (stdout stays for results)."""
+def progress_for(task: str) -> Callable[[str, dict[str, Any]], None]:
+    """`print_progress` for a run of `task`: its designs as the task's family names them."""
+    return functools.partial(print_progress, family=task_family(task))
+
+
+def print_progress(event: str, info: dict[str, Any], family: Any | None = None) -> None:
+    """One concise line per loop event, on stderr (stdout stays for results); designs
+    as `family` (the run's, report.task_family) names them."""
     it = info.get("iteration")
     arm = f" {info['arm']}" if info.get("arm") not in (None, "lm") else ""
     where = f"[iteration {it}{arm}]" if it is not None else "[run]"
@@ -116,7 +123,7 @@ def print_progress(event: str, info: dict[str, Any]) -> None:
                 f"{'-' if rate is None else f'{100 * rate:.0f}%'} change exactly one parameter")
     elif event == "iteration":
         line = (f"{where} {info.get('decision') or 'done'}: score {fmt_score(info.get('score'))}"
-                f"  {fmt_design(info.get('design'))}")
+                f"  {fmt_design(info.get('design'), family)}")
     else:
         details = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in info.items() if k != "iteration")

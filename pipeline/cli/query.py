@@ -2,7 +2,6 @@
 database and never write to it (pipeline/store/api.py: a query never migrates)."""
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import click
@@ -10,9 +9,9 @@ import click
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
                                  json_option, pass_ctx, table)
 from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction, fmt_design,
-                             fmt_score, fmt_time, iteration_rows, run_record, run_summary,
-                             shorten)
-from pipeline.store import ARMS, CANDIDATE_STATUSES, CandidateView
+                             fmt_score, fmt_time, iteration_rows, lineage_record, run_record,
+                             run_summary, shorten, task_family)
+from pipeline.store import ARMS, CANDIDATE_STATUSES
 from pipeline.text import first_line
 
 _CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
@@ -75,7 +74,7 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
     if run.error:
         click.echo(f"error: {shorten(run.error, 200)}")
     click.echo("")
-    click.echo(iteration_table(rows) if rows else "no iterations yet")
+    click.echo(iteration_table(rows, task_family(run.task)) if rows else "no iterations yet")
     if len({r["arm"] for r in rows}) > 1:
         click.echo("")
         click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
@@ -127,31 +126,20 @@ def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
     winner) show no diff.
     """
     with obj.open_store() as store:
-        chain = store.lineage(candidate_id)
-    steps = []
-    previous: CandidateView | None = None
-    for c in chain:
-        diff = ""
-        if previous is not None and previous.source != c.source:
-            diff = "".join(difflib.unified_diff(
-                previous.source.splitlines(keepends=True), c.source.splitlines(keepends=True),
-                fromfile=f"candidate {previous.id}", tofile=f"candidate {c.id}"))
-        steps.append((c, diff))
-        previous = c
+        steps = lineage_record(store.lineage(candidate_id))
+        family = task_family(store.get_run(steps[-1]["run_id"]).task)
     if as_json:
-        emit_json([{"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
-                    "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
-                    "score": c.score, "design": c.design, "sha256": c.sha256, "diff": diff}
-                   for c, diff in steps])
+        emit_json(steps)
         return
     click.echo(f"lineage of candidate {candidate_id}: {len(steps)} step(s), seed first")
-    for number, (c, diff) in enumerate(steps, 1):
+    for number, c in enumerate(steps, 1):
         click.echo("")
-        click.echo(f"[{number}] candidate {c.id}  run {c.run_id}  iteration {c.iteration}  "
-                   f"index {c.index} ({c.role}, {c.arm})  {c.status}  score {fmt_score(c.score)}")
-        click.echo(f"    design: {fmt_design(c.design)}")
-        if diff:
-            click.echo(diff.rstrip("\n"))
+        click.echo(f"[{number}] candidate {c['id']}  run {c['run_id']}  iteration "
+                   f"{c['iteration']}  index {c['index']} ({c['role']}, {c['arm']})  "
+                   f"{c['status']}  score {fmt_score(c['score'])}")
+        click.echo(f"    design: {fmt_design(c['design'], family)}")
+        if c["diff"]:
+            click.echo(c["diff"].rstrip("\n"))
 
 @click.command()
 @click.argument("run_id", metavar="RUN")

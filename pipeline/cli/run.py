@@ -11,8 +11,8 @@ import click
 
 from pipeline import sweep as sweeps
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
-                                 json_option, pass_ctx, print_progress, table)
-from pipeline.report import fmt_score, iteration_rows, shorten
+                                 json_option, pass_ctx, print_progress, progress_for, table)
+from pipeline.report import fmt_score, iteration_rows, shorten, task_family
 from pipeline.settings import SANDBOX_BACKENDS, ConfigError, Settings, preset as build_preset
 from pipeline.store import RUN_TERMINAL_STATUSES, LineageStore
 from pipeline.text import first_line, hide_password
@@ -97,7 +97,7 @@ def launch(obj: Context, preset_name: str, task: str, seed: int | None,
 
     from pipeline.runs import launch as launch_run   # heavy (torch); only this command
 
-    run_id = launch_run(settings, config, progress=None if detach else print_progress,
+    run_id = launch_run(settings, config, progress=None if detach else progress_for(config.task),
                         detach=detach)
     if detach:
         _report_submitted(run_id, as_json)
@@ -171,7 +171,7 @@ def _report_run(settings: Settings, run_id: str, as_json: bool) -> None:
         return
     click.echo(f"run {run.id}: {run.status}" + (f" ({shorten(run.error, 200)})"
                                                  if run.error else ""))
-    click.echo(iteration_table(rows) if rows else "no iterations")
+    click.echo(iteration_table(rows, task_family(run.task)) if rows else "no iterations")
     click.echo(f"\nnext: selfprog-cli show {run.id} | selfprog-cli plot {run.id}")
     if run.status == "failed":
         raise click.ClickException(f"run {run.id} failed: {shorten(run.error or '', 300)}")
@@ -203,16 +203,17 @@ def watch(obj: Context, run_id: str, as_json: bool) -> None:
         run = store.get_run(run_id)
         rows = iteration_rows(store.iterations(run.id), store.candidates(run.id))
     _check_broker(settings)
+    family = task_family(run.task)
     if not as_json:
         click.echo(f"run {run.id}: {run.status}", err=True)
         if rows:
-            click.echo(iteration_table(rows), err=True)
+            click.echo(iteration_table(rows, family), err=True)
 
     def show_event(event: str, info: dict[str, Any]) -> None:
         if as_json:
             click.echo(json.dumps({"event": event, **info}, default=str))
         else:
-            print_progress(event, info)
+            print_progress(event, info, family)
 
     status = run.status
     if status not in RUN_TERMINAL_STATUSES:
@@ -287,7 +288,7 @@ def resume(obj: Context, run_id: str, detach: bool, anyway: bool, as_json: bool)
     if run.status != "completed":
         _check_workers(settings, detach=detach,
                        nothing=f"run {run.id} was left {run.status} as it was")
-    resume_run(settings, run.id, progress=None if detach else print_progress, detach=detach,
+    resume_run(settings, run.id, progress=None if detach else progress_for(run.task), detach=detach,
                anyway=anyway)
     if detach:
         _report_submitted(run.id, as_json)
@@ -340,10 +341,12 @@ def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
     if backend is not None:
         settings = dataclasses.replace(settings, sandbox_backend=backend)
 
+    family = task_family(task)
+
     def progress(label: str, event: str, info: dict[str, Any]) -> None:
         if event in ("iteration", "done", "failed", "lm_trained"):
             click.echo(f"{label} ", err=True, nl=False)
-            print_progress(event, info)
+            print_progress(event, info, family)
 
     rows = sweeps.run(settings, plan, no_launch=no_launch,
                       say=lambda line: click.echo(line, err=True), progress=progress)

@@ -35,6 +35,15 @@ Optional, for a family where two designs can build the same network:
                     (default: the parameters themselves); a run that samples more than
                     it keeps drops a candidate whose network is its input's or another's
 
+Optional, for how tables and figures show a design (pipeline/report.py, pipeline/plots.py;
+`short_names`, `plotted` and `plot_note` below give the defaults):
+
+    SHORT_NAMES     {param: name} shorter names for tables (default: the parameter names)
+    PLOTTED         ((param, axis label, log2), ...) what a figure of designs averages per
+                    iteration, one panel each in this order; log2 for a width (default:
+                    every PARAMS entry, by name, linear)
+    PLOT_NOTE       a caveat that figure adds to its title (default: none)
+
 Adding a family: one module with these names, and one `register_family(module)` line
 (below for the built-in ones).
 """
@@ -73,6 +82,25 @@ def get_family(name: str) -> Any:
         return FAMILIES[name]
     except KeyError:
         raise UnknownFamily(f"unknown family {name!r}; families: {', '.join(FAMILIES)}") from None
+
+
+# The display defaults; each takes None too (a task whose family this installation does
+# not know, e.g. an old run's): its designs then print by their keys and plot nothing.
+
+def short_names(family: Any | None) -> dict[str, str]:
+    """{param: the name a table prints it as}; other keys print as they are."""
+    return dict(getattr(family, "SHORT_NAMES", {}))
+
+
+def plotted(family: Any | None) -> tuple[tuple[str, str, bool], ...]:
+    """(param, axis label, log2) per panel of a figure of the family's designs."""
+    if family is None:
+        return ()
+    return tuple(getattr(family, "PLOTTED", ((p, p, False) for p in family.PARAMS)))
+
+
+def plot_note(family: Any | None) -> str:
+    return getattr(family, "PLOT_NOTE", "")
 
 
 register_family(transformer)

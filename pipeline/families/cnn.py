@@ -91,6 +91,13 @@ class Design:
 # The paper's initial network: one hidden layer of 16 units, no convs.
 SEED = Design(hidden_layers=1, conv_layers=0, channels=32, hidden_size=16)
 
+# How a figure of designs shows them (pipeline/plots.py, the paper's Figure 5): the
+# widths averaged as log2, as the paper reads them; a net without convs still writes
+# the seed's CHANNELS, which that average counts.
+PLOTTED = (("hidden_layers", "hidden layers", False), ("conv_layers", "conv layers", False),
+           ("hidden_size", "log2 hidden size", True), ("channels", "log2 conv channels", True))
+PLOT_NOTE = f"channels read {SEED.channels} for a net without convs"
+
 
 def _pow2_choices(param: str) -> list[int]:
     lo, hi = RANGES[param]

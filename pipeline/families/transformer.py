@@ -29,6 +29,8 @@ PARAMS = tuple(RANGES)
 # design parameter -> the constant a source writes it as
 CONSTANTS = {"num_layers": "NUM_LAYERS", "num_decoder_layers": "NUM_DECODER_LAYERS",
              "d_ff": "D_FF", "num_heads": "NUM_HEADS", "d_model": "D_MODEL"}
+# how tables name the depths and heads (pipeline/report.py)
+SHORT_NAMES = {"num_layers": "enc", "num_decoder_layers": "dec", "num_heads": "heads"}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main, print_progress
+from pipeline.families import get_family
 from pipeline.store import LineageStore
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -134,7 +135,8 @@ def test_show(populated):
     assert "iterations=2" in out and "d_model=32" in out
     rows = [ln for ln in out.splitlines() if ln.startswith(("0 ", "1 "))]
     assert len(rows) == 2
-    assert "d_ff=900" in rows[0] and "2.0000" in rows[0] and "3.0000" in rows[0]
+    assert "enc=2 dec=2 d_ff=900 heads=8" in rows[0]    # the transformer family's names
+    assert "2.0000" in rows[0] and "3.0000" in rows[0]
     assert "replaced" in rows[0] and "1/2" in rows[0]
     assert "kept" in rows[1] and "1.9000" in rows[1] and "0/1" in rows[1]
     # the LM's training: steps (and a cap that stopped it), p_intact, single-edit share
@@ -197,6 +199,8 @@ def test_lineage(populated):
     # the incumbent copy has the same source as its parent: no diff between them
     assert out.count("--- candidate") == 2
     assert f"+++ candidate {populated['inc']}" not in out
+    # designs as the run's family (transformer, the "self" task's) names them
+    assert "    design: enc=3 dec=2 d_ff=900 heads=8" in out.splitlines()
 
 
 def test_lineage_json(populated):
@@ -311,7 +315,9 @@ def test_progress_lines(capsys):
     print_progress("candidate", {"iteration": 0, "index": 3, "status": "timeout",
                                  "score": None})
     print_progress("iteration", {"iteration": 0, "decision": "replaced", "score": 1.2,
-                                 "design": design(900)})
+                                 "design": design(900)}, get_family("transformer"))
+    print_progress("iteration", {"iteration": 1, "decision": "kept", "score": 1.2,
+                                 "design": design(900)})     # no family known: the keys
     print_progress("lm_trained", {"iteration": 1, "steps": 256, "final_loss": 0.38312718})
     print_progress("lm_trained", {"iteration": 2, "steps": 1400, "final_loss": 0.05,
                                   "p_intact": 0.8312, "copy_accuracy": 0.99871, "stop": "criterion"})
@@ -324,6 +330,8 @@ def test_progress_lines(capsys):
         "[iteration 0] candidate 2: evaluated  score 1.2346",
         "[iteration 0] candidate 3: timeout",
         "[iteration 0] replaced: score 1.2000  enc=2 dec=2 d_ff=900 heads=8",
+        "[iteration 1] kept: score 1.2000  num_layers=2 num_decoder_layers=2 d_ff=900 "
+        "num_heads=8",
         "[iteration 1] LM trained: 256 steps, loss 0.3831",
         "[iteration 2] LM trained: 1400 steps, loss 0.0500, copies its input: p_intact 0.83, "
         "copy accuracy 0.999 (stopped: criterion)",

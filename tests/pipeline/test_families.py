@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from pipeline.catalog import TaskSpec, get_task, register_task, unregister_task
 from pipeline.cli import main
 from pipeline.datasets import TaskData
-from pipeline.families import get_family, register_family, unregister_family
+from pipeline.families import (get_family, plot_note, plotted, register_family, short_names,
+                               unregister_family)
 from pipeline.families.source import constants_block, int_constants, parse_module
 from pipeline.store import TERMINAL_STATUSES, LineageStore
 from sandbox.policy import check
@@ -198,3 +199,18 @@ def test_the_embedded_loop_runs_a_registered_toy_family_and_task(toy, sqlite_url
             assert sum(d[p] != v for p, v in {"depth": 1, "width": 4}.items()) == 1, d
             assert c.design == d and 0.0 <= c.score <= 1.0
         assert all(math.isfinite(c.score) for c in cands if c.status == "evaluated")
+
+
+@pytest.mark.parametrize("name", ["transformer", "cnn"])
+def test_a_familys_display_names_only_its_own_parameters(name):
+    family = get_family(name)
+    assert set(short_names(family)) <= set(family.PARAMS)
+    shown = plotted(family)
+    assert shown and {p for p, _, _ in shown} <= set(family.PARAMS)
+    assert all(isinstance(label, str) and label for _, label, _ in shown)
+
+
+def test_display_defaults_for_a_family_that_declares_none(toy):
+    assert short_names(ToyMLP) == {}
+    assert plotted(ToyMLP) == (("depth", "depth", False), ("width", "width", False))
+    assert plot_note(ToyMLP) == "" and plotted(None) == () and short_names(None) == {}

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from pipeline import plots
+from pipeline.families import get_family, plotted
 from pipeline.store import LineageStore
 
 
@@ -124,13 +125,14 @@ def vision_run(sqlite_url):
 def test_design_averages_mean_the_evaluated_candidates_widths_as_log2(vision_run):
     s, run, _ = vision_run
     cands = s.candidates(run)
-    lm = plots.design_averages(cands, "lm")
+    shown = plotted(get_family("cnn"))
+    lm = plots.design_averages(cands, "lm", shown)
     # iteration 0: only the two evaluated candidates with a whole design count
     assert lm[0] == {"hidden_layers": 3.0, "conv_layers": 2.0,
                      "hidden_size": (7 + 5) / 2, "channels": (5 + 3) / 2, "n": 2}
     assert lm[1] == {"hidden_layers": 3.0, "conv_layers": 0.0, "hidden_size": 8.0,
                      "channels": 0.0, "n": 1}
-    assert plots.design_averages(cands, "random") == {
+    assert plots.design_averages(cands, "random", shown) == {
         0: {"hidden_layers": 1.0, "conv_layers": 2.0, "hidden_size": 4.0, "channels": 2.0,
             "n": 1}}
 
@@ -139,12 +141,22 @@ def test_design_params_figure_plots_the_averages_per_arm(vision_run):
     s, run, _ = vision_run
     cands = s.candidates(run)
     fig = plots.design_params_figure(s.get_run(run), s.iterations(run), cands)
-    expected = {arm: plots.design_averages(cands, arm) for arm in ("lm", "random")}
-    for ax, (key, _, _) in zip(fig.axes, plots.DESIGN_PARAMS):
+    shown = plotted(get_family("cnn"))       # the run's task (mnist) is a cnn task
+    expected = {arm: plots.design_averages(cands, arm, shown) for arm in ("lm", "random")}
+    assert [ax.get_ylabel() for ax in fig.axes] == [f"avg {label}" for _, label, _ in shown]
+    for ax, (key, _, _) in zip(fig.axes, shown):
         got = lines(ax)
         assert got == {f"{arm} arm": ([float(i) for i in pts], [pts[i][key] for i in pts])
                        for arm, pts in expected.items()}
     assert lines(fig.axes[0])["lm arm"] == ([0.0, 1.0], [3.0, 3.0])
+
+
+def test_design_params_figure_of_a_task_this_installation_does_not_know(sqlite_url):
+    with LineageStore(sqlite_url, create=True) as s:
+        run = s.create_run(config={}, task="retired-task", preset="quick", seed=0)
+        fig = plots.design_params_figure(s.get_run(run), [], [])
+    assert len(fig.axes) == 1 and lines(fig.axes[0]) == {}
+    assert "no design parameters known" in fig.axes[0].texts[0].get_text()
 
 
 def test_best_params_figure_plots_the_seed_then_each_selected_models_size(vision_run):
