@@ -33,6 +33,7 @@ def _store(settings: Settings) -> LineageStore:
 def launch(settings: Settings, config: RunConfig,
            progress: Callable[[str, dict], None] | None = None, *, detach: bool = False) -> str:
     """Create a run and execute it: in-process when embedded, else on the workers."""
+    config.validate()      # a config built without `preset` is bounded too, before any run
     celery_app.configure(settings)
     store = _store(settings)
     run_id = store.create_run(config=config.to_dict(), task=config.task,

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from pipeline.bounds import Range, Rule, job_bound
 from pipeline.catalog import UnknownTask, get_task
+from pipeline.families import transformer
+from pipeline.text import first_line
 from sandbox.backends import BACKENDS as SANDBOX_BACKENDS   # auto, docker, process, process-unconfined
+from sandbox.schema import (JOB_PARAMS, MAX_BATCH_SIZE, MAX_SAMPLES, MAX_TIMEOUT_S, OPTIMIZERS,
+                            T5_CONFIG_KEYS)
 
 
 # Pre-warmed sandboxes of the embedded default (one process runs every job in turn):
@@ -160,28 +166,15 @@ class RunConfig:
         return dataclasses.replace(self, **clean).validate()
 
     def validate(self) -> "RunConfig":
-        positive = ("iterations", "candidates", "dataset_size", "vocab_size", "d_model",
-                    "lm_batch_size", "lm_epochs", "max_new_tokens", "fewshot_samples",
-                    "fewshot_epochs", "train_samples", "eval_samples", "num_threads",
-                    "heldout_samples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if not self.arms or set(self.arms) - {"lm", "random"} or len(set(self.arms)) != len(self.arms):
-            raise ConfigError("arms must be 'lm', 'random' or both")
-        if self.candidates > 64:
-            raise ConfigError("candidates must be at most 64 per iteration")
-        if self.fewshot_samples > self.dataset_size:
-            raise ConfigError("fewshot_samples cannot exceed dataset_size")
-        if not 0 <= self.lm_copy_criterion <= 1:
-            raise ConfigError("lm_copy_criterion must lie in [0, 1]")
-        if min(self.lm_budget_s, self.lm_warmup_steps, self.lm_decay_steps, self.lm_max_steps) < 0:
-            raise ConfigError("lm_budget_s, lm_warmup_steps, lm_decay_steps and lm_max_steps "
-                              "cannot be negative")
-        if self.d_model % self.seed_heads:
-            raise ConfigError("d_model must be divisible by seed_heads")
-        if not 0 < self.top_p <= 1 or self.temperature <= 0:
-            raise ConfigError("top_p must be in (0, 1] and temperature positive")
+        """Every field within its bound (RUN_BOUNDS), then the rules between fields; all
+        that is wrong in one ConfigError line, before anything of the run starts."""
+        problems = [p for f in fields(self) if f.name in RUN_BOUNDS
+                    for p in [RUN_BOUNDS[f.name].problem(f.name, getattr(self, f.name), f.type)]
+                    if p]
+        if not problems:     # the rules between fields assume each field in its bound
+            problems = [p for rule in CROSS_FIELD_RULES for p in [rule(self)] if p]
+        if problems:
+            raise ConfigError("; ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +187,122 @@ class RunConfig:
         if "arms" in values:
             values["arms"] = tuple(values["arms"])
         return cls(**values)
+
+
+# ------------------------------------------------------------- RunConfig's bounds
+# Every field of RunConfig has one (tests/pipeline/test_settings.py fails for a field
+# without). A field that reaches a sandbox job takes that job parameter's own bound
+# (sandbox/schema.py), so that no run is launched that its first job of that kind would
+# refuse, after the LM has trained; the seed LM's design takes the transformer family's
+# ranges; the rest what the loop can do anything sensible with.
+
+def _known_preset(value: Any) -> str | None:
+    if value not in PRESETS:
+        return f"unknown preset {value!r} (choose {', '.join(sorted(PRESETS))})"
+    return None
+
+
+def _known_task(value: Any) -> str | None:
+    try:
+        get_task(value)
+    except (UnknownTask, TypeError) as exc:
+        return first_line(exc)
+    return None
+
+
+def _known_arms(value: Any) -> str | None:
+    arms = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if not arms or set(arms) - {"lm", "random"} or len(set(arms)) != len(arms):
+        return f"arms must be 'lm', 'random' or both, got {value!r}"
+    return None
+
+
+# A sweep's name names its figure file (<artifact-dir>/sweeps/<name>.png): one plain
+# path component, never a path.
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def _sweep_name(value: Any) -> str | None:
+    if value == "" or (isinstance(value, str) and _SWEEP_NAME.fullmatch(value)):
+        return None
+    return (f"sweep must be empty or a name of letters, digits, '_', '.' and '-' "
+            f"(at most 96, not starting with '.', '_' or '-'), got {value!r}")
+
+
+_DESIGN = transformer.RANGES
+_SAMPLES = 10_000_000           # pairs or task samples: far past any machine's run
+RUN_BOUNDS: dict[str, Range | Rule] = {
+    "preset": Rule(_known_preset),
+    "task": Rule(_known_task),
+    "arms": Rule(_known_arms),
+    "seed": Range(0, JOB_PARAMS["seed"][2]),         # and seed + iterations: a rule below
+    "iterations": Range(1, 10_000),
+    "candidates": Range(1, MAX_SAMPLES),
+    "dataset_size": Range(1, _SAMPLES),
+    "vocab_size": job_bound("vocab_size"),
+    "d_model": Range(*T5_CONFIG_KEYS["d_model"][1:]),
+    "seed_layers": Range(*_DESIGN["num_layers"]),
+    "seed_decoder_layers": Range(*_DESIGN["num_decoder_layers"]),
+    "seed_heads": Range(*_DESIGN["num_heads"]),
+    "seed_d_ff": Range(*_DESIGN["d_ff"]),
+    "lm_lr": Range(0, OPTIMIZERS["AdamW"]["lr"][2], open_lo=True),   # the seed LM's AdamW
+    "lm_batch_size": Range(1, MAX_BATCH_SIZE),
+    "lm_epochs": job_bound("epochs"),
+    "lm_max_steps": job_bound("max_steps"),
+    "lm_copy_criterion": job_bound("copy_criterion"),
+    "lm_budget_s": job_bound("budget_s"),
+    "lm_warmup_steps": job_bound("warmup_steps"),
+    "lm_decay_steps": job_bound("decay_steps"),
+    "heldout_samples": Range(1, _SAMPLES),
+    "temperature": job_bound("temperature"),
+    "top_k": job_bound("top_k"),
+    "top_p": Range(0, 1, open_lo=True),              # 0 would keep no token
+    "max_new_tokens": job_bound("max_new_tokens"),
+    "sample_factor": Range(1, MAX_SAMPLES),          # and x candidates: a rule below
+    "fewshot_samples": Range(1, _SAMPLES),           # and within dataset_size: a rule below
+    "fewshot_epochs": job_bound("epochs"),
+    "rescore_tolerance": Range(0, 1),
+    "train_samples": Range(1, _SAMPLES),
+    "eval_samples": Range(1, _SAMPLES),
+    "task_epochs": job_bound("epochs"),
+    "train_timeout_s": Range(0, MAX_TIMEOUT_S, open_lo=True),
+    "eval_timeout_s": Range(0, MAX_TIMEOUT_S, open_lo=True),
+    "num_threads": job_bound("num_threads"),
+    "max_candidate_params": job_bound("max_params"),
+    "sweep": Rule(_sweep_name),
+}
+
+
+def _draws_fit_one_generate_job(c: RunConfig) -> str | None:
+    # the LM arm asks one generate job for every draw (pipeline/jobs.py)
+    if c.candidates * c.sample_factor > MAX_SAMPLES:
+        return (f"candidates x sample_factor is {c.candidates * c.sample_factor}, more than "
+                f"the {MAX_SAMPLES} samples one generate job may return")
+    return None
+
+
+def _job_seeds_fit(c: RunConfig) -> str | None:
+    # iteration i trains and samples with seed + i (pipeline/jobs.py)
+    if c.seed + c.iterations - 1 > JOB_PARAMS["seed"][2]:
+        return (f"seed + iterations - 1 must be at most {JOB_PARAMS['seed'][2]} (iteration i "
+                "trains and samples with seed + i)")
+    return None
+
+
+def _fewshot_in_corpus(c: RunConfig) -> str | None:
+    if c.fewshot_samples > c.dataset_size:   # the few-shot set is the corpus's first pairs
+        return "fewshot_samples cannot exceed dataset_size"
+    return None
+
+
+def _heads_divide_d_model(c: RunConfig) -> str | None:
+    if c.d_model % c.seed_heads:
+        return "d_model must be divisible by seed_heads"
+    return None
+
+
+CROSS_FIELD_RULES: tuple[Callable[[RunConfig], str | None], ...] = (
+    _draws_fit_one_generate_job, _job_seeds_fit, _fewshot_in_corpus, _heads_divide_d_model)
 
 
 PRESETS: dict[str, RunConfig] = {

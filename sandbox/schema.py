@@ -34,6 +34,7 @@ MAX_SAMPLES = 64            # sequences one generate job may return
 MAX_SAMPLE_TOKENS = 4096
 MAX_PROMPT_TOKENS = 4096
 MAX_NUMBER = 1e15
+MAX_TIMEOUT_S = 86_400.0    # one sandbox run's wall-clock limit (Limits.timeout_s)
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
 _INPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -129,8 +130,8 @@ class Limits:
 
     def validate(self) -> "Limits":
         _finite(self.timeout_s, "limits.timeout_s")
-        if not 0 < self.timeout_s <= 86_400:
-            raise SchemaError("limits.timeout_s must be in (0, 86400]")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise SchemaError(f"limits.timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
         for name, lo, hi in (("memory_mb", 64, 1 << 20), ("pids", 8, 100_000),
                              ("output_mb", 1, 1 << 20), ("gpus", 0, 64)):
             v = getattr(self, name)

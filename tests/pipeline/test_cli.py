@@ -279,10 +279,25 @@ def test_launch_unknown_preset(sqlite_url):
     ("=3", "expects KEY=VALUE"),
     ("no_such_field=1", "unknown run setting 'no_such_field'"),
     ("iterations=many", "not a valid int"),
-    ("candidates=0", "candidates must be at least 1"),
+    ("candidates=0", "candidates must be an integer in [1, 64], got 0"),
+    ("sample_factor=0", "sample_factor must be an integer in [1, 64], got 0"),
+    ("seed=-1", "seed must be an integer in [0, 2147483647], got -1"),
+    ("lm_lr=nan", "lm_lr must be a number in (0, 10], got nan"),
+    ("sweep=../elsewhere", "sweep must be empty or a name"),
 ])
-def test_launch_bad_set(sqlite_url, setting, fragment):
-    clean_error(cli(sqlite_url, "launch", "--set", setting), fragment)
+def test_launch_bad_set(tmp_path, setting, fragment):
+    """One `Error:` line, and nothing launched: not even the database is created."""
+    db = tmp_path / "lineage.db"
+    clean_error(cli(f"sqlite:///{db}", "launch", "--set", setting), fragment)
+    assert not db.exists()
+
+
+def test_launch_refuses_more_draws_than_one_generate_job_returns(tmp_path):
+    db = tmp_path / "lineage.db"
+    clean_error(cli(f"sqlite:///{db}", "launch", "--set", "candidates=16",
+                    "--set", "sample_factor=8"),
+                "candidates x sample_factor is 128, more than the 64 samples")
+    assert not db.exists()
 
 
 def test_launch_bad_backend(sqlite_url):
