@@ -81,6 +81,9 @@ test-stack: setup docker
 
 # The fast tier: every test of these files but the slow, Docker and sandbox-running ones
 # (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
+# It runs the selection rule (tests/pipeline/test_selection.py) and a cancel that stops a
+# running sandbox (tests/pipeline/test_recovery.py, as root); tests/pipeline/test_layout.py
+# fails if a change here drops either.
 FAST_TESTS := tests/pipeline tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
 FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
 	--ignore=tests/pipeline/test_watch.py

@@ -24,3 +24,35 @@ def test_migrations_live_only_at_the_top_level():
     assert not (REPO / "pipeline" / "store" / "migrations").exists()
     assert schema.MIGRATIONS_DIR == REPO / "migrations"
     assert "script_location = migrations" in (REPO / "alembic.ini").read_text()
+
+
+# The fast tier (`make test-fast`) must run these: a selection rule that never replaces,
+# or a cancel that never reaches a running sandbox, would pass every other fast test.
+FAST_MUST = (
+    "tests/pipeline/test_selection.py::"
+    "test_selection_keeps_the_original_unless_a_candidate_is_strictly_better",
+    "tests/pipeline/test_recovery.py::test_cancel_mid_evaluation_stops_the_sandbox_and_the_run",
+)
+
+
+def make_variable(name: str) -> list[str]:
+    """The words of a `NAME := ...` line of the Makefile (with its continuations)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"{name} :="))
+    return line.split(":=", 1)[1].split()
+
+
+def test_the_fast_tier_runs_the_selection_rule_and_a_cancel():
+    import importlib
+
+    tiers = make_variable("FAST_TESTS")
+    ignored = {arg.split("=", 1)[1] for arg in make_variable("FAST_IGNORE")}
+    for node in FAST_MUST:
+        path, name = node.split("::")
+        assert any(path == t or path.startswith(t.rstrip("/") + "/") for t in tiers), node
+        assert path not in ignored, node
+        module = importlib.import_module(path[:-3].replace("/", "."))
+        marks = getattr(getattr(module, name), "pytestmark", [])
+        module_marks = getattr(module, "pytestmark", [])
+        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+        assert not {m.name for m in [*marks, *module_marks]} & {"slow", "docker"}, node

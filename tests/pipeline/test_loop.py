@@ -1,14 +1,12 @@
 """The self-reprogramming loop end to end: real sandboxes, real SQLite and PostgreSQL."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from pipeline import runs, selection, stages
+from pipeline import runs, stages
 from pipeline.families.transformer import PARAMS
 from pipeline.jobs import RunContext
-from pipeline.settings import RunConfig, preset
+from pipeline.settings import preset
 from pipeline.store import TERMINAL_STATUSES, LineageStore
 from tests.support.runs import embedded_settings as _settings, iteration_at_evaluation
 
@@ -187,43 +185,3 @@ def test_a_winner_whose_score_a_fresh_sandbox_does_not_reproduce_is_flagged(sqli
     it = store.get_iteration(run_id, 0)
     assert it.stage == "done" and it.decision == "kept" and it.selected_id == inc.id
     assert store.get_run(run_id).status == "completed"
-
-
-def _row(index, status, score, role="candidate"):
-    from pipeline.store import CandidateView
-    fields = {f.name: None for f in dataclasses.fields(CandidateView)}
-    fields.update(id=index + 100, index=index, status=status, score=score, role=role)
-    return CandidateView(**fields)
-
-
-def test_selection_keeps_the_original_unless_a_candidate_is_strictly_better():
-    inc = _row(0, "evaluated", 2.0, "incumbent")
-    worse = [_row(1, "evaluated", 2.5), _row(2, "invalid", None), _row(3, "evaluated", 2.0)]
-    assert selection.select(inc, worse, "min") == (inc, "kept")
-    better = worse + [_row(4, "evaluated", 1.5), _row(5, "evaluated", 1.5)]
-    assert selection.select(inc, better, "min") == (better[3], "replaced")   # ties: lowest index
-    assert selection.select(inc, [_row(1, "evaluated", 3.0)], "max")[1] == "replaced"
-    assert selection.select(inc, [], "min") == (inc, "kept")
-    broken = _row(0, "timeout", None, "incumbent")
-    assert selection.select(broken, worse, "min") == (worse[2], "replaced")
-
-
-def test_run_config_round_trips_and_rejects_nonsense():
-    cfg = preset("quick", arms="lm,random")
-    assert RunConfig.from_dict(cfg.to_dict()) == cfg
-    from pipeline.settings import ConfigError
-    for bad in (dict(candidates=0), dict(arms="lm,nope"), dict(fewshot_samples=10**9),
-                dict(temperature=0.0), dict(iterations="many")):
-        with pytest.raises(ConfigError):
-            preset("quick", **bad)
-    with pytest.raises(ConfigError):   # both named: the few-shot set must fit the corpus
-        preset("quick", dataset_size=16, fewshot_samples=32)
-
-
-def test_a_smaller_corpus_brings_the_preset_few_shot_set_with_it():
-    full = preset("quick")
-    assert full.fewshot_samples > 16
-    # only the corpus named (as `--set dataset_size=16` gives it): the whole corpus
-    assert preset("quick", dataset_size="16").fewshot_samples == 16
-    assert preset("quick", dataset_size=full.dataset_size * 2).fewshot_samples == full.fewshot_samples
-    assert preset("quick", dataset_size=64, fewshot_samples=8).fewshot_samples == 8

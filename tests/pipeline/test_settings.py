@@ -87,3 +87,23 @@ def test_every_problem_is_said_at_once_on_one_line():
     message = refusal(dataclasses.replace(preset("quick"), sample_factor=0, iterations=-1))
     assert message == ("iterations must be an integer in [1, 10000], got -1; "
                        "sample_factor must be an integer in [1, 64], got 0")
+
+
+def test_run_config_round_trips_and_rejects_nonsense():
+    cfg = preset("quick", arms="lm,random")
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in (dict(candidates=0), dict(arms="lm,nope"), dict(fewshot_samples=10**9),
+                dict(temperature=0.0), dict(iterations="many")):
+        with pytest.raises(ConfigError):
+            preset("quick", **bad)
+    with pytest.raises(ConfigError):   # both named: the few-shot set must fit the corpus
+        preset("quick", dataset_size=16, fewshot_samples=32)
+
+
+def test_a_smaller_corpus_brings_the_preset_few_shot_set_with_it():
+    full = preset("quick")
+    assert full.fewshot_samples > 16
+    # only the corpus named (as `--set dataset_size=16` gives it): the whole corpus
+    assert preset("quick", dataset_size="16").fewshot_samples == 16
+    assert preset("quick", dataset_size=full.dataset_size * 2).fewshot_samples == full.fewshot_samples
+    assert preset("quick", dataset_size=64, fewshot_samples=8).fewshot_samples == 8
