@@ -95,7 +95,9 @@ class RunConfig:
     """Everything one run of the loop does. Stored with the run, as JSON."""
     preset: str = "quick"
     task: str = "self"                 # "self": the LM programs itself; else a vision task
-    arms: tuple[str, ...] = ("lm",)    # add "random": the same search with random refinements
+    # one arm per proposer (pipeline/proposers/): "lm" (the paper's), "random" (random
+    # refinements, the control), "lineage" (the LM fine-tuned on the run's own lineage)
+    arms: tuple[str, ...] = ("lm",)
     seed: int = 0
     iterations: int = 10
     candidates: int = 8
@@ -130,6 +132,16 @@ class RunConfig:
     # `candidates` of them, preferring distinct networks that differ from the input
     # (refinement.choose_distinct); 1: every draw is a candidate, as in the paper
     sample_factor: int = 1
+    # the moves a refinement may make: "paper" (the paper's parameters), or a family's
+    # larger space ("extended": a CNN's kernel size, learning rate and batch size too,
+    # pipeline/families/cnn.py); the corpus and the random arm draw from the same space
+    design_space: str = "paper"
+    # the lineage arm: fine-tuning steps on the run's improving edits before sampling,
+    # their learning rate, batch size and share of corpus pairs in each batch
+    lineage_steps: int = 60
+    lineage_lr: float = 3e-4
+    lineage_batch: int = 16
+    lineage_mix: float = 0.5
     # evaluation ("extended few-shot")
     fewshot_samples: int = 1024
     fewshot_epochs: int = 1
@@ -167,8 +179,23 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if not self.arms or set(self.arms) - {"lm", "random"} or len(set(self.arms)) != len(self.arms):
-            raise ConfigError("arms must be 'lm', 'random' or both")
+        from pipeline.proposers import names as proposers   # (the registry imports settings' users)
+        unknown = [a for a in self.arms if a not in proposers()]
+        if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"arms must be distinct names from {', '.join(proposers())}"
+                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        from pipeline.families import get_family
+        try:
+            family = get_family(get_task(self.task).family)
+        except UnknownTask as exc:
+            raise ConfigError(str(exc)) from None
+        spaces = getattr(family, "SPACES", {"paper": None})
+        if self.design_space not in spaces:
+            raise ConfigError(f"design_space must be one of {', '.join(spaces)} for task {self.task}")
+        if self.lineage_steps < 0 or self.lineage_batch < 1 or not 0 < self.lineage_lr <= 1 \
+                or not 0 <= self.lineage_mix < 1:
+            raise ConfigError("lineage_steps >= 0, lineage_batch >= 1, lineage_lr in (0, 1] "
+                              "and lineage_mix in [0, 1)")
         if self.candidates > 64:
             raise ConfigError("candidates must be at most 64 per iteration")
         if self.fewshot_samples > self.dataset_size:

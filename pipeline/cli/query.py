@@ -12,7 +12,8 @@ from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_ta
 from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction, fmt_design,
                              fmt_score, fmt_time, iteration_rows, run_record, run_summary,
                              shorten)
-from pipeline.store import ARMS, CANDIDATE_STATUSES, CandidateView
+from pipeline.proposers import names as arm_names
+from pipeline.store import CANDIDATE_STATUSES, CandidateView
 from pipeline.text import first_line
 
 _CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
@@ -85,8 +86,9 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
 @click.option("--status", type=click.Choice(CANDIDATE_STATUSES),
               help="Only candidates in this state.")
 @click.option("--iteration", type=int, help="Only candidates of this iteration.")
-@click.option("--arm", type=click.Choice(ARMS),
-              help="Only this arm: 'lm' (written by the LM) or 'random' (the baseline).")
+@click.option("--arm", type=click.Choice(arm_names()),
+              help="Only this arm (its proposer, pipeline/proposers/): 'lm' (the LM), 'random' "
+                   "(the baseline) or 'lineage' (the LM fine-tuned on the run's own lineage).")
 @json_option
 @pass_ctx
 @handle_errors
