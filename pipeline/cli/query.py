@@ -81,12 +81,20 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
         click.echo("")
         click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
 
+def _arm(value: str | None) -> str | None:
+    # checked when the command runs, so that a proposer registered later is known too
+    if value is not None and value not in arm_names():
+        raise click.BadParameter(f"{value!r} is not an arm; arms: {', '.join(arm_names())}",
+                                 param_hint="--arm")
+    return value
+
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--status", type=click.Choice(CANDIDATE_STATUSES),
               help="Only candidates in this state.")
 @click.option("--iteration", type=int, help="Only candidates of this iteration.")
-@click.option("--arm", type=click.Choice(arm_names()),
+@click.option("--arm", callback=lambda _c, _p, v: _arm(v),
               help="Only this arm (its proposer, pipeline/proposers/): 'lm' (the LM), 'random' "
                    "(the baseline) or 'lineage' (the LM fine-tuned on the run's own lineage).")
 @json_option
