@@ -133,7 +133,18 @@ class RunContext:
         return self.arm_dir(arm) / (f"lm-i{iteration}" if self.task.self_programming else "lm")
 
     def lm_weights(self, arm: str, iteration: int) -> Path:
-        return self.lm_dir(arm, iteration) / "weights.safetensors"
+        """The weights the arm's LM samples with. Programming another network, every arm's
+        LM is the seed LM trained on the same corpus with the same seed, so an arm whose
+        own is not trained yet takes one another arm of the run has trained (embedded,
+        arms run one after the other: the run trains it once)."""
+        own = self.lm_dir(arm, iteration) / "weights.safetensors"
+        if own.exists() or self.task.self_programming:
+            return own
+        for other in self.config.arms:
+            shared = self.lm_dir(other, iteration) / "weights.safetensors"
+            if shared.exists():
+                return shared
+        return own
 
     def eval_dir(self, job: Job) -> Path:
         """Where an evaluation's outputs (a vision candidate's predictions) land: one

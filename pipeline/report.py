@@ -97,14 +97,14 @@ def arm_order(arms) -> list[str]:
 
 
 def best_so_far(candidates: Sequence[CandidateView], arm: str, better: str) -> list[tuple[int, float]]:
-    """(evaluations spent, best score seen) after each of an arm's scored evaluations, in
-    the order the loop made them (iteration, then index; the incumbent of an iteration
-    after the first repeats a known score and costs an evaluation all the same)."""
+    """(evaluations spent, best score seen) after each of an arm's candidate rows, in the
+    order the loop made them (iteration, then index). Every row is spent budget: one the
+    gate rejected or that ended invalid was a draw all the same, and an iteration's
+    incumbent is evaluated in every iteration."""
     pick = min if better == "min" else max
     out: list[tuple[int, float]] = []
     best = None
-    rows = sorted((c for c in candidates if c.arm == arm and c.status != "rejected"),
-                  key=lambda c: (c.iteration, c.index))
+    rows = sorted((c for c in candidates if c.arm == arm), key=lambda c: (c.iteration, c.index))
     for n, c in enumerate(rows, start=1):
         if c.score is not None and c.status == "evaluated" and not c.flagged:
             best = c.score if best is None else pick(best, c.score)

@@ -155,3 +155,15 @@ def test_the_lineage_job_fine_tunes_only_with_pairs(store, tmp_path):
     assert load_file(job.inputs["lineage"])["weight"].tolist() == [pytest.approx(0.2)]
     first = lineage.job(Request(ctx, "lineage", 0, seed_src, 4))   # nothing before iteration 0
     assert set(first.inputs) == {"weights"} and "finetune_steps" not in first.params
+
+
+def test_arms_of_a_vision_run_share_its_one_trained_seed_lm(tmp_path):
+    settings = Settings.from_env(env={}, artifact_dir=str(tmp_path))
+    ctx = RunContext("r", preset("quick", task="digits", arms="lm,lineage"), settings)
+    assert ctx.lm_weights("lineage", 0) == ctx.dir / "arm-lineage" / "lm" / "weights.safetensors"
+    trained = ctx.lm_weights("lm", 0)
+    trained.parent.mkdir(parents=True)
+    trained.write_bytes(b"weights")
+    assert ctx.lm_weights("lineage", 3) == trained      # the same seed LM, trained once
+    own = RunContext("r", preset("quick", arms="lm,lineage"), settings)   # the self task
+    assert own.lm_weights("lineage", 0) != own.lm_weights("lm", 0)
