@@ -170,7 +170,7 @@ def print_tables(results: dict[str, list[dict]], arms: tuple[str, ...], args) ->
 def plot(results: dict[str, list[dict]], arms: tuple[str, ...], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from pipeline.plots import _ARM_STYLE
+    from pipeline.plots import ARM_STYLE
     fig = Figure(figsize=(5 * len(results), 3.8))
     for k, (task, rows) in enumerate(results.items()):
         ax = fig.add_subplot(1, len(results), k + 1)
@@ -179,7 +179,7 @@ def plot(results: dict[str, list[dict]], arms: tuple[str, ...], path: Path) -> N
         for arm in arms:
             per_seed = [[at_budget(r["curves"][arm], n) for n in xs] for r in rows]
             stats = [interval(list(v)) for v in zip(*per_seed)]
-            colour = _ARM_STYLE.get(arm, {}).get("color")
+            colour = ARM_STYLE.get(arm, {}).get("color")
             ax.plot(xs, [m for m, _ in stats], color=colour, label=f"{arm} (mean of {len(rows)})")
             ax.fill_between(xs, [m - h for m, h in stats], [m + h for m, h in stats],
                             color=colour, alpha=0.15)

@@ -209,13 +209,13 @@ def plot_search(run: RunView, candidates: Sequence[CandidateView], path: Path) -
 
 DESIGN_PARAMS = (("hidden_layers", "hidden layers", False), ("conv_layers", "conv layers", False),
                  ("hidden_size", "log2 hidden size", True), ("channels", "log2 conv channels", True))
-_ARM_STYLE = {"lm": dict(color="tab:blue", linestyle="-", marker="o"),
+ARM_STYLE = {"lm": dict(color="tab:blue", linestyle="-", marker="o"),
               "random": dict(color="tab:orange", linestyle="--", marker="s"),
               "lineage": dict(color="tab:green", linestyle="-.", marker="^")}
 
 
 def _line_style(arm: str) -> dict:
-    return {k: v for k, v in _ARM_STYLE.get(arm, {}).items() if k != "marker"}
+    return {k: v for k, v in ARM_STYLE.get(arm, {}).items() if k != "marker"}
 
 
 def _arms(iterations: Sequence[IterationView]) -> list[str]:
@@ -321,7 +321,7 @@ def design_params_figure(run: RunView, iterations: Sequence[IterationView],
             pts = averages[arm]
             if pts:
                 xs = list(pts)
-                ax.plot(xs, [pts[x][key] for x in xs], label=f"{arm} arm", **_ARM_STYLE.get(arm, {}))
+                ax.plot(xs, [pts[x][key] for x in xs], label=f"{arm} arm", **ARM_STYLE.get(arm, {}))
                 drawn = True
         if drawn:
             ax.legend(fontsize="small")
@@ -363,7 +363,7 @@ def best_params_figure(run: RunView, iterations: Sequence[IterationView],
                 xs.append(it.index)
                 ys.append(c.param_count)
         if xs:
-            ax.plot(xs, ys, label=f"{arm} arm", **_ARM_STYLE.get(arm, {}))
+            ax.plot(xs, ys, label=f"{arm} arm", **ARM_STYLE.get(arm, {}))
             drawn = True
     if drawn:
         ax.set_yscale("log")
@@ -413,7 +413,7 @@ def sweep_figure(task: str, rows: Sequence[dict]) -> Figure:
     from pipeline.proposers import names
     arms = [a for a in names() if any(r.get(a) is not None for r in rows)]
     for arm in arms:
-        style = _ARM_STYLE.get(arm, {})
+        style = ARM_STYLE.get(arm, {})
         pts = sorted((r["candidates"] * r["iterations"], r[arm]) for r in rows if r.get(arm) is not None)
         left.scatter([p[0] for p in pts], [p[1] for p in pts], color=style.get("color"),
                      marker=style.get("marker", "o"), alpha=0.6)

@@ -25,9 +25,11 @@ toy one).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+from pipeline.proposers import lineage, lm, random_refinement
+from pipeline.proposers.base import Proposal, Request
 
 REQUIRED = ("NAME", "USES_LM", "job", "propose")
 # Arm names travel in job ids, directory names and the DB's 16-character arm column.
@@ -38,22 +40,6 @@ PROPOSERS: dict[str, Any] = {}
 
 class UnknownProposer(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a proposer is asked: n sources for iteration `index` of `arm`, from `parent`."""
-    ctx: Any          # pipeline.jobs.RunContext: the run's config, task, family, files
-    arm: str
-    index: int
-    parent: str       # the iteration's incumbent source
-    n: int            # how many to draw (candidates x sample_factor)
-
-
-@dataclass
-class Proposal:
-    samples: list[str]
-    metadata: dict[str, Any] = field(default_factory=dict)   # iteration columns to record
 
 
 def register(proposer: ModuleType | Any) -> Any:
@@ -83,7 +69,8 @@ def names() -> tuple[str, ...]:
     return tuple(PROPOSERS)
 
 
-from pipeline.proposers import lineage, lm, random_refinement  # noqa: E402  (they use Request)
+__all__ = ["Proposal", "Request", "register", "unregister", "get_proposer", "names",
+           "UnknownProposer", "NAME_PATTERN"]
 
 register(lm)
 register(random_refinement)

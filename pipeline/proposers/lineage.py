@@ -60,5 +60,5 @@ def propose(request, result):
     # A generate job's losses are its fine-tuning steps' (sandbox/harness.py).
     ok = result is not None and result.status == "ok"
     proposal.metadata.update(finetune_pairs=len(_pairs(request)[0]),
-                             finetune_losses=list(result.losses or []) if ok else [])
+                             finetune_losses=list(result.losses) if ok and result.losses else None)
     return proposal

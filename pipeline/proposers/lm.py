@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pipeline import refinement
 from pipeline import tokenizer as tk
+from pipeline.proposers.base import Proposal
 
 NAME = "lm"
 USES_LM = True
@@ -24,6 +25,5 @@ def decode(request, result) -> list[str]:
 
 
 def propose(request, result):
-    from pipeline.proposers import Proposal
     return Proposal(decode(request, result),
                     {"gen_seconds": result.duration_s if result is not None else None})

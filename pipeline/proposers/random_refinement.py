@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 from pipeline import refinement
+from pipeline.proposers.base import Proposal
 
 NAME = "random"
 USES_LM = False
@@ -17,7 +18,6 @@ def job(request):
 
 
 def propose(request, result=None):
-    from pipeline.proposers import Proposal
     ctx = request.ctx
     params = refinement.parse(request.parent, ctx.task)
     design = refinement.design_from_params(params, ctx.config, ctx.task)

@@ -167,3 +167,40 @@ def test_arms_of_a_vision_run_share_its_one_trained_seed_lm(tmp_path):
     assert ctx.lm_weights("lineage", 3) == trained      # the same seed LM, trained once
     own = RunContext("r", preset("quick", arms="lm,lineage"), settings)   # the self task
     assert own.lm_weights("lineage", 0) != own.lm_weights("lm", 0)
+
+
+@pytest.mark.slow
+def test_the_lineage_arm_fine_tunes_in_a_real_sandbox_once_an_edit_improved(sqlite_url, tmp_path):
+    from dataclasses import asdict
+
+    from pipeline import runs, sandbox_task
+    from sandbox.schema import Result
+    from tests.support.runs import embedded_settings
+
+    settings = embedded_settings(sqlite_url, tmp_path)
+    cfg = preset("smoke", task="digits", arms="lineage", iterations=1, candidates=2,
+                 dataset_size=64, train_samples=200, eval_samples=60, lm_max_steps=20,
+                 lm_copy_criterion=0.0, lineage_steps=5, lineage_batch=4)
+    run_id = runs.launch(settings, cfg)
+    store = LineageStore(sqlite_url)
+    assert store.get_run(run_id).status == "completed", store.get_run(run_id).error
+    ctx = RunContext(run_id, cfg, settings)
+    it = store.iterations(run_id, arm="lineage")[0]
+    assert it.finetune_losses is None and it.finetune_pairs == 0   # nothing to learn from yet
+    # an edit of iteration 0 that gained: what the LM learns from before iteration 1
+    incumbent = store.get_candidate(it.incumbent_id)
+    deeper = cnn.render(cnn.Design(**{**cnn.SEED.to_dict(), "hidden_layers": 2}))
+    c = store.ensure_candidate(run_id, 0, 9, role="candidate", source=deeper,
+                               parent_id=incumbent.id, design=cnn.parse(deeper), arm="lineage")
+    store.record_result(c.id, status="evaluated", reason="", score=incumbent.score + 0.05)
+    request = Request(ctx, "lineage", 1, deeper, 3)
+    job = lineage.job(request)
+    raw = sandbox_task.run_job.apply(args=(asdict(job), str(tmp_path / "gen"))).get()
+    result = Result.from_dict(raw)
+    assert result.status == "ok", result.reason
+    proposal = lineage.propose(request, result)
+    assert len(proposal.samples) == 3
+    assert proposal.metadata["finetune_pairs"] == 1
+    assert len(proposal.metadata["finetune_losses"]) == 5
+    assert all(x > 0 for x in proposal.metadata["finetune_losses"])
+    store.close()
