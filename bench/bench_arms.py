@@ -59,7 +59,7 @@ def measure(store, run_id: str) -> dict:
     by_id = {c.id: c for c in candidates}
     # per iteration, the accuracy of the network it selected (the incumbent's, if kept)
     curves = {arm: [by_id[it.selected_id].score for it in sorted(iterations, key=lambda i: i.index)
-                    if it.arm == arm] for arm in ("lm", "random")}
+                    if it.arm == arm] for arm in report.arm_order(it.arm for it in iterations)}
     return {"run": run_id, "start": outcomes["lm"]["start"], "lm": outcomes["lm"]["end"],
             "random": outcomes["random"]["end"], "generated": generated,
             "valid": valid / max(1, generated),
@@ -147,16 +147,19 @@ def print_table(preset_name: str, results: dict[str, list[dict]]) -> None:
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     from matplotlib.figure import Figure
 
+    from pipeline.plots import ARM_STYLE
+
     fig = Figure(figsize=(5 * len(results), 3.8))
     for k, (task, rows) in enumerate(results.items()):
         ax = fig.add_subplot(1, len(results), k + 1)
-        for arm, colour in (("lm", "tab:blue"), ("random", "tab:orange")):
-            # iteration -1 is the seed network, the same for both arms
+        for arm in rows[0]["curves"]:   # every arm the runs ran (the registry's order)
+            colour = ARM_STYLE.get(arm, {}).get("color")
+            # iteration -1 is the seed network, the same for every arm
             curves = [[r["start"], *r["curves"][arm]] for r in rows]
             xs = list(range(-1, len(curves[0]) - 1))
             per_step = list(zip(*curves))
             ax.plot(xs, [statistics.mean(v) for v in per_step], color=colour,
-                    label=f"{'LM' if arm == 'lm' else 'random'} arm (mean of {len(rows)} seeds)")
+                    label=f"{arm} arm (mean of {len(rows)} seeds)")
             ax.fill_between(xs, [min(v) for v in per_step], [max(v) for v in per_step],
                             color=colour, alpha=0.2)
         ax.set_title(task)

@@ -173,7 +173,7 @@ def effect(s: Settings, cfg, run_id: str, steps: int, seeds: int, plot: str | No
         seen[source] = name
         finals, runs_s, mean_curve, failed = [], [], None, ""
         for k in range(seeds):
-            job = ctx.train_job(k, source)       # seed cfg.seed + k, for every LM alike
+            job = ctx.train_job("lm", k, source)   # seed cfg.seed + k, for every LM alike
             with tempfile.TemporaryDirectory() as out:
                 res = runner.run(job, Path(out), backend)
             if res.status != "ok":

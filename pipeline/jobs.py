@@ -123,23 +123,42 @@ class RunContext:
         return Limits(timeout_s=timeout_s, memory_mb=s.sandbox_memory_mb, cpus=s.sandbox_cpus,
                       pids=s.sandbox_pids, gpus=1 if s.sandbox_gpus else 0)
 
-    def lm_dir(self, iteration: int) -> Path:
-        # Programming another network: one LM for the whole run, trained once.
-        return self.dir / (f"lm-i{iteration}" if self.task.self_programming else "lm")
+    def arm_dir(self, arm: str) -> Path:
+        """An arm's own files: the paper's arm in the run directory itself (as before
+        arms were proposers), every other arm in a directory of its own."""
+        return self.dir if arm == "lm" else self.dir / f"arm-{arm}"
+
+    def lm_dir(self, arm: str, iteration: int) -> Path:
+        # Programming another network: one LM per arm for the whole run, trained once.
+        return self.arm_dir(arm) / (f"lm-i{iteration}" if self.task.self_programming else "lm")
+
+    def lm_weights(self, arm: str, iteration: int) -> Path:
+        """The weights the arm's LM samples with. Programming another network, every arm's
+        LM is the seed LM trained on the same corpus with the same seed, so an arm whose
+        own is not trained yet takes one another arm of the run has trained (embedded,
+        arms run one after the other: the run trains it once)."""
+        own = self.lm_dir(arm, iteration) / "weights.safetensors"
+        if own.exists() or self.task.self_programming:
+            return own
+        for other in self.config.arms:
+            shared = self.lm_dir(other, iteration) / "weights.safetensors"
+            if shared.exists():
+                return shared
+        return own
 
     def eval_dir(self, job: Job) -> Path:
         """Where an evaluation's outputs (a vision candidate's predictions) land: one
         directory per job, so that concurrent evaluations never share a file."""
         return self.dir / "evaluate" / job.job_id
 
-    def train_job(self, iteration: int, current: str) -> Job:
+    def train_job(self, arm: str, iteration: int, current: str) -> Job:
         cfg = self.config
         inputs = {"data": str(self.dir / "corpus.safetensors")}
         heldout = self.dir / "heldout.safetensors"
         if cfg.lm_copy_criterion and heldout.exists():   # (a run prepared before it existed has none)
             inputs["heldout"] = str(heldout)
         return Job(
-            job_id=self._job_id("lm", iteration, "train"), kind="train_lm",
+            job_id=self._job_id(arm, iteration, "train"), kind="train_lm",
             source=self.lm_source(current), model_kind=self.lm_family.MODEL_KIND,
             inputs=inputs,
             params={"vocab_size": self.tokenizer.get_vocab_size(), "epochs": cfg.lm_epochs,
@@ -151,19 +170,27 @@ class RunContext:
             limits=self._limits(cfg.train_timeout_s),
         ).validate()
 
-    def generate_job(self, iteration: int, current: str) -> Job:
+    def generate_job(self, arm: str, iteration: int, current: str, n: int,
+                     lineage: Path | None = None) -> Job:
+        """The LM of `arm` samples n refinements of `current`. With `lineage` (pairs from
+        the run's own edits, pipeline/proposers/lineage.py) it is fine-tuned on them,
+        mixed with corpus pairs, before it samples (sandbox/finetune.py)."""
         cfg = self.config
+        inputs = {"weights": str(self.lm_weights(arm, iteration))}
+        params = {"vocab_size": self.tokenizer.get_vocab_size(), "n": n,
+                  "prompt_ids": tk.encode(self.tokenizer, current),
+                  "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                  "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed + iteration,
+                  "num_threads": cfg.num_threads, "device": self.settings.device,
+                  "max_params": cfg.max_candidate_params}
+        if lineage is not None:
+            inputs.update(lineage=str(lineage), data=str(self.dir / "corpus.safetensors"))
+            params.update(finetune_steps=cfg.lineage_steps, finetune_lr=cfg.lineage_lr,
+                          finetune_batch=cfg.lineage_batch, finetune_mix=cfg.lineage_mix)
         return Job(
-            job_id=self._job_id("lm", iteration, "generate"), kind="generate",
+            job_id=self._job_id(arm, iteration, "generate"), kind="generate",
             source=self.lm_source(current), model_kind=self.lm_family.MODEL_KIND,
-            inputs={"weights": str(self.lm_dir(iteration) / "weights.safetensors")},
-            params={"vocab_size": self.tokenizer.get_vocab_size(), "n": cfg.candidates * cfg.sample_factor,
-                    "prompt_ids": tk.encode(self.tokenizer, current),
-                    "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                    "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed + iteration,
-                    "num_threads": cfg.num_threads, "device": self.settings.device,
-                    "max_params": cfg.max_candidate_params},
-            limits=self._limits(cfg.train_timeout_s),
+            inputs=inputs, params=params, limits=self._limits(cfg.train_timeout_s),
         ).validate()
 
     def evaluate_job(self, arm: str, iteration: int, index: int, source: str) -> Job:

@@ -123,7 +123,8 @@ def plot_scores(run: RunView, iterations: Sequence[IterationView],
 
 COPY_SERIES = (("lm_p_intact", "p_intact (held-out, LM copies every copy token)", "o-"),
                ("lm_copy_accuracy", "copy accuracy (held-out, teacher-forced)", "s--"),
-               ("single_edit_rate", "samples changing exactly one parameter", "^-"))
+               ("single_edit_rate", "samples changing exactly one parameter", "^-"),
+               ("repeat_rate", "samples repeating a move that improved before", "d:"))
 
 
 def copying_figure(run: RunView, iterations: Sequence[IterationView]) -> Figure:
@@ -169,7 +170,36 @@ def plot_run(run: RunView, iterations: Sequence[IterationView],
         plot_lm_loss(run, iterations, out_dir / "lm_loss.png", curves),
         plot_scores(run, iterations, candidates, out_dir / "score.png"),
         plot_copying(run, iterations, out_dir / "copying.png"),
+        plot_search(run, candidates, out_dir / "search.png"),
     ]
+
+
+def search_figure(run: RunView, candidates: Sequence[CandidateView]) -> Figure:
+    """The best score each arm has seen against the evaluations it has spent
+    (report.best_so_far): arms compared at equal budget."""
+    from pipeline.report import arm_order, best_so_far, direction
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    arms = arm_order(c.arm for c in candidates)
+    for arm in arms:
+        pts = best_so_far(candidates, arm, direction(run.task))
+        if pts:
+            ax.step([n for n, _ in pts], [b for _, b in pts], where="post",
+                    label=f"{arm} arm", **_line_style(arm))
+    if any(best_so_far(candidates, a, direction(run.task)) for a in arms):
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, "nothing scored yet")
+    ax.set_xlabel("evaluations spent")
+    ax.set_ylabel("best score so far")
+    ax.set_title(f"run {run.id} ({run.task}): best score against evaluations")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_search(run: RunView, candidates: Sequence[CandidateView], path: Path) -> Path:
+    """`search_figure`, written to `path` as a PNG."""
+    return _save(search_figure(run, candidates), path)
 
 
 # ------------------------------------------------------------- vision runs (paper 4.2)
@@ -178,12 +208,18 @@ def plot_run(run: RunView, iterations: Sequence[IterationView],
 # candidates (Figure 5), parameter count of the best model (Figure 6), and accuracy
 # against the total number of candidates over a sweep of runs (Figure 4).
 
-_ARM_STYLE = {"lm": dict(color="tab:blue", linestyle="-", marker="o"),
-              "random": dict(color="tab:orange", linestyle="--", marker="s")}
+ARM_STYLE = {"lm": dict(color="tab:blue", linestyle="-", marker="o"),
+             "random": dict(color="tab:orange", linestyle="--", marker="s"),
+             "lineage": dict(color="tab:green", linestyle="-.", marker="^")}
+
+
+def _line_style(arm: str) -> dict:
+    return {k: v for k, v in ARM_STYLE.get(arm, {}).items() if k != "marker"}
 
 
 def _arms(iterations: Sequence[IterationView]) -> list[str]:
-    return sorted({it.arm for it in iterations}, key=lambda a: (a != "lm", a))
+    from pipeline.report import arm_order
+    return arm_order(it.arm for it in iterations)
 
 
 def smooth(values: Sequence[float | None], window: int) -> tuple[list[int], list[float]]:
@@ -290,7 +326,7 @@ def design_params_figure(run: RunView, iterations: Sequence[IterationView],
             pts = averages[arm]
             if pts:
                 xs = list(pts)
-                ax.plot(xs, [pts[x][key] for x in xs], label=f"{arm} arm", **_ARM_STYLE.get(arm, {}))
+                ax.plot(xs, [pts[x][key] for x in xs], label=f"{arm} arm", **ARM_STYLE.get(arm, {}))
                 drawn = True
         if drawn:
             ax.legend(fontsize="small")
@@ -335,7 +371,7 @@ def best_params_figure(run: RunView, iterations: Sequence[IterationView],
                 xs.append(it.index)
                 ys.append(c.param_count)
         if xs:
-            ax.plot(xs, ys, label=f"{arm} arm", **_ARM_STYLE.get(arm, {}))
+            ax.plot(xs, ys, label=f"{arm} arm", **ARM_STYLE.get(arm, {}))
             drawn = True
     if drawn:
         ax.set_yscale("log")
@@ -368,6 +404,7 @@ def plot_vision_run(run: RunView, iterations: Sequence[IterationView],
         plot_design_params(run, iterations, candidates, out_dir / "design_params.png"),
         plot_best_params(run, iterations, candidates, out_dir / "best_params.png"),
         plot_copying(run, iterations, out_dir / "copying.png"),
+        plot_search(run, candidates, out_dir / "search.png"),
     ]
 
 
@@ -375,15 +412,16 @@ def sweep_figure(task: str, rows: Sequence[dict]) -> Figure:
     """Accuracy against the total number of candidates (paper Figure 4).
 
     `rows`: one per sweep cell, with keys candidates, iterations, and end accuracy per
-    arm (`lm`, `random`; None when missing). Left: accuracy against candidates x
+    arm (one key per arm name, pipeline/proposers/; None when missing). Left: accuracy against candidates x
     iterations (points, and the mean per total as a line). Right: accuracy against
     candidates per iteration, one line per number of iterations.
     """
     fig = Figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    arms = [a for a in ("lm", "random") if any(r.get(a) is not None for r in rows)]
+    from pipeline.proposers import names
+    arms = [a for a in names() if any(r.get(a) is not None for r in rows)]
     for arm in arms:
-        style = _ARM_STYLE.get(arm, {})
+        style = ARM_STYLE.get(arm, {})
         pts = sorted((r["candidates"] * r["iterations"], r[arm]) for r in rows if r.get(arm) is not None)
         left.scatter([p[0] for p in pts], [p[1] for p in pts], color=style.get("color"),
                      marker=style.get("marker", "o"), alpha=0.6)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from pipeline import tokenizer as tk
 from pipeline.catalog import TaskSpec
 from pipeline.families import get_family
-from pipeline.settings import RunConfig
+
+if TYPE_CHECKING:   # (settings validates arms against the proposers, which use this module)
+    from pipeline.settings import RunConfig
 
 
 def family_of(task: TaskSpec):
@@ -54,8 +54,18 @@ def sample(rng: random.Random, config: RunConfig, task: TaskSpec):
     return family_of(task).sample_design(rng, config)
 
 
-def refine(design, rng: random.Random, task: TaskSpec):
-    return family_of(task).refine(design, rng)
+def space_kw(family, config: "RunConfig | None") -> dict:
+    """The keyword that limits a family's refinements to the run's design space (a
+    family without several spaces takes none)."""
+    spaces = getattr(family, "SPACES", None)
+    if not spaces or config is None:
+        return {}
+    return {"params": spaces[config.design_space]}
+
+
+def refine(design, rng: random.Random, task: TaskSpec, config: "RunConfig | None" = None):
+    family = family_of(task)
+    return family.refine(design, rng, **space_kw(family, config))
 
 
 HEADER = "# refine: "
@@ -66,8 +76,11 @@ def header(family, before, after) -> str:
     moved = [p for p in family.PARAMS if getattr(before, p) != getattr(after, p)]
     if len(moved) != 1:
         raise ValueError(f"a refinement must move one parameter, not {moved}")
-    sign = "+" if getattr(after, moved[0]) > getattr(before, moved[0]) else "-"
-    return f"{HEADER}{moved[0]} {sign}\n"
+    return move_header(moved[0], "+" if getattr(after, moved[0]) > getattr(before, moved[0]) else "-")
+
+
+def move_header(param: str, sign: str) -> str:
+    return f"{HEADER}{param} {sign}\n"
 
 
 def strip_header(text: str) -> str:
@@ -77,14 +90,15 @@ def strip_header(text: str) -> str:
     return text
 
 
-def make_pairs(config: RunConfig, task: TaskSpec, n: int, seed: int) -> list[tuple[str, str]]:
+def make_pairs(config: "RunConfig", task: TaskSpec, n: int, seed: int) -> list[tuple[str, str]]:
     """n (unrefined, header + refined) pairs, deterministic for the seed."""
     family = family_of(task)
     rng = random.Random(seed)
     pairs = []
+    space = space_kw(family, config)
     for _ in range(n):
         design = family.sample_design(rng, config)
-        refined = family.refine(design, rng)
+        refined = family.refine(design, rng, **space)
         pairs.append((family.render(design), header(family, design, refined) + family.render(refined)))
     return pairs
 
@@ -147,10 +161,14 @@ def copy_mask(src: list[int], tgt: list[int], start: int) -> list[int]:
     return [0] * start + [1] * pre + [0] * (len(body) - pre - suf) + [1] * suf
 
 
-def encode_pairs(tok, pairs: list[tuple[str, str]], path: Path) -> int:
+def encode_pairs(tok, pairs: list[tuple[str, str]], path: Path,
+                 weights: list[float] | None = None) -> int:
     """Tokenize pairs into the T5 data tensors of docs/CONTRACTS.md; returns the width.
     `copy_mask` marks the target tokens that copy the input (sandbox/lm_schedule.py
-    measures how well the LM copies on a held-out file of this kind)."""
+    measures how well the LM copies on a held-out file of this kind). `weights` (one per
+    pair: how often fine-tuning draws it, sandbox/finetune.py) go in a `weight` tensor."""
+    import torch
+    from safetensors.torch import save_file
     srcs = [tk.encode(tok, a) for a, _ in pairs]
     tgts, masks = [], []
     for s, (_, b) in zip(srcs, pairs):
@@ -167,6 +185,8 @@ def encode_pairs(tok, pairs: list[tuple[str, str]], path: Path) -> int:
         mask[i, :len(s)] = 1
         labels[i, :len(t)] = torch.tensor(t)
         copy[i, :len(m)] = torch.tensor(m)
-    save_file({"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-               "copy_mask": copy}, str(path))
+    tensors = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "copy_mask": copy}
+    if weights is not None:
+        tensors["weight"] = torch.tensor(weights, dtype=torch.float32)
+    save_file(tensors, str(path))
     return max(s_len, t_len)

@@ -87,8 +87,42 @@ def iteration_rows(iterations: Sequence[IterationView],
             "lm_p_intact": it.lm_p_intact,
             "lm_stop": it.lm_stop,
             "single_edit_rate": it.single_edit_rate,
+            # the lineage proposer's fine-tuning (pipeline/proposers/lineage.py), and the
+            # share of samples repeating a move that improved before (any arm)
+            "finetune_steps": len(it.finetune_losses) if it.finetune_losses else None,
+            "finetune_loss": _last(it.finetune_losses),
+            "finetune_pairs": it.finetune_pairs,
+            "repeat_rate": it.repeat_rate,
         })
     return rows
+
+
+def _last(values) -> float | None:
+    return next((v for v in reversed(values or []) if v is not None), None)
+
+
+def arm_order(arms) -> list[str]:
+    """Arms in the proposer registry's order (lm, random, lineage, then any other)."""
+    from pipeline.proposers import names
+    known = names()
+    return sorted(set(arms), key=lambda a: (known.index(a) if a in known else len(known), a))
+
+
+def best_so_far(candidates: Sequence[CandidateView], arm: str, better: str) -> list[tuple[int, float]]:
+    """(evaluations spent, best score seen) after each of an arm's candidate rows, in the
+    order the loop made them (iteration, then index). Every row is spent budget: one the
+    gate rejected or that ended invalid was a draw all the same, and an iteration's
+    incumbent is evaluated in every iteration."""
+    pick = min if better == "min" else max
+    out: list[tuple[int, float]] = []
+    best = None
+    rows = sorted((c for c in candidates if c.arm == arm), key=lambda c: (c.iteration, c.index))
+    for n, c in enumerate(rows, start=1):
+        if c.score is not None and c.status == "evaluated" and not c.flagged:
+            best = c.score if best is None else pick(best, c.score)
+        if best is not None:
+            out.append((n, best))
+    return out
 
 
 def run_record(run: RunView) -> dict[str, Any]:
@@ -114,9 +148,10 @@ def candidate_record(c: CandidateView) -> dict[str, Any]:
 def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
     run = store.get_run(run_id)
     iterations = store.iterations(run.id)
-    done = [it for it in iterations if it.arm == "lm" and it.stage == "done"]
-    selected_ids = {it.selected_id for it in iterations if it.arm == "lm" and it.selected_id}
-    scores = [c.score for c in store.candidates(run.id, arm="lm")
+    first = (run.config.get("arms") or ["lm"])[0]   # the run's main arm
+    done = [it for it in iterations if it.arm == first and it.stage == "done"]
+    selected_ids = {it.selected_id for it in iterations if it.arm == first and it.selected_id}
+    scores = [c.score for c in store.candidates(run.id, arm=first)
               if c.id in selected_ids and c.score is not None]
     best = None
     if scores:
@@ -130,7 +165,7 @@ def arm_outcomes(iterations: Sequence[IterationView],
     last finished iteration selected, and how many iterations finished."""
     by_id = {c.id: c for c in candidates}
     out: dict[str, dict[str, Any]] = {}
-    for arm in sorted({it.arm for it in iterations}, key=lambda a: (a != "lm", a)):
+    for arm in arm_order(it.arm for it in iterations):
         rows = sorted((it for it in iterations if it.arm == arm), key=lambda it: it.index)
         done = [it for it in rows if it.stage == "done"]
         seed = by_id.get(rows[0].incumbent_id) if rows else None

@@ -101,7 +101,9 @@ class RunConfig:
     """Everything one run of the loop does. Stored with the run, as JSON."""
     preset: str = "quick"
     task: str = "self"                 # "self": the LM programs itself; else a vision task
-    arms: tuple[str, ...] = ("lm",)    # add "random": the same search with random refinements
+    # one arm per proposer (pipeline/proposers/): "lm" (the paper's), "random" (random
+    # refinements, the control), "lineage" (the LM fine-tuned on the run's own lineage)
+    arms: tuple[str, ...] = ("lm",)
     seed: int = 0
     iterations: int = 10
     candidates: int = 8
@@ -136,6 +138,16 @@ class RunConfig:
     # `candidates` of them, preferring distinct networks that differ from the input
     # (refinement.choose_distinct); 1: every draw is a candidate, as in the paper
     sample_factor: int = 1
+    # the moves a refinement may make: "paper" (the paper's parameters), or a family's
+    # larger space ("extended": a CNN's kernel size, learning rate and batch size too,
+    # pipeline/families/cnn.py); the corpus and the random arm draw from the same space
+    design_space: str = "paper"
+    # the lineage arm: fine-tuning steps on the run's improving edits before sampling,
+    # their learning rate, batch size and share of corpus pairs in each batch
+    lineage_steps: int = 60
+    lineage_lr: float = 3e-4
+    lineage_batch: int = 16
+    lineage_mix: float = 0.5
     # evaluation ("extended few-shot")
     fewshot_samples: int = 1024
     fewshot_epochs: int = 1
@@ -211,9 +223,18 @@ def _known_task(value: Any) -> str | None:
 
 
 def _known_arms(value: Any) -> str | None:
+    from pipeline.proposers import names   # (the proposers import what imports settings)
     arms = tuple(value) if isinstance(value, (tuple, list)) else ()
-    if not arms or set(arms) - {"lm", "random"} or len(set(arms)) != len(arms):
-        return f"arms must be 'lm', 'random' or both, got {value!r}"
+    unknown = [a for a in arms if a not in names()]
+    if not arms or unknown or len(set(arms)) != len(arms):
+        return (f"arms must be distinct names from {', '.join(names())}, got {value!r}"
+                + (f" (unknown: {', '.join(map(str, unknown))})" if unknown else ""))
+    return None
+
+
+def _known_design_space(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return f"design_space must be a name, got {value!r}"
     return None
 
 
@@ -259,6 +280,11 @@ RUN_BOUNDS: dict[str, Range | Rule] = {
     "top_p": Range(0, 1, open_lo=True),              # 0 would keep no token
     "max_new_tokens": job_bound("max_new_tokens"),
     "sample_factor": Range(1, MAX_SAMPLES),          # and x candidates: a rule below
+    "design_space": Rule(_known_design_space),       # and the task family's: a rule below
+    "lineage_steps": job_bound("finetune_steps"),
+    "lineage_lr": job_bound("finetune_lr"),
+    "lineage_batch": job_bound("finetune_batch"),
+    "lineage_mix": Range(0, 0.99),                   # 1 would leave no lineage pair a step
     "fewshot_samples": Range(1, _SAMPLES),           # and within dataset_size: a rule below
     "fewshot_epochs": job_bound("epochs"),
     "rescore_tolerance": Range(0, 1),
@@ -301,8 +327,17 @@ def _heads_divide_d_model(c: RunConfig) -> str | None:
     return None
 
 
+def _design_space_of_the_family(c: RunConfig) -> str | None:
+    from pipeline.families import get_family
+    spaces = getattr(get_family(get_task(c.task).family), "SPACES", {"paper": None})
+    if c.design_space not in spaces:
+        return f"design_space must be one of {', '.join(spaces)} for task {c.task}, got {c.design_space!r}"
+    return None
+
+
 CROSS_FIELD_RULES: tuple[Callable[[RunConfig], str | None], ...] = (
-    _draws_fit_one_generate_job, _job_seeds_fit, _fewshot_in_corpus, _heads_divide_d_model)
+    _draws_fit_one_generate_job, _job_seeds_fit, _fewshot_in_corpus, _heads_divide_d_model,
+    _design_space_of_the_family)
 
 
 PRESETS: dict[str, RunConfig] = {

@@ -21,8 +21,9 @@ may have died between the DB write and the dispatch; the duplicate work that can
 absorbed the same way (one row per candidate, a result recorded once).
 
 When the LM programs another network (a vision task), the LM is the seed LM, trained
-once, and c is the network's source. A second "random" arm can run beside it: the same
-search with the LM replaced by random single-parameter refinements (the control).
+once, and c is the network's source. Several arms can run side by side, each the same
+search with another proposer writing the candidates (pipeline/proposers/: `lm`, the
+paper's; `random`, the control; `lineage`, the LM fine-tuned on the run's own lineage).
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import contextvars
 import dataclasses
 import functools
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,9 +39,11 @@ from typing import Any, Callable, Iterator
 from celery import chain, chord, current_task
 
 from pipeline import celery_app, events, refinement
-from pipeline import tokenizer as tk
 from pipeline.celery_app import app
 from pipeline.jobs import RunContext
+from pipeline.proposers import Request, get_proposer
+from pipeline.proposers.history import edits as lineage_edits
+from pipeline.proposers.history import improving_moves, repeat_rate
 from pipeline.sandbox_task import queue_for, run_job
 from pipeline.selection import select
 from pipeline.settings import RunConfig
@@ -62,7 +64,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("pending", "training"): "begin_iteration",       # the LM defined by c must be trained
     ("pending", "generating"): "begin_iteration",     # the run's one LM is trained already
     ("training", "generating"): "after_training",
-    ("generating", "evaluating"): "after_generation",  # (the random arm: _dispatch)
+    ("generating", "evaluating"): "after_generation",
     ("generating", "training"): "recover",            # the trained LM's weights are gone
     ("evaluating", "selecting"): "finish_iteration",  # a would-be winner is re-scored
     ("evaluating", "done"): "finish_iteration",
@@ -188,15 +190,12 @@ def begin_iteration(*, run_id: str, index: int, arm: str = "lm") -> None:
     incumbent = store.ensure_candidate(
         run_id, index, 0, role="incumbent", source=source, parent_id=parent_id,
         design=refinement.parse(source, ctx.task), arm=arm)
-    needs_lm = arm == "lm" and (_self_programming(ctx) or not _lm_weights(ctx, index).exists())
+    needs_lm = get_proposer(arm).USES_LM and (_self_programming(ctx)
+                                              or not ctx.lm_weights(arm, index).exists())
     stage = "training" if needs_lm else "generating"
     won = _advance(store, run_id, index, arm, "pending", stage, incumbent_id=incumbent.id)
     if _moved(won, store, run_id, index, arm, stage):
         _dispatch(store, ctx, index, arm, stage)
-
-
-def _lm_weights(ctx: RunContext, index: int):
-    return ctx.lm_dir(index) / "weights.safetensors"
 
 
 def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage: str) -> None:
@@ -206,19 +205,15 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
     events.emit(run_id, "stage", iteration=index, stage=stage, arm=arm)
     kw = dict(run_id=run_id, index=index, arm=arm)
     if stage == "training":
-        job = ctx.train_job(index, it.source_in)
-        chain(_job_task(job, ctx.lm_dir(index), **kw), after_training.s(**kw)).apply_async()
-    elif stage == "generating" and arm == "lm":
-        job = ctx.generate_job(index, it.source_in)
-        chain(_job_task(job, ctx.dir / "generate", **kw), after_generation.s(**kw)).apply_async()
-    elif stage == "generating":   # the control arm: random refinements instead of the LM
-        # Deterministic sources: a second pass finds every row already there.
-        sources = _random_refinements(ctx, it.source_in, index)
-        _add_candidates(store, ctx, index, arm, sources)
-        won = _advance(store, run_id, index, arm, "generating", "evaluating",
-                       single_edit_rate=single_edit_rate(ctx, it.source_in, sources))
-        if _moved(won, store, run_id, index, arm, "evaluating"):
-            _dispatch(store, ctx, index, arm, "evaluating")
+        job = ctx.train_job(arm, index, it.source_in)
+        chain(_job_task(job, ctx.lm_dir(arm, index), **kw), after_training.s(**kw)).apply_async()
+    elif stage == "generating":
+        job = get_proposer(arm).job(_request(ctx, arm, index, it.source_in))
+        if job is None:   # the proposer draws its sources itself (the control arm)
+            after_generation.run.__wrapped__(None, **kw)
+        else:
+            chain(_job_task(job, ctx.arm_dir(arm) / "generate", **kw),
+                  after_generation.s(**kw)).apply_async()
     elif stage == "evaluating":
         todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in OPEN_STATUSES]
         store.mark_running([c.id for c in todo])
@@ -267,8 +262,10 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
                    lm_losses=res.losses, lm_seconds=res.duration_s,
                    lm_copy_accuracy=copy.get("copy_accuracy"), lm_p_intact=copy.get("p_intact"),
                    lm_stop=copy.get("stop"))
-    if won or (_redelivered.get()
-               and not any(c.iteration == index for c in store.curves(run_id, "lm_loss"))):
+    # The run's lm_loss curves are the paper arm's (another arm's LM losses stay on its
+    # iterations).
+    if arm == "lm" and (won or (_redelivered.get() and not any(
+            c.iteration == index for c in store.curves(run_id, "lm_loss")))):
         store.add_curve(run_id, "lm_loss", res.losses, iteration=index)
     if won:
         events.emit(run_id, "lm_trained", iteration=index, arm=arm, steps=len(res.losses),
@@ -279,54 +276,65 @@ def after_training(result: dict, *, run_id: str, index: int, arm: str = "lm") ->
         _dispatch(store, ctx, index, arm, "generating")
 
 
+def _request(ctx: RunContext, arm: str, index: int, parent: str) -> Request:
+    return Request(ctx=ctx, arm=arm, index=index, parent=parent,
+                   n=ctx.config.candidates * ctx.config.sample_factor)
+
+
 @coordinator_task
-def after_generation(result: dict, *, run_id: str, index: int, arm: str = "lm") -> None:
+def after_generation(result: dict | None, *, run_id: str, index: int, arm: str = "lm") -> None:
+    """Turn the proposer's samples into candidates. `result` is its generate job's
+    (None for a proposer without a job)."""
     store, ctx = _context(run_id)
-    res = Result.from_dict(result)
+    res = Result.from_dict(result) if result is not None else None
     if store.get_run(run_id).status != "running":
         return
-    # The stage moves first: only the winner's samples become candidates (a duplicate
-    # generation could have sampled differently). The header line naming the move is
-    # cut off each sample (pipeline/refinement.py).
-    samples = []
-    if res.status == "ok":
-        samples = [refinement.strip_header(tk.decode(ctx.tokenizer, ids)) for ids in res.samples]
     parent = store.get_iteration(run_id, index, arm).source_in
-    rate = single_edit_rate(ctx, parent, samples)     # of everything the LM wrote
-    sources = _keep(ctx, parent, samples)
+    proposal = get_proposer(arm).propose(_request(ctx, arm, index, parent), res)
+    samples = proposal.samples
+    # Each sample is parsed once; the rates are of everything drawn, kept or not.
+    designs = [refinement.parse(s, ctx.task) for s in samples]
+    before = refinement.parse(parent, ctx.task)
+    improving = improving_moves(ctx.family, lineage_edits(store, run_id, arm, index,
+                                                          ctx.task.direction))
+    rate = single_edit_rate(ctx.family, before, designs)
+    keep = refinement.choose_distinct(ctx.family, before, designs, ctx.config.candidates)
+    # The stage moves first: only the winner's samples become candidates (a duplicate
+    # generation could have sampled differently).
     won = _advance(store, run_id, index, arm, "generating", "evaluating",
-                   gen_seconds=res.duration_s, single_edit_rate=rate)
+                   single_edit_rate=rate,
+                   repeat_rate=repeat_rate(ctx.family, before, designs, improving),
+                   **{k: v for k, v in proposal.metadata.items() if v is not None})
     if not _moved(won, store, run_id, index, arm, "evaluating"):
         return
-    if res.status == "ok":
+    if res is None or res.status == "ok":
         events.emit(run_id, "generated", iteration=index, arm=arm, samples=len(samples),
-                    single_edit_rate=rate)
+                    single_edit_rate=rate, finetune_steps=len(proposal.metadata.get("finetune_losses") or []))
     else:  # no candidates this time; the incumbent is still scored and kept
         log.warning("generation failed in run %s iteration %d: %s", run_id, index, res.reason)
         events.emit(run_id, "generation_failed", iteration=index, arm=arm, reason=res.reason)
-    _add_candidates(store, ctx, index, arm, sources)
+    _add_candidates(store, ctx, index, arm, [(samples[i], designs[i]) for i in keep])
     _dispatch(store, ctx, index, arm, "evaluating")
 
 
-def single_edit_rate(ctx: RunContext, parent: str, sources: list[str]) -> float | None:
+def single_edit_rate(family, parent: dict | None, designs: list[dict | None]) -> float | None:
     """The share of samples whose design differs from the parent's in exactly one
     parameter (an unparsable sample counts as not one edit); None without samples."""
-    if not sources:
+    if not designs:
         return None
-    family, before = ctx.family, refinement.parse(parent, ctx.task)
-    ones = sum(refinement.edits(family, before, refinement.parse(s, ctx.task)) == 1 for s in sources)
-    return ones / len(sources)
+    return sum(refinement.edits(family, parent, d) == 1 for d in designs) / len(designs)
 
 
 def _add_candidates(store: LineageStore, ctx: RunContext, index: int, arm: str,
-                    sources: list[str]) -> None:
-    """One row per candidate before anything runs; the policy gate's verdict is recorded."""
+                    chosen: list[tuple[str, dict | None]]) -> None:
+    """One row per candidate (source, parsed design) before anything runs; the policy
+    gate's verdict is recorded."""
     incumbent = store.get_candidate(store.get_iteration(ctx.run_id, index, arm).incumbent_id)
-    for i, source in enumerate(sources, start=1):
+    for i, (source, design) in enumerate(chosen, start=1):
         status, reason = gate(source)
         store.ensure_candidate(
             ctx.run_id, index, i, role="candidate", source=source, parent_id=incumbent.id,
-            design=refinement.parse(source, ctx.task), arm=arm, status=status, reason=reason)
+            design=design, arm=arm, status=status, reason=reason)
 
 
 def gate(source: str) -> tuple[str, str]:
@@ -342,25 +350,6 @@ def outcome(res: Result) -> tuple[str, str]:
     status = CANDIDATE_STATUS[res.status]
     reason = res.reason if res.status != "crashed" else f"sandbox crashed: {res.reason}"
     return status, reason
-
-
-def _keep(ctx: RunContext, parent: str, samples: list[str]) -> list[str]:
-    """The `candidates` samples of the sample_factor x candidates drawn that become
-    candidates (refinement.choose_distinct: all of them when nothing extra was drawn)."""
-    designs = [refinement.parse(s, ctx.task) for s in samples]
-    keep = refinement.choose_distinct(ctx.family, refinement.parse(parent, ctx.task), designs,
-                                      ctx.config.candidates)
-    return [samples[i] for i in keep]
-
-
-def _random_refinements(ctx: RunContext, source: str, index: int) -> list[str]:
-    params = refinement.parse(source, ctx.task)
-    design = refinement.design_from_params(params, ctx.config, ctx.task)
-    out = []
-    for i in range(ctx.config.candidates * ctx.config.sample_factor):
-        rng = random.Random(f"{ctx.config.seed}-{index}-{i}")
-        out.append(refinement.render(refinement.refine(design, rng, ctx.task), ctx.task))
-    return _keep(ctx, source, out)
 
 
 @coordinator_task
@@ -465,7 +454,8 @@ def recover(*, run_id: str) -> None:
             begin_iteration.apply_async(kwargs=dict(run_id=run_id, index=last.index, arm=arm))
         else:
             stage = last.stage
-            if stage == "generating" and arm == "lm" and not _lm_weights(ctx, last.index).exists() \
+            if stage == "generating" and get_proposer(arm).USES_LM \
+                    and not ctx.lm_weights(arm, last.index).exists() \
                     and (_self_programming(ctx) or last.index == 0):
                 # the trained LM's weights are gone: train again first
                 _advance(store, run_id, last.index, arm, "generating", "training")

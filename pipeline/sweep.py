@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.catalog import get_task
+from pipeline.proposers import names as arm_names
 from pipeline.report import arm_outcomes
 from pipeline.settings import ConfigError, Settings, preset as build_preset
 from pipeline.store import LineageStore
@@ -99,8 +100,9 @@ def rows(settings: Settings, sweep: Sweep) -> list[dict[str, Any]]:
             out.append({"candidates": key[0], "iterations": key[1], "total": key[0] * key[1],
                         "run_id": run.id if run else None,
                         "status": run.status if run else "missing",
-                        "start": (o.get("lm") or o.get("random") or {}).get("start"),
-                        "lm": o.get("lm", {}).get("end"), "random": o.get("random", {}).get("end")})
+                        "start": next((v["start"] for v in o.values()), None),
+                        # the end score of every registered arm (None where it did not run)
+                        **{arm: o.get(arm, {}).get("end") for arm in arm_names()}})
     return out
 
 

@@ -38,6 +38,7 @@ from sandbox.protocol import (GO_FILE, GO_POLL_S, JOB_FILE, OUT_DIR, PROGRESS_FI
                               SETUP_ERROR_PREFIX, SETUP_EXIT_CODE)
 from sandbox.schema import (MAX_REASON_CHARS, PREDICTIONS_FILE, Declaration, Job, Result,
                             SchemaError)
+from sandbox.finetune import finetune
 from sandbox.lm_schedule import Schedule, copy_metrics
 from sandbox.training import (CANDIDATE_FILE, build, build_declared, count_params, declare,
                               declared_dynamics, fingerprint, fit, generate, load_candidate,
@@ -211,10 +212,15 @@ def run(job: Job, root: Path, t: "Trusted | None" = None,
     if job.kind == "generate":
         model = make_model()
         load_weights(model, root / job.inputs["weights"], t)
+        losses = []
+        if "lineage" in job.inputs:
+            # the lineage proposer: a few steps on the run's own improving edits first
+            losses = finetune(model, load_input(root, job, "lineage", t),
+                              load_input(root, job, "data", t), job, device, t)
         samples = generate(model, job, device)
         integrity.check()
         return Result(job_id=job.job_id, kind=job.kind, status="ok", samples=samples,
-                      param_count=count_params(model))
+                      losses=losses, param_count=count_params(model))
 
     # evaluate
     model = make_model()

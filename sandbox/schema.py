@@ -64,6 +64,11 @@ JOB_PARAMS: dict[str, tuple[type, float, float]] = {
     "budget_s": (float, 0.0, 86_400.0),     # 0: no budget
     "warmup_steps": (int, 0, 1_000_000),
     "decay_steps": (int, 0, 1_000_000),
+    # generate, for the lineage proposer: fine-tune first (sandbox/finetune.py)
+    "finetune_steps": (int, 0, 100_000),
+    "finetune_lr": (float, 1e-8, 1.0),
+    "finetune_batch": (int, 1, 4096),
+    "finetune_mix": (float, 0.0, 1.0),
 }
 JOB_TEXT_PARAMS = {"score": tuple(SCORE_KINDS), "device": ("cpu", "cuda", "auto")}
 JOB_LIST_PARAMS = {"prompt_ids": MAX_PROMPT_TOKENS, "input_shape": 4}

@@ -74,11 +74,18 @@ def iteration_table(rows: list[dict[str, Any]], family: Any | None = None) -> st
     """`rows` (report.iteration_rows) as a table; designs as `family` names them."""
     return table(
         ["it", "arm", "stage", "selected design", "score", "incumbent", "decision", "evaluated",
-         "LM steps", "p_intact", "1-edit"],
+         "LM steps", "p_intact", "1-edit", "tuned", "repeats"],
         [[r["index"], r["arm"], r["stage"], fmt_design(r["design"], family), fmt_score(r["score"]),
           fmt_score(r["incumbent_score"]), r["decision"] or "-",
           f"{r['evaluated']}/{r['total']}", _steps(r), _share(r["lm_p_intact"]),
-          _share(r["single_edit_rate"])] for r in rows])
+          _share(r["single_edit_rate"]), _tuned(r), _share(r["repeat_rate"])] for r in rows])
+
+
+def _tuned(row: dict[str, Any]) -> str:
+    """The lineage arm's fine-tuning: steps on how many pairs, and its last loss."""
+    if not row["finetune_steps"]:
+        return "-"
+    return f"{row['finetune_steps']}x{row['finetune_pairs']} {fmt_score(row['finetune_loss'])}"
 
 
 def _steps(row: dict[str, Any]) -> str:
@@ -121,6 +128,8 @@ def print_progress(event: str, info: dict[str, Any], family: Any | None = None) 
         rate = info.get("single_edit_rate")
         line = (f"{where} {info.get('samples', '?')} samples, "
                 f"{'-' if rate is None else f'{100 * rate:.0f}%'} change exactly one parameter")
+        if info.get("finetune_steps"):
+            line += f" (after {info['finetune_steps']} fine-tuning steps on the lineage)"
     elif event == "iteration":
         line = (f"{where} {info.get('decision') or 'done'}: score {fmt_score(info.get('score'))}"
                 f"  {fmt_design(info.get('design'), family)}")

@@ -11,7 +11,8 @@ from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_ta
 from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction, fmt_design,
                              fmt_score, fmt_time, iteration_rows, lineage_record, run_record,
                              run_summary, shorten, task_family)
-from pipeline.store import ARMS, CANDIDATE_STATUSES
+from pipeline.proposers import names as arm_names
+from pipeline.store import CANDIDATE_STATUSES
 from pipeline.text import first_line
 
 _CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
@@ -79,13 +80,22 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
         click.echo("")
         click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
 
+def _arm(value: str | None) -> str | None:
+    # checked when the command runs, so that a proposer registered later is known too
+    if value is not None and value not in arm_names():
+        raise click.BadParameter(f"{value!r} is not an arm; arms: {', '.join(arm_names())}",
+                                 param_hint="--arm")
+    return value
+
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--status", type=click.Choice(CANDIDATE_STATUSES),
               help="Only candidates in this state.")
 @click.option("--iteration", type=int, help="Only candidates of this iteration.")
-@click.option("--arm", type=click.Choice(ARMS),
-              help="Only this arm: 'lm' (written by the LM) or 'random' (the baseline).")
+@click.option("--arm", callback=lambda _c, _p, v: _arm(v),
+              help="Only this arm (its proposer, pipeline/proposers/): 'lm' (the LM), 'random' "
+                   "(the baseline) or 'lineage' (the LM fine-tuned on the run's own lineage).")
 @json_option
 @pass_ctx
 @handle_errors

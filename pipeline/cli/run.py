@@ -356,9 +356,11 @@ def sweep(obj: Context, task: str, candidates_csv: str, iterations_csv: str,
         emit_json({"sweep": name, "task": task, "figure": str(figure), "cells": rows})
         return
     click.echo(f"sweep {name} on {task}: {len(rows)} cells")
-    click.echo(table(["candidates", "iterations", "total", "seed acc", "lm acc", "random acc",
-                      "status", "run"],
+    from pipeline.proposers import names
+    arms = [a for a in names() if a in ("lm", "random") or any(r.get(a) is not None for r in rows)]
+    click.echo(table(["candidates", "iterations", "total", "seed acc",
+                      *(f"{a} acc" for a in arms), "status", "run"],
                      [[r["candidates"], r["iterations"], r["total"], fmt_score(r["start"]),
-                       fmt_score(r["lm"]), fmt_score(r["random"]), r["status"], r["run_id"]]
+                       *(fmt_score(r.get(a)) for a in arms), r["status"], r["run_id"]]
                       for r in sorted(rows, key=lambda r: (r["total"], r["candidates"]))]))
     click.echo(f"\nfigure: {figure}")

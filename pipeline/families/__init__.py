@@ -43,6 +43,9 @@ Optional, for how tables and figures show a design (pipeline/report.py, pipeline
                     iteration, one panel each in this order; log2 for a width (default:
                     every PARAMS entry, by name, linear)
     PLOT_NOTE       a caveat that figure adds to its title (default: none)
+    SPACES          {name: params} the design spaces a run may choose (RunConfig
+                    design_space; default: only "paper", every parameter); a family with
+                    SPACES takes `refine(design, rng, params=...)`, the chosen space's
 
 Adding a family: one module with these names, and one `register_family(module)` line
 (below for the built-in ones).

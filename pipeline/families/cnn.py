@@ -34,27 +34,51 @@ What the code builds (the rules of `render`'s `Net`):
 CHANNELS is written even when there are no convs (the seed writes 32); `refine` does
 not move it while CONV_LAYERS is 0, because that edit could not change the network
 and its candidate would only repeat the incumbent's score.
+
+The extended design space (`design_space=extended`, for searches where the proposer
+matters: more moves than candidates per iteration) adds three parameters that the
+source also writes as constants, KERNEL_SIZE, LEARNING_RATE and BATCH_SIZE:
+- kernel_size 3, 5 or 7 (moves by 2): every conv's kernel; a conv keeps no padding
+  while the smallest side is at least kernel_size + 2, then pads by kernel_size // 2
+  and keeps the size (for 3 exactly the rule above); conv-only like channels;
+- lr on a grid of powers of two times 0.000125, 0.000125..0.016 (moves x2 or /2): the
+  AdamW learning rate of `train(model)`;
+- batch_size 8..256, powers of two (moves x2 or /2).
+In the paper's space these stay at the seed's values (3, 0.001, 32), so a paper-space
+source builds and trains what it did before they were written out.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, replace
 
-from pipeline.families.source import constants_block, int_constants, parse_module
+from pipeline.families.source import constants_block, number_constants, parse_module
 
 NAME = "cnn"
 MODEL_KIND = "cnn"
+LR_GRID = (0.000125, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
+KERNEL_SIZES = (3, 5, 7)
 RANGES = {
     "hidden_layers": (1, 8),
     "conv_layers": (0, 8),
     "channels": (16, 512),
     "hidden_size": (16, 1024),
+    "kernel_size": (3, 7),
+    "lr": (LR_GRID[0], LR_GRID[-1]),
+    "batch_size": (8, 256),
 }
 PARAMS = tuple(RANGES)
-WIDTHS = ("channels", "hidden_size")  # powers of two, moved by x2 / /2
+PAPER_PARAMS = PARAMS[:4]
+# design space name (RunConfig.design_space) -> the parameters a refinement may move
+SPACES = {"paper": PAPER_PARAMS, "extended": PARAMS}
+WIDTHS = ("channels", "hidden_size", "batch_size")  # powers of two, moved by x2 / /2
+CONV_ONLY = ("channels", "kernel_size")             # build nothing without convs
 # design parameter -> the constant a source writes it as, in the order the source does
 CONSTANTS = {"conv_layers": "CONV_LAYERS", "channels": "CHANNELS",
-             "hidden_layers": "HIDDEN_LAYERS", "hidden_size": "HIDDEN_SIZE"}
+             "kernel_size": "KERNEL_SIZE", "hidden_layers": "HIDDEN_LAYERS",
+             "hidden_size": "HIDDEN_SIZE", "lr": "LEARNING_RATE", "batch_size": "BATCH_SIZE"}
+# what a source written before the extended space lacks reads as the seed's values
+OPTIONAL = {"kernel_size": 3, "lr": 0.001, "batch_size": 32}
 
 
 def _is_pow2(n: int) -> bool:
@@ -67,7 +91,8 @@ class Design:
     conv_layers: int
     channels: int
     hidden_size: int
-    lr: float = 1e-3
+    kernel_size: int = 3
+    lr: float = 0.001
     batch_size: int = 32
 
     def __post_init__(self):
@@ -80,8 +105,10 @@ class Design:
         for p in WIDTHS:
             if not _is_pow2(getattr(self, p)):
                 raise ValueError(f"{p}={getattr(self, p)} is not a power of two")
+        if self.kernel_size not in KERNEL_SIZES or self.lr not in LR_GRID:
+            raise ValueError(f"kernel_size {self.kernel_size} or lr {self.lr} off its grid")
 
-    def params(self) -> dict[str, int]:
+    def params(self) -> dict[str, int | float]:
         return {k: getattr(self, k) for k in PARAMS}
 
     def to_dict(self) -> dict:
@@ -104,20 +131,23 @@ def _pow2_choices(param: str) -> list[int]:
     return [2 ** k for k in range(lo.bit_length() - 1, hi.bit_length()) if lo <= 2 ** k <= hi]
 
 
-def sample(rng: random.Random, lr: float = 1e-3, batch_size: int = 32) -> Design:
+def sample(rng: random.Random, extended: bool = False) -> Design:
     conv_layers = rng.randint(*RANGES["conv_layers"])
-    return Design(
+    design = Design(
         hidden_layers=rng.randint(*RANGES["hidden_layers"]),
         conv_layers=conv_layers,
         channels=rng.choice(_pow2_choices("channels")),
         hidden_size=rng.choice(_pow2_choices("hidden_size")),
-        lr=lr, batch_size=batch_size,
     )
+    if not extended:   # (the paper's space draws exactly what it drew before)
+        return design
+    return replace(design, kernel_size=rng.choice(KERNEL_SIZES), lr=rng.choice(LR_GRID),
+                   batch_size=rng.choice(_pow2_choices("batch_size")))
 
 
 def sample_design(rng: random.Random, config=None) -> Design:
-    """A design from the paper's ranges (the network's lr and batch are the seed's)."""
-    return sample(rng, SEED.lr, SEED.batch_size)
+    """A design from the run's space (the paper's: its lr, batch and kernel are the seed's)."""
+    return sample(rng, extended=getattr(config, "design_space", "paper") == "extended")
 
 
 def seed_design(config=None) -> Design:
@@ -128,36 +158,44 @@ def design_from_params(params: dict | None, config=None) -> Design:
     """The design a parsed source describes (for sources we rendered ourselves)."""
     if params is None:
         raise ValueError("the source does not have the shape of the cnn family")
-    return Design(**{k: params[k] for k in PARAMS}, lr=SEED.lr, batch_size=SEED.batch_size)
+    return Design(**{k: params.get(k, OPTIONAL.get(k)) for k in PARAMS})
 
 
-def refine(design: Design, rng: random.Random) -> Design:
-    """Change exactly one design parameter by one step: a depth by +-1, a width x2 or /2.
+def step(param: str, value, sign: int):
+    """One move of one parameter: a depth by +-1, a width x2 or /2, the kernel by 2, the
+    learning rate one grid step; None where that leaves the range."""
+    if param == "lr":
+        i = LR_GRID.index(value) + sign
+        return LR_GRID[i] if 0 <= i < len(LR_GRID) else None
+    if param in WIDTHS:
+        new = value * 2 if sign > 0 else value // 2
+    else:
+        new = value + (2 * sign if param == "kernel_size" else sign)
+    lo, hi = RANGES[param]
+    return new if lo <= new <= hi else None
 
-    Moves that leave the range are not taken, nor a channels move while there are no
+
+def refine(design: Design, rng: random.Random, params: tuple[str, ...] = PAPER_PARAMS) -> Design:
+    """Change exactly one of `params` (the run's design space) by one step.
+
+    Moves that leave the range are not taken, nor a conv-only move while there are no
     convs (see the module docstring); another (parameter, direction) is drawn instead.
     """
-    moves = [(p, s) for p in PARAMS for s in (+1, -1)]
+    moves = [(p, s) for p in params for s in (+1, -1)]
     rng.shuffle(moves)
     for param, sign in moves:
-        lo, hi = RANGES[param]
-        old = getattr(design, param)
-        if param in WIDTHS:
-            new = old * 2 if sign > 0 else old // 2
-        else:
-            new = old + sign
-        if not lo <= new <= hi:
+        if param in CONV_ONLY and design.conv_layers == 0:
             continue
-        if param == "channels" and design.conv_layers == 0:
-            continue
-        return replace(design, **{param: new})
+        new = step(param, getattr(design, param), sign)
+        if new is not None:
+            return replace(design, **{param: new})
     raise AssertionError("unreachable: hidden_layers can always move one way")
 
 
 def network_key(params: dict) -> tuple:
-    """Without convs the channel count builds nothing: such designs are one network."""
-    return tuple((p, params[p]) for p in PARAMS
-                 if not (p == "channels" and params.get("conv_layers") == 0))
+    """Without convs the conv-only parameters build nothing: such designs are one network."""
+    return tuple((p, params.get(p, OPTIONAL.get(p))) for p in PARAMS
+                 if not (p in CONV_ONLY and params.get("conv_layers") == 0))
 
 
 def render(design: Design) -> str:
@@ -181,10 +219,10 @@ class Net(nn.Module):
         pool = nn.MaxPool2d if len(size) == 2 else nn.MaxPool1d
         features = []
         for i in range(CONV_LAYERS if size else 0):
-            padding = 0 if min(size) >= 5 else 1
-            features.append(conv(in_channels, CHANNELS, 3, padding=padding))
+            padding = 0 if min(size) >= KERNEL_SIZE + 2 else KERNEL_SIZE // 2
+            features.append(conv(in_channels, CHANNELS, KERNEL_SIZE, padding=padding))
             features.append(nn.ReLU())
-            size = [s + 2 * padding - 2 for s in size]
+            size = [s + 2 * padding - (KERNEL_SIZE - 1) for s in size]
             in_channels = CHANNELS
             if i % 2 == 1 and min(size) >= 4:
                 features.append(pool(2))
@@ -208,21 +246,25 @@ def build_model(input_shape, num_classes):
 
 
 def train(model):
-    optimizer = torch.optim.AdamW(model.parameters(), lr={design.lr!r})
-    batch_size = {design.batch_size}
-    return optimizer, batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    return optimizer, BATCH_SIZE
 '''
 
 
-def parse(source: str) -> dict[str, int] | None:
-    """Read the four design parameters from a source without running it: the values of
-    its module-level constants CONV_LAYERS, CHANNELS, HIDDEN_LAYERS and HIDDEN_SIZE,
-    as written (not checked against RANGES). Returns None when the source does not
-    parse or lacks one of them as an integer literal."""
+def parse(source: str) -> dict[str, int | float] | None:
+    """Read the design parameters from a source without running it: the values of its
+    module-level constants (CONSTANTS), as written (not checked against RANGES); the
+    OPTIONAL ones read as the seed's when a source does not write them. Returns None
+    when the source does not parse or lacks a required one as a literal (an integer;
+    LEARNING_RATE may be a float)."""
     tree = parse_module(source)
     if tree is None:
         return None
-    constants = int_constants(tree)
-    if any(name not in constants for name in CONSTANTS.values()):
-        return None
-    return {p: constants[CONSTANTS[p]] for p in PARAMS}
+    constants = number_constants(tree)
+    out = {}
+    for p in PARAMS:
+        value = constants.get(CONSTANTS[p], OPTIONAL.get(p))
+        if value is None or (p != "lr" and not isinstance(value, int)):
+            return None
+        out[p] = value
+    return out

@@ -28,6 +28,17 @@ def int_constants(tree: ast.Module) -> dict[str, int]:
     return found
 
 
+def number_constants(tree: ast.Module) -> dict[str, int | float]:
+    """As int_constants, with float literals too (a learning rate)."""
+    found: dict[str, int | float] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Constant) \
+                and type(node.value.value) in (int, float):
+            found[node.targets[0].id] = node.value.value
+    return found
+
+
 def is_int(node: ast.expr | None) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, int) \
         and not isinstance(node.value, bool)

@@ -5,7 +5,7 @@ Only the public API is re-exported here.
 """
 from pipeline.store.api import LineageStore, store_for
 from pipeline.store.errors import SchemaOutOfDate, StoreError, UnknownCandidate, UnknownRun
-from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, DECISIONS, ITERATION_STAGES,
+from pipeline.store.models import (CANDIDATE_STATUSES, DECISIONS, ITERATION_STAGES,
                                    OPEN_STATUSES, ROLES, RUN_ACTIVE_STATUSES, RUN_STATUSES,
                                    RUN_TERMINAL_STATUSES, TERMINAL_STATUSES)
 from pipeline.store.schema import (MIGRATIONS_DIR, alembic_config, current_revisions,
@@ -16,7 +16,7 @@ from pipeline.store.views import CandidateView, CurveView, IterationView, RunVie
 
 __all__ = [
     "LineageStore", "store_for", "StoreError", "UnknownRun", "UnknownCandidate",
-    "SchemaOutOfDate", "ARMS", "CANDIDATE_STATUSES", "DECISIONS", "ITERATION_STAGES",
+    "SchemaOutOfDate", "CANDIDATE_STATUSES", "DECISIONS", "ITERATION_STAGES",
     "OPEN_STATUSES", "ROLES", "RUN_ACTIVE_STATUSES", "RUN_STATUSES", "RUN_TERMINAL_STATUSES",
     "TERMINAL_STATUSES", "MIGRATIONS_DIR", "alembic_config", "current_revisions",
     "head_revisions", "make_engine", "schema_is_current", "upgrade_schema",

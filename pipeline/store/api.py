@@ -20,13 +20,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.store.errors import StoreError, UnknownCandidate, UnknownRun
-from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, ITERATION_STAGES,
+from pipeline.store.models import (CANDIDATE_STATUSES, ITERATION_STAGES,
                                    OPEN_STATUSES, ROLES, RUN_STATUSES, RUN_TERMINAL_STATUSES,
                                    TERMINAL_STATUSES, Candidate, Iteration, MetricCurve, Run,
                                    utcnow)
 from pipeline.store.schema import make_engine, require_current, upgrade_schema
 from pipeline.store.views import CandidateView, CurveView, IterationView, RunView, view
-from pipeline.store.values import (ITERATION_FIELDS, bound_logs, bound_reason, candidate_key,
+from pipeline.store.values import (ITERATION_FIELDS, arm_name, bound_logs, bound_reason, candidate_key,
                                    check, finite, floats, iteration_values, text)
 from pipeline.text import first_line
 
@@ -137,7 +137,7 @@ class LineageStore:
 
     def ensure_iteration(self, run_id: str, index: int, *, source_in: str,
                          arm: str = "lm") -> IterationView:
-        check(arm, ARMS, "arm")
+        arm_name(arm)
         with self._session() as s:
             run_id = self._run_id(s, run_id)
             row = self._iteration_row(s, run_id, index, arm)
@@ -219,7 +219,7 @@ class LineageStore:
         """Get-or-create the row for (run, arm, iteration, index); an existing row is
         returned unchanged, so a retried task never duplicates or rewrites a candidate."""
         check(role, ROLES, "role")
-        check(arm, ARMS, "arm")
+        arm_name(arm)
         check(status, CANDIDATE_STATUSES, "candidate status")
         source = text(source)
         with self._session() as s:

@@ -29,7 +29,9 @@ RUN_ACTIVE_STATUSES = ("pending", "running")
 ITERATION_STAGES = ("pending", "training", "generating", "evaluating", "selecting", "done")
 DECISIONS = ("kept", "replaced")
 ROLES = ("incumbent", "candidate")
-ARMS = ("lm", "random")
+# Arm names are data (one per proposer, pipeline/proposers/): the store checks their
+# shape (values.arm_name), the database only that one is there.
+ARM_CHECK = "length(arm) >= 1"
 CANDIDATE_STATUSES = ("pending", "running", "evaluated", "rejected", "invalid", "timeout",
                       "oom", "cancelled")
 TERMINAL_STATUSES = ("evaluated", "rejected", "invalid", "timeout", "oom", "cancelled")
@@ -91,7 +93,7 @@ class Candidate(Base):
         UniqueConstraint("run_id", "arm", "iteration", "index"),
         CheckConstraint(_in("status", CANDIDATE_STATUSES), name="status"),
         CheckConstraint(_in("role", ROLES), name="role"),
-        CheckConstraint(_in("arm", ARMS), name="arm"),
+        CheckConstraint(ARM_CHECK, name="arm"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -131,7 +133,7 @@ class Iteration(Base):
         UniqueConstraint("run_id", "arm", "index"),
         CheckConstraint(_in("stage", ITERATION_STAGES), name="stage"),
         CheckConstraint(f"decision IS NULL OR {_in('decision', DECISIONS)}", name="decision"),
-        CheckConstraint(_in("arm", ARMS), name="arm"),
+        CheckConstraint(ARM_CHECK, name="arm"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -155,6 +157,12 @@ class Iteration(Base):
     lm_p_intact: Mapped[float | None] = mapped_column(Float, nullable=True)
     lm_stop: Mapped[str | None] = mapped_column(String(16), nullable=True)
     single_edit_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the lineage proposer's fine-tuning before it sampled (pipeline/proposers/lineage.py):
+    # its loss per step and how many lineage pairs it learned from; and the share of the
+    # iteration's samples that repeat a move which improved on its parent before
+    finetune_losses: Mapped[list[float] | None] = mapped_column(JSONValue, nullable=True)
+    finetune_pairs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    repeat_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 

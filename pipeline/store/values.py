@@ -3,6 +3,7 @@ on both backends (pipeline/store/api.py calls these)."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 from pipeline.store.errors import UnknownCandidate
@@ -12,7 +13,8 @@ from sandbox.schema import MAX_LOG_CHARS, MAX_REASON_CHARS
 
 ITERATION_FIELDS = {"stage", "incumbent_id", "selected_id", "decision", "lm_losses",
                     "lm_seconds", "gen_seconds", "eval_seconds", "finished_at",
-                    "lm_copy_accuracy", "lm_p_intact", "lm_stop", "single_edit_rate"}
+                    "lm_copy_accuracy", "lm_p_intact", "lm_stop", "single_edit_rate",
+                    "finetune_losses", "finetune_pairs", "repeat_rate"}
 
 
 def text(value: str) -> str:
@@ -75,13 +77,28 @@ def iteration_values(fields: dict[str, Any], allowed: set[str],
         check(fields["decision"], DECISIONS, "decision")
     if "lm_losses" in fields:
         fields["lm_losses"] = floats(fields["lm_losses"] or [], "lm_losses")
+    if fields.get("finetune_losses") is not None:
+        fields["finetune_losses"] = floats(fields["finetune_losses"], "finetune_losses")
+    if fields.get("finetune_pairs") is not None:
+        fields["finetune_pairs"] = int(fields["finetune_pairs"])
     for name in ("lm_seconds", "gen_seconds", "eval_seconds", "lm_copy_accuracy",
-                 "lm_p_intact", "single_edit_rate"):
+                 "lm_p_intact", "single_edit_rate", "repeat_rate"):
         if name in fields:
             fields[name] = finite(fields[name], name)
     if stage == "done":
         fields.setdefault("finished_at", utcnow())
     return fields
+
+
+# The proposer registry's name rule (pipeline/proposers/__init__.py NAME_PATTERN), kept
+# here too so that the store needs nothing from the pipeline above it.
+ARM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
+
+
+def arm_name(arm: Any) -> str:
+    if not isinstance(arm, str) or not ARM_NAME.match(arm):
+        raise ValueError(f"bad arm name {arm!r} (lower-case letters, digits and _, at most 16)")
+    return arm
 
 
 def check(value: Any, allowed: tuple[str, ...], what: str) -> None:

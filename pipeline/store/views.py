@@ -45,6 +45,9 @@ class IterationView:
     single_edit_rate: float | None
     created_at: datetime
     finished_at: datetime | None
+    finetune_losses: list[float | None] | None = None
+    finetune_pairs: int | None = None
+    repeat_rate: float | None = None
 
 
 @dataclass(frozen=True)

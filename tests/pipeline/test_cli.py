@@ -139,9 +139,10 @@ def test_show(populated):
     assert "2.0000" in rows[0] and "3.0000" in rows[0]
     assert "replaced" in rows[0] and "1/2" in rows[0]
     assert "kept" in rows[1] and "1.9000" in rows[1] and "0/1" in rows[1]
-    # the LM's training: steps (and a cap that stopped it), p_intact, single-edit share
-    assert rows[0].split()[-3:] == ["4", "83%", "50%"]
-    assert rows[1].split()[-4:] == ["3", "budget", "31%", "0%"]
+    # the LM's training: steps (and a cap that stopped it), p_intact, single-edit share;
+    # no lineage fine-tuning, no repeats (the lm arm of a run without improving moves)
+    assert rows[0].split()[-5:] == ["4", "83%", "50%", "-", "-"]
+    assert rows[1].split()[-6:] == ["3", "budget", "31%", "0%", "-", "-"]
 
 
 def test_show_json(populated):
@@ -152,7 +153,8 @@ def test_show_json(populated):
                      "design": design(900), "score": 2.0, "incumbent_id": populated["seed"],
                      "incumbent_score": 3.0, "decision": "replaced", "evaluated": 1, "total": 2,
                      "lm_steps": 4, "lm_copy_accuracy": 0.998, "lm_p_intact": 0.83,
-                     "lm_stop": "criterion", "single_edit_rate": 0.5}
+                     "lm_stop": "criterion", "single_edit_rate": 0.5, "finetune_steps": None,
+                     "finetune_loss": None, "finetune_pairs": None, "repeat_rate": None}
     assert (second["decision"], second["score"], second["evaluated"], second["total"]) == (
         "kept", 1.9, 0, 1)
 
@@ -218,7 +220,8 @@ def test_plot(populated, tmp_path):
     out_dir = tmp_path / "figs" / "nested"
     result = ok(cli(populated["url"], "plot", populated["run"], "--out", str(out_dir)))
     paths = result.stdout.split()
-    assert [p.rsplit("/", 1)[-1] for p in paths] == ["lm_loss.png", "score.png", "copying.png"]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["lm_loss.png", "score.png", "copying.png",
+                                                     "search.png"]
     for p in paths:
         data = open(p, "rb").read()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
@@ -490,7 +493,8 @@ RUN_KEYS = {"id", "task", "preset", "seed", "status", "error", "config", "create
             "updated_at", "finished_at"}
 ROW_KEYS = {"index", "arm", "stage", "selected_id", "design", "score", "incumbent_id",
             "incumbent_score", "decision", "evaluated", "total", "lm_steps", "lm_copy_accuracy",
-            "lm_p_intact", "lm_stop", "single_edit_rate"}
+            "lm_p_intact", "lm_stop", "single_edit_rate", "finetune_steps", "finetune_loss",
+            "finetune_pairs", "repeat_rate"}
 ARM_KEYS = {"start", "end", "iterations_done", "end_params", "end_design"}
 CANDIDATE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
                   "reason", "score", "rescore", "flagged", "param_count", "duration_s",
@@ -567,7 +571,7 @@ def test_every_json_output_has_exactly_its_documented_keys(populated, tmp_path):
                "--json")
     assert set(swept) == {"sweep", "task", "figure", "cells"} and len(swept["cells"]) == 1
     cell_keys = {"candidates", "iterations", "total", "run_id", "status", "start", "lm",
-                 "random"}
+                 "random", "lineage"}
     assert set(swept["cells"][0]) == cell_keys
     same("sweep", {"sweep", "task", "figure", "cells"}, cell_keys)
     same("watch", {"event", "run_id", "status", "error"})

@@ -127,12 +127,41 @@ def test_the_seed_is_a_member_of_the_sample_space():
     assert fam.design_from_params(fam.parse(seed_src), None) == cnn.SEED
 
 
-def test_refine_reaches_every_move():
-    d = cnn.Design(hidden_layers=4, conv_layers=4, channels=64, hidden_size=64)
-    rng = random.Random(1)
-    seen = {(p, getattr(r, p) > getattr(d, p)) for r in (cnn.refine(d, rng) for _ in range(400))
-            for p in cnn.PARAMS if getattr(r, p) != getattr(d, p)}
-    assert seen == {(p, up) for p in cnn.PARAMS for up in (True, False)}
+def test_refine_reaches_every_move_of_its_space():
+    d = cnn.Design(hidden_layers=4, conv_layers=4, channels=64, hidden_size=64, kernel_size=5,
+                   lr=0.002, batch_size=64)
+    for space, params in cnn.SPACES.items():
+        rng = random.Random(1)
+        seen = {(p, getattr(r, p) > getattr(d, p))
+                for r in (cnn.refine(d, rng, params) for _ in range(600))
+                for p in cnn.PARAMS if getattr(r, p) != getattr(d, p)}
+        assert seen == {(p, up) for p in params for up in (True, False)}, space
+    assert cnn.SPACES["paper"] == ("hidden_layers", "conv_layers", "channels", "hidden_size")
+
+
+def test_extended_moves_stay_on_their_grids():
+    rng = random.Random(4)
+    d = cnn.SEED
+    for _ in range(500):
+        d = cnn.refine(d, rng, cnn.PARAMS)     # a random walk: every design it meets is valid
+        assert d.kernel_size in cnn.KERNEL_SIZES and d.lr in cnn.LR_GRID
+        assert cnn.parse(cnn.render(d)) == d.params()
+    assert cnn.step("lr", cnn.LR_GRID[-1], +1) is None and cnn.step("kernel_size", 3, -1) is None
+    assert cnn.step("lr", 0.001, +1) == 0.002 and cnn.step("kernel_size", 5, +1) == 7
+
+
+def test_kernel_size_builds_what_it_says():
+    for k in cnn.KERNEL_SIZES:
+        d = cnn.Design(hidden_layers=1, conv_layers=3, channels=16, hidden_size=16, kernel_size=k)
+        model, _ = build(cnn.render(d), (1, 28, 28), 10)
+        assert {c.kernel_size for c in convs(model)} == {(k, k)}
+        model(torch.zeros(2, 1, 28, 28))        # every size computed from the input shape
+
+
+def test_a_source_without_the_extended_constants_reads_as_the_seeds():
+    old = cnn.render(cnn.SEED).replace("KERNEL_SIZE = 3\n", "").replace("LEARNING_RATE = 0.001\n", "")
+    assert cnn.parse(old)["kernel_size"] == 3 and cnn.parse(old)["lr"] == 0.001
+    assert cnn.parse(cnn.render(cnn.SEED).replace("BATCH_SIZE = 32", "BATCH_SIZE = 3.5")) is None
 
 
 def test_refine_at_the_corners_stays_in_range():
@@ -163,8 +192,10 @@ def test_no_channels_move_without_convs():
 
 def test_seed_is_the_papers_initial_network():
     src = cnn.render(cnn.SEED)
-    assert cnn.parse(src) == {"hidden_layers": 1, "conv_layers": 0, "channels": 32, "hidden_size": 16}
-    assert "CONV_LAYERS = 0\nCHANNELS = 32\nHIDDEN_LAYERS = 1\nHIDDEN_SIZE = 16\n" in src
+    assert cnn.parse(src) == {"hidden_layers": 1, "conv_layers": 0, "channels": 32, "hidden_size": 16,
+                              "kernel_size": 3, "lr": 0.001, "batch_size": 32}
+    assert ("CONV_LAYERS = 0\nCHANNELS = 32\nKERNEL_SIZE = 3\nHIDDEN_LAYERS = 1\nHIDDEN_SIZE = 16\n"
+            "LEARNING_RATE = 0.001\nBATCH_SIZE = 32\n") in src
     model, _ = build(src, (1, 28, 28), 10)
     assert [(m.in_features, m.out_features) for m in linears(model)] == [(784, 16), (16, 10)]
     assert not convs(model)

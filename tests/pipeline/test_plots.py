@@ -199,3 +199,33 @@ def test_candidate_losses_figure_plots_the_smoothed_stored_curves(vision_run):
         xs, ys = trailing_mean(stored[cid], 60 // 25)
         assert got[label][0] == xs
         assert got[label][1] == pytest.approx(ys)
+
+
+def test_copying_figure_plots_each_arms_stored_rates(lm_run):
+    s, run = lm_run
+    s.update_iteration(run, 0, lm_p_intact=0.85, lm_copy_accuracy=0.97, single_edit_rate=0.75,
+                       repeat_rate=None)
+    s.update_iteration(run, 1, lm_p_intact=0.9, lm_copy_accuracy=0.98, single_edit_rate=0.5,
+                       repeat_rate=0.25)
+    s.ensure_iteration(run, 0, source_in="seed", arm="lineage")
+    s.update_iteration(run, 0, arm="lineage", single_edit_rate=1.0, repeat_rate=0.5)
+    got = lines(plots.copying_figure(s.get_run(run), s.iterations(run)).axes[0])
+    label = {attr: text for attr, text, _ in plots.COPY_SERIES}
+    assert got[label["lm_p_intact"]] == ([0.0, 1.0], [0.85, 0.9])
+    assert got[label["lm_copy_accuracy"]] == ([0.0, 1.0], [0.97, 0.98])
+    assert got[label["single_edit_rate"]] == ([0.0, 1.0], [0.75, 0.5])
+    assert got[label["repeat_rate"]] == ([1.0], [0.25])           # null in iteration 0: no point
+    assert got[label["single_edit_rate"] + " (lineage)"] == ([0.0], [1.0])
+    assert got[label["repeat_rate"] + " (lineage)"] == ([0.0], [0.5])
+    assert len(got) == 6
+
+
+def test_search_figure_plots_best_score_against_evaluations_spent(vision_run):
+    s, run, _ = vision_run
+    cands = s.candidates(run)
+    got = lines(plots.search_figure(s.get_run(run), cands).axes[0])
+    # lm: the seed's 0.5 (row 1), 0.8, 0.6, an invalid row, 0.1, then iteration 1's 0.9
+    assert got["lm arm"] == ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.5, 0.8, 0.8, 0.8, 0.8, 0.9])
+    assert got["random arm"] == ([1.0], [0.55])
+    from pipeline.report import best_so_far
+    assert best_so_far(cands, "lm", "min")[-1] == (6, 0.1)          # a loss: lower is better

@@ -59,7 +59,7 @@ def test_embedded_resume_after_a_stop_at_each_stage(sqlite_url, tmp_path, stage,
         assert not (ctx.dir / "prepared").exists() and store.iterations(run.id) == []
     else:
         assert store.get_iteration(run.id, 0).stage == stage
-    weights = ctx.lm_dir(0) / "weights.safetensors"
+    weights = ctx.lm_weights("lm", 0)
     if lose_weights:
         assert weights.exists()
         weights.unlink()

@@ -171,8 +171,8 @@ def test_network_key_ignores_channels_only_without_convs():
 
 
 def test_the_control_arm_draws_more_and_keeps_distinct_moves(tmp_path):
-    from pipeline import stages
     from pipeline.jobs import RunContext
+    from pipeline.proposers import Request, random_refinement
     from pipeline.settings import Settings
 
     cnn = get_family("cnn")
@@ -180,8 +180,10 @@ def test_the_control_arm_draws_more_and_keeps_distinct_moves(tmp_path):
     for factor in (1, 4):
         cfg = preset("paper-vision-cpu", task="digits", candidates=3, sample_factor=factor)
         ctx = RunContext("r", cfg, Settings.from_env(env={}, artifact_dir=str(tmp_path)))
-        keys = [refinement.network_key(cnn, cnn.parse(s))
-                for s in stages._random_refinements(ctx, seed, 0)]
+        drawn = random_refinement.propose(Request(ctx, "random", 0, seed, 3 * factor)).samples
+        designs = [cnn.parse(s) for s in drawn]     # as stages.after_generation chooses
+        keep = refinement.choose_distinct(cnn, cnn.parse(seed), designs, 3)
+        keys = [refinement.network_key(cnn, designs[i]) for i in keep]
         assert len(keys) == 3
         if factor == 4:
             assert len(set(keys)) == 3

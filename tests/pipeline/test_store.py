@@ -382,8 +382,11 @@ def test_ensure_iteration_is_idempotent(store):
     assert store.get_iteration(run_id, 1).source_in == CHILD
     with pytest.raises(UnknownRun):
         store.ensure_iteration("abcdef012345", 0, source_in=SEED)
-    with pytest.raises(ValueError):
-        store.ensure_iteration(run_id, 0, source_in=SEED, arm="bandit")
+    # arm names are data (any registered proposer), but only of the proposers' shape
+    for bad in ("", "Bandit", "a" * 17, "lm; drop", None):
+        with pytest.raises(ValueError):
+            store.ensure_iteration(run_id, 0, source_in=SEED, arm=bad)
+    assert store.ensure_iteration(run_id, 0, source_in=SEED, arm="bandit").arm == "bandit"
 
 
 def test_update_iteration(store):
@@ -438,7 +441,7 @@ def test_ensure_candidate_born_terminal(store):
 
 def test_ensure_candidate_validation(store):
     run_id = new_run(store)
-    for bad in (dict(role="king"), dict(arm="bandit"), dict(status="done")):
+    for bad in (dict(role="king"), dict(arm="Bandit!"), dict(status="done")):
         kw = dict(role="candidate", source=SEED, parent_id=None, design=None) | bad
         with pytest.raises(ValueError):
             store.ensure_candidate(run_id, 0, 1, **kw)

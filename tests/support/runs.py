@@ -29,7 +29,9 @@ def iteration_at_evaluation(settings: Settings, config: RunConfig,
     inc = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=seed, parent_id=None,
                                  design=refinement.parse(seed, ctx.task))
     store.update_iteration(run_id, 0, stage="evaluating", incumbent_id=inc.id)
-    stages._add_candidates(store, ctx, 0, "lm", sources(ctx) if callable(sources) else sources)
+    chosen = sources(ctx) if callable(sources) else sources
+    stages._add_candidates(store, ctx, 0, "lm",
+                           [(src, refinement.parse(src, ctx.task)) for src in chosen])
     return store, ctx, inc
 
 
