@@ -18,6 +18,8 @@ REFUSED = {
     "task": ["nope", ""],
     "arms": [(), ("lm", "nope"), ("lm", "lm")],
     "sweep": ["../escape", ".hidden", "a/b", "x" * 97],
+    # not one of the family's spaces (the self task's transformer has only "paper")
+    "design_space": ["", "nope", "extended"],
 }
 
 
