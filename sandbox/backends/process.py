@@ -61,6 +61,7 @@ PR_SET_PDEATHSIG). Needs root with the uid drop; elsewhere every job runs cold.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -149,6 +150,8 @@ class RunInfo(Run):
     """One process-backend run (`last_run`): its uid, its harness process."""
     uid: int | None = None
     pid: int = 0
+    rusage: resource.struct_rusage | None = None   # of the reaped child (wait4)
+    cpu_at_go: float = 0.0                         # a warm sandbox's CPU spent warming up
     survivors_killed: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
     sandbox: "WarmProcess | None" = field(default=None, repr=False)   # when warm
@@ -368,20 +371,44 @@ class ProcessBackend(Backend):
         if cpu_budget is not None:   # None: TEST ONLY, SELFPROG_SABOTAGE=cpu
             set_cpu_limit(harness, uid, math.ceil(cpu_seconds(harness)) + cpu_budget)
         set_priority(harness, uid, 0)      # the job's own priority (it warmed up at WARM_NICE)
+        try:
+            warmed = cpu_seconds(harness)  # not the job's cost (its usage subtracts it)
+        except OSError:
+            warmed = 0.0
         started = time.monotonic()
         proc.stdin.write(b"go\n")
         proc.stdin.close()
         return RunInfo(jobdir=jobdir, started=started, warm=True, uid=uid, pid=proc.pid,
-                       proc=proc, sandbox=warm)
+                       proc=proc, sandbox=warm, cpu_at_go=warmed)
+
+    def identity(self) -> str:
+        return f"{self.name}:{interpreter_identity(self.python)}"
 
     def _wait_for_exit(self, run: RunInfo, timeout: float):
-        try:
-            return run.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return RUNNING
+        # wait4 rather than Popen.wait: the child's rusage (its CPU seconds and peak
+        # RSS, its reaped descendants included) comes with its exit status.
+        deadline = time.monotonic() + timeout
+        while True:
+            code = _reap(run, block=False)
+            if code is not RUNNING or time.monotonic() >= deadline:
+                return code
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    def _usage(self, run: RunInfo) -> dict:
+        ru = run.rusage
+        if ru is None:
+            return super()._usage(run)
+        cpu = max(0.0, ru.ru_utime + ru.ru_stime - run.cpu_at_go)
+        return {"cpu_s": round(cpu, 3), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
 
     def _stop(self, run: RunInfo, outcome: Outcome | None) -> None:
         """Kill the run's process group, then everything the job uid still owns."""
+        if run.proc.returncode is None:   # still running (a deadline): kill, reap with rusage
+            try:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            _reap(run, block=True)
         run.survivors_killed = kill_run(run.proc, run.uid)
         if run.sandbox is not None:
             run.sandbox.release()
@@ -452,6 +479,44 @@ class ProcessBackend(Backend):
             # After the uid change: changing credentials clears the parent-death signal.
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         return setup
+
+
+def _reap(run: RunInfo, *, block: bool):
+    """The run's exit code (subprocess terms) once its child is reaped, keeping its
+    rusage; RUNNING while it runs (`block=False`)."""
+    proc = run.proc
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        pid, status, ru = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:        # reaped elsewhere: the exit code without the usage
+        return proc.wait() if block else (proc.poll() if proc.poll() is not None else RUNNING)
+    if pid == 0:
+        return RUNNING
+    run.rusage = ru
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode
+
+
+_identities: dict[str, str] = {}
+
+
+def interpreter_identity(python: str) -> str:
+    """A digest of the interpreter a sandbox runs and the packages of its prefix: its
+    resolved path, the interpreter binary's size and mtime, and every installed
+    distribution's name and version (the *.dist-info directory names). Another torch or
+    a rebuilt venv gives another digest. Computed once per interpreter and process."""
+    if python not in _identities:
+        h = hashlib.sha256()
+        exe = Path(python)
+        real = exe.resolve()
+        st = real.stat()
+        h.update(f"{real}\0{st.st_size}\0{int(st.st_mtime)}\0".encode())
+        prefix = exe.absolute().parent.parent        # a venv's or an installation's prefix
+        for dist in sorted(p.name for p in prefix.glob("lib/python*/site-packages/*.dist-info")):
+            h.update(dist.encode() + b"\0")
+        _identities[python] = h.hexdigest()[:32]
+    return _identities[python]
 
 
 class UnconfinedProcessBackend(ProcessBackend):
