@@ -145,13 +145,27 @@ class Isolation:
                 "python_ok": self.python_ok, "warnings": list(self.warnings)}
 
 
+USAGE_SAMPLE_S = 0.05           # how often a running harness's CPU and memory are read
+
+
+def peak_rss_kb(pid: int) -> int:
+    """A process's peak resident set size (VmHWM), in KiB, from /proc."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
 @dataclass(eq=False)
 class RunInfo(Run):
     """One process-backend run (`last_run`): its uid, its harness process."""
     uid: int | None = None
     pid: int = 0
-    rusage: resource.struct_rusage | None = None   # of the reaped child (wait4)
-    cpu_at_go: float = 0.0                         # a warm sandbox's CPU spent warming up
+    harness_pid: int = 0         # the harness under bubblewrap, once found
+    cpu_seen: float = 0.0        # its CPU seconds and peak RSS at the latest sample
+    hwm_kb: int = 0
+    cpu_at_go: float = 0.0       # a warm sandbox's CPU spent warming up (not the job's)
     survivors_killed: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
     sandbox: "WarmProcess | None" = field(default=None, repr=False)   # when warm
@@ -379,36 +393,44 @@ class ProcessBackend(Backend):
         proc.stdin.write(b"go\n")
         proc.stdin.close()
         return RunInfo(jobdir=jobdir, started=started, warm=True, uid=uid, pid=proc.pid,
-                       proc=proc, sandbox=warm, cpu_at_go=warmed)
+                       proc=proc, sandbox=warm, cpu_at_go=warmed, harness_pid=harness)
 
     def identity(self) -> str:
         return f"{self.name}:{interpreter_identity(self.python)}"
 
     def _wait_for_exit(self, run: RunInfo, timeout: float):
-        # wait4 rather than Popen.wait: the child's rusage (its CPU seconds and peak
-        # RSS, its reaped descendants included) comes with its exit status.
         deadline = time.monotonic() + timeout
         while True:
-            code = _reap(run, block=False)
-            if code is not RUNNING or time.monotonic() >= deadline:
+            self._sample(run)
+            code = run.proc.poll()
+            if code is not None:
                 return code
-            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                return RUNNING
+            time.sleep(min(USAGE_SAMPLE_S, max(0.0, deadline - time.monotonic())))
+
+    def _sample(self, run: RunInfo) -> None:
+        """Note the harness's CPU seconds and peak RSS while it runs. Under bubblewrap
+        the child's rusage says nothing of the harness (bubblewrap's PID 1 reaps it and
+        is killed, not waited for) and its peak RSS is the forking worker's, so the
+        harness itself is read from /proc, every USAGE_SAMPLE_S: the last sample before
+        it exits is its cost, short of at most that interval."""
+        try:
+            if not run.harness_pid:
+                run.harness_pid = sandboxed_pid(run.proc.pid) if self._wrapper else run.proc.pid
+            run.cpu_seen = max(run.cpu_seen, cpu_seconds(run.harness_pid))
+            run.hwm_kb = max(run.hwm_kb, peak_rss_kb(run.harness_pid))
+        except (OSError, ValueError, SandboxError):
+            pass   # not started yet, or gone: the samples so far stand
 
     def _usage(self, run: RunInfo) -> dict:
-        ru = run.rusage
-        if ru is None:
+        if not run.harness_pid:
             return super()._usage(run)
-        cpu = max(0.0, ru.ru_utime + ru.ru_stime - run.cpu_at_go)
-        return {"cpu_s": round(cpu, 3), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+        return {"cpu_s": round(max(0.0, run.cpu_seen - run.cpu_at_go), 3),
+                "peak_rss_mb": round(run.hwm_kb / 1024, 1) if run.hwm_kb else None}
 
     def _stop(self, run: RunInfo, outcome: Outcome | None) -> None:
         """Kill the run's process group, then everything the job uid still owns."""
-        if run.proc.returncode is None:   # still running (a deadline): kill, reap with rusage
-            try:
-                os.killpg(run.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            _reap(run, block=True)
         run.survivors_killed = kill_run(run.proc, run.uid)
         if run.sandbox is not None:
             run.sandbox.release()
@@ -479,23 +501,6 @@ class ProcessBackend(Backend):
             # After the uid change: changing credentials clears the parent-death signal.
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         return setup
-
-
-def _reap(run: RunInfo, *, block: bool):
-    """The run's exit code (subprocess terms) once its child is reaped, keeping its
-    rusage; RUNNING while it runs (`block=False`)."""
-    proc = run.proc
-    if proc.returncode is not None:
-        return proc.returncode
-    try:
-        pid, status, ru = os.wait4(proc.pid, 0 if block else os.WNOHANG)
-    except ChildProcessError:        # reaped elsewhere: the exit code without the usage
-        return proc.wait() if block else (proc.poll() if proc.poll() is not None else RUNNING)
-    if pid == 0:
-        return RUNNING
-    run.rusage = ru
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode
 
 
 _identities: dict[str, str] = {}
