@@ -55,6 +55,43 @@ def file_digest(path: str | os.PathLike) -> str:
     return _digests[memo]
 
 
+def data_digest(path: str | os.PathLike) -> str:
+    """A digest of the tensors a safetensors file holds (sorted by name: dtype, shape,
+    bytes) and of its metadata (sorted), not of its bytes: the writer lays the header
+    out in no fixed order, so two files of the same data need not be byte-identical.
+    Any other file: its bytes. Remembered like `file_digest`."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return file_digest(p)
+    st = p.stat()
+    memo = ("tensors", str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _lock:
+        if memo in _digests:
+            return _digests[memo]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        meta = header.pop("__metadata__", None) or {}
+        h.update(json.dumps(meta, sort_keys=True).encode() + b"\0")
+        for name in sorted(header):
+            t = header[name]
+            begin, end = t["data_offsets"]
+            h.update(json.dumps([name, t["dtype"], t["shape"]]).encode() + b"\0")
+            f.seek(base + begin)
+            left = end - begin
+            while left > 0:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    raise ValueError(f"{p}: truncated tensor {name}")
+                h.update(block)
+                left -= len(block)
+    with _lock:
+        _digests[memo] = h.hexdigest()
+    return _digests[memo]
+
+
 def harness_files() -> list[Path]:
     """The code that runs in a sandbox or scores its output: SANDBOX_MODULES, then the
     trusted-side scorer of predictions."""
@@ -81,13 +118,14 @@ def backend_identity(settings) -> str:
 
     Embedded (one process runs every job) it is that backend's own `identity()`. With a
     broker the sandbox workers may be elsewhere: the coordinator derives it from the same
-    settings (the process backend: this interpreter, as every service of one deployment
+    settings (so does a caller whose settings are not the ones this process runs jobs with) (the process backend: this interpreter, as every service of one deployment
     runs one image; Docker: the image's id where the engine is reachable, else its name).
     Each result carries the identity the worker really used (Result.usage["backend"]),
     stored beside the evaluation."""
-    if settings.embedded:
+    from pipeline import celery_app
+    if settings.embedded and celery_app.settings() == settings:
         from pipeline.sandbox_task import backend
-        return backend().identity()
+        return backend().identity()      # the very backend this process runs jobs in
     kind = settings.sandbox_backend
     if kind in ("process", "process-unconfined"):
         from sandbox.backends.process import interpreter_identity
@@ -101,19 +139,20 @@ def backend_identity(settings) -> str:
         return f"{kind}:unresolved:{settings.sandbox_image or 'default'}:{settings.sandbox_runtime or 'runc'}"
 
 
-def key_parts(job: Job, backend: str) -> dict:
-    """What decides `job`'s score (see the module docstring), as plain JSON data."""
+def key_parts(job: Job, backend: str, *, harness: str | None = None) -> dict:
+    """What decides `job`'s score (see the module docstring), as plain JSON data.
+    `harness`: the harness digest to use instead of this checkout's (`harness_digest`)."""
     from dataclasses import asdict
     params = {k: v for k, v in job.params.items() if k != "seed"}
-    data = {name: file_digest(path) for name, path in sorted(job.inputs.items())}
+    data = {name: data_digest(path) for name, path in sorted(job.inputs.items())}
     if job.labels:
-        data["labels"] = file_digest(job.labels)
+        data["labels"] = data_digest(job.labels)
     return {
         "version": KEY_VERSION,
         "source": hashlib.sha256(job.source.encode("utf-8", "surrogateescape")).hexdigest(),
         "kind": job.kind, "model_kind": job.model_kind, "params": params,
         "limits": asdict(job.limits), "data": data, "seed": job.params.get("seed"),
-        "harness": harness_digest(), "backend": backend, "torch": torch_version(),
+        "harness": harness if harness is not None else harness_digest(), "backend": backend, "torch": torch_version(),
         "device": {"device": job.params.get("device"), "gpus": job.limits.gpus},
     }
 
