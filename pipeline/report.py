@@ -134,7 +134,7 @@ def run_record(run: RunView) -> dict[str, Any]:
             "finished_at": run.finished_at}
 
 
-def candidate_record(c: CandidateView) -> dict[str, Any]:
+def candidate_record(c: CandidateView, evaluations: dict | None = None) -> dict[str, Any]:
     """A candidate as `candidates --json` prints it (docs/json.md)."""
     return {"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
             "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
@@ -142,7 +142,36 @@ def candidate_record(c: CandidateView) -> dict[str, Any]:
             "param_count": c.param_count, "duration_s": c.duration_s, "design": c.design,
             "sha256": c.sha256, "source": c.source, "logs": c.logs,
             "declaration": c.declaration, "created_at": c.created_at, "started_at": c.started_at,
-            "finished_at": c.finished_at}
+            "finished_at": c.finished_at, "reused": c.reused,
+            "evaluation": provenance(c, evaluations or {})}
+
+
+def provenance(c: CandidateView, evaluations: dict) -> dict[str, Any] | None:
+    """Where a candidate's score came from and what its sandbox cost: the evaluation's
+    key and parts (pipeline/evaluations.py), the backend identity and host the worker
+    used, wall and CPU seconds and peak resident memory; None before it was evaluated."""
+    e = evaluations.get(c.evaluation_key) if c.evaluation_key else None
+    if e is None:
+        return None
+    return {"key": e.key, "parts": e.parts, "backend": e.backend, "host": e.host,
+            "wall_s": e.wall_s, "cpu_s": e.cpu_s, "peak_rss_mb": e.peak_rss_mb,
+            "first_run_id": e.run_id, "reuses": e.reuses}
+
+
+def evaluation_summary(candidates: Sequence[CandidateView], evaluations: dict) -> dict[str, Any]:
+    """How a run's candidates were scored: in a sandbox of their own or from a stored
+    evaluation (`reused`), and what the sandboxes cost and what reuse saved."""
+    ran = [c for c in candidates if c.evaluation_key and not c.reused]
+    reused = [c for c in candidates if c.reused]
+
+    def total(cs, field):
+        vals = [getattr(evaluations[c.evaluation_key], field) for c in cs
+                if c.evaluation_key in evaluations]
+        vals = [v for v in vals if v is not None]
+        return round(sum(vals), 3) if vals else None
+    return {"sandbox": len(ran), "reused": len(reused),
+            "sandbox_wall_s": total(ran, "wall_s"), "sandbox_cpu_s": total(ran, "cpu_s"),
+            "saved_wall_s": total(reused, "wall_s")}
 
 
 def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
@@ -182,11 +211,13 @@ def arms_line(outcomes: dict[str, dict[str, Any]]) -> str:
                       f"({o['iterations_done']} it.)" for arm, o in outcomes.items())
 
 
-def lineage_record(chain: Sequence[CandidateView]) -> list[dict[str, Any]]:
+def lineage_record(chain: Sequence[CandidateView],
+                   evaluations: dict | None = None) -> list[dict[str, Any]]:
     """A candidate's ancestry, seed first (LineageStore.lineage), as `lineage --json`
-    prints it (docs/json.md): per step the candidate and a unified diff of its source
+    prints it (docs/json.md): per step the candidate, a unified diff of its source
     against the previous step's ("" for the seed, and for a step that copies its
-    parent, as an incumbent does)."""
+    parent, as an incumbent does), whether its outcome was reused and its evaluation's
+    provenance (`evaluations`: LineageStore.evaluations of the chain's runs)."""
     steps = []
     previous: CandidateView | None = None
     for c in chain:
@@ -198,6 +229,7 @@ def lineage_record(chain: Sequence[CandidateView]) -> list[dict[str, Any]]:
         steps.append({"id": c.id, "run_id": c.run_id, "iteration": c.iteration,
                       "index": c.index, "arm": c.arm, "role": c.role,
                       "parent_id": c.parent_id, "status": c.status, "score": c.score,
-                      "design": c.design, "sha256": c.sha256, "diff": diff})
+                      "design": c.design, "sha256": c.sha256, "diff": diff,
+                      "reused": c.reused, "evaluation": provenance(c, evaluations or {})})
         previous = c
     return steps

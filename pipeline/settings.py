@@ -152,6 +152,10 @@ class RunConfig:
     fewshot_samples: int = 1024
     fewshot_epochs: int = 1
     rescore_tolerance: float = 0.01    # relative; a winner's second score must agree
+    # an evaluation whose key (pipeline/evaluations.py) is stored already, by this run or
+    # another, takes the stored outcome instead of a sandbox; the re-score of a would-be
+    # winner always runs fresh
+    reuse_evaluations: bool = True
     # programming other AI: training and evaluation subsets of the task
     train_samples: int = 10_000
     eval_samples: int = 2_000

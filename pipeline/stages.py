@@ -49,7 +49,7 @@ from pipeline.selection import select
 from pipeline.settings import RunConfig
 from pipeline.store import OPEN_STATUSES, RUN_ACTIVE_STATUSES, LineageStore, store_for
 from sandbox.policy import check as policy_check
-from sandbox.schema import Result
+from sandbox.schema import Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,13 @@ def _dispatch(store: LineageStore, ctx: RunContext, index: int, arm: str, stage:
     elif stage == "evaluating":
         todo = [c for c in store.candidates(run_id, iteration=index, arm=arm) if c.status in OPEN_STATUSES]
         store.mark_running([c.id for c in todo])
-        jobs = [ctx.evaluate_job(arm, index, c.index, c.source) for c in todo]
-        header = [_job_task(j, ctx.eval_dir(j), **kw) for j in jobs]
-        body = finish_iteration.s(candidate_ids=[c.id for c in todo], **kw).set(queue="coordinator")
+        header, waiting = [], []
+        for c in todo:
+            task = _evaluation(store, ctx, c.id, ctx.evaluate_job(arm, index, c.index, c.source), **kw)
+            if task is not None:     # None: its stored outcome is recorded already
+                header.append(task)
+                waiting.append(c.id)
+        body = finish_iteration.s(candidate_ids=waiting, **kw).set(queue="coordinator")
         if header:
             chord(header)(body)
         else:
@@ -234,6 +238,112 @@ def _job_task(job, out_dir: Path, *, run_id: str, index: int, arm: str):
     it names lets the worker relay LM losses and stop the job if the run is cancelled."""
     return run_job.si(_wire(job), str(out_dir),
                       run={"run_id": run_id, "iteration": index, "arm": arm}).set(queue=queue_for(job))
+
+
+# --------------------------------------------------------------- the evaluation cache
+# An evaluation is run once per key (pipeline/evaluations.py): the first candidate to
+# claim a key runs its sandbox and stores the outcome (`record_evaluation`); a candidate
+# whose key is done takes the stored outcome without a sandbox; one whose key another
+# candidate is running waits for that outcome (`await_evaluation`). The would-be
+# winner's re-score never comes this way: it always runs fresh.
+REUSABLE = ("ok", "invalid", "rejected")   # outcomes that say something about the source
+AWAIT_POLL_S = 1.0
+
+
+def _evaluation(store: LineageStore, ctx: RunContext, candidate_id: int, job, *, run_id: str,
+                index: int, arm: str):
+    """The chord member that evaluates one candidate, or None when a stored outcome was
+    recorded for it now. The claimant is the job id: a resumed run or a redelivered stage
+    finds its own claim again."""
+    from pipeline.evaluations import key_for
+    key, parts = key_for(job, ctx.settings)
+    ev = dict(key=key, claimant=job.job_id, parts=parts, run_id=run_id)
+    if ctx.config.reuse_evaluations:
+        state, row = store.claim_evaluation(key, parts=parts, claimant=job.job_id, run_id=run_id)
+        if state == "done":
+            _record(store, run_id, index, arm, candidate_id, stored_result(row, job.job_id),
+                    key=key, reused=True)
+            return None
+        if state == "busy":
+            return await_evaluation.si(job=_wire(job), out_dir=str(ctx.eval_dir(job)),
+                                       run={"run_id": run_id, "iteration": index, "arm": arm},
+                                       **ev).set(queue="coordinator")
+    return chain(_job_task(job, ctx.eval_dir(job), run_id=run_id, index=index, arm=arm),
+                 record_evaluation.s(**ev).set(queue="coordinator"))
+
+
+def stored_result(row, job_id: str) -> Result:
+    """A stored evaluation's outcome as the sandbox result it came from."""
+    return Result(job_id=job_id, kind="evaluate", status=row.result_status, reason=row.reason,
+                  score=row.score, param_count=row.param_count, duration_s=row.duration_s or 0.0,
+                  logs=row.logs, losses=list(row.losses or []),
+                  declaration=row.declaration).validate()
+
+
+def _stored(store: LineageStore, res: Result, *, key: str, claimant: str, parts: dict,
+            run_id: str) -> bool:
+    status = res.status
+    return store.complete_evaluation(
+        key, claimant=claimant, parts=parts, status=status, reusable=status in REUSABLE,
+        reason=res.reason, score=res.score, param_count=res.param_count,
+        duration_s=res.duration_s, logs=res.logs, losses=res.losses,
+        declaration=res.declaration, usage=res.usage, run_id=run_id)
+
+
+@coordinator_task
+def record_evaluation(result: dict, *, key: str, claimant: str, parts: dict,
+                      run_id: str) -> dict:
+    """Store a sandbox's outcome under its key (once: only the claimant completes it),
+    then pass it on to the iteration's chord, with the key it was evaluated under."""
+    store = store_for(celery_app.settings().database_url)
+    _stored(store, Result.from_dict(result), key=key, claimant=claimant, parts=parts, run_id=run_id)
+    return {"evaluation": key, "reused": False, "result": result}
+
+
+@app.task(name="selfprog.loop.await_evaluation", bind=True, acks_late=True,
+          reject_on_worker_lost=True, max_retries=None)
+def await_evaluation(self, *, job: dict, out_dir: str, run: dict, key: str, claimant: str,
+                     parts: dict, run_id: str) -> dict:
+    """Wait for the evaluation another candidate runs under the same key and take its
+    outcome; if that one was discarded or its claimant died, run it here. Polls by
+    retrying (a coordinator slot is never held while waiting), or by sleeping when
+    embedded (every stage runs in this one process)."""
+    store = store_for(celery_app.settings().database_url)
+    while True:
+        state, row = store.claim_evaluation(key, parts=parts, claimant=claimant, run_id=run_id)
+        if state == "done":
+            return {"evaluation": key, "reused": True,
+                    "result": stored_result(row, job["job_id"]).to_dict()}
+        if state == "claimed":
+            work = chain(run_job.si(job, out_dir, run=run).set(queue=queue_for(Job.from_dict(job))),
+                         record_evaluation.s(key=key, claimant=claimant, parts=parts,
+                                             run_id=run_id).set(queue="coordinator"))
+            if self.request.is_eager:
+                return work.apply().get()
+            raise self.replace(work)
+        if store.get_run(run_id).status != "running":
+            return {"evaluation": key, "reused": False,
+                    "result": Result(job_id=job["job_id"], kind="evaluate", status="crashed",
+                                     reason="run stopped while waiting for the same evaluation"
+                                     ).validate().to_dict()}
+        if self.request.is_eager:
+            time.sleep(AWAIT_POLL_S)
+            continue
+        raise self.retry(countdown=AWAIT_POLL_S)
+
+
+def _record(store: LineageStore, run_id: str, index: int, arm: str, candidate_id: int,
+            res: Result, *, key: str | None = None, reused: bool = False) -> None:
+    """Record one candidate's evaluation (once; a duplicate changes nothing)."""
+    status, reason = outcome(res)
+    if store.record_result(candidate_id, status=status, reason=reason, score=res.score,
+                           param_count=res.param_count, duration_s=res.duration_s,
+                           logs=res.logs, losses=res.losses, declaration=res.declaration,
+                           evaluation_key=key, reused=reused):
+        c = store.get_candidate(candidate_id)
+        events.emit(run_id, "candidate", iteration=index, index=c.index, arm=arm,
+                    role=c.role, status=status, score=res.score, reason=reason[:200],
+                    reused=reused)
 
 
 def _wire(job) -> dict:
@@ -365,14 +475,11 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
     if len(results) != len(candidate_ids):
         raise RuntimeError(f"{len(results)} evaluation results for {len(candidate_ids)} candidates")
     for cid, raw in zip(candidate_ids, results):
-        res = Result.from_dict(raw)
-        status, reason = outcome(res)
-        if store.record_result(cid, status=status, reason=reason, score=res.score,
-                               param_count=res.param_count, duration_s=res.duration_s,
-                               logs=res.logs, losses=res.losses, declaration=res.declaration):
-            c = store.get_candidate(cid)
-            events.emit(run_id, "candidate", iteration=index, index=c.index, arm=arm,
-                        role=c.role, status=status, score=res.score, reason=reason[:200])
+        if "evaluation" in raw:     # record_evaluation / await_evaluation
+            _record(store, run_id, index, arm, cid, Result.from_dict(raw["result"]),
+                    key=raw["evaluation"], reused=bool(raw["reused"]))
+        else:                       # a bare sandbox result (a chord sent before the cache)
+            _record(store, run_id, index, arm, cid, Result.from_dict(raw))
     if store.get_run(run_id).status != "running":
         return   # cancelled (or failed) meanwhile: no selection, no next iteration
     rows = store.candidates(run_id, iteration=index, arm=arm)
@@ -396,7 +503,7 @@ def finish_iteration(results: list[dict], *, run_id: str, index: int, arm: str =
     # and the original one, or a redelivered callback).
     won = _advance(store, run_id, index, arm, ("evaluating", "selecting"), "done",
                               selected_id=winner.id, decision=decision,
-                              eval_seconds=sum(c.duration_s or 0 for c in rows))
+                              eval_seconds=sum(c.duration_s or 0 for c in rows if not c.reused))
     if won:
         events.emit(run_id, "iteration", iteration=index, arm=arm, decision=decision,
                     score=winner.score, design=winner.design, candidate_id=winner.id)

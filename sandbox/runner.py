@@ -85,6 +85,7 @@ def _run_declared(job: Job, out_dir: Path, backend, watch, templates=None) -> Re
     dj = declare_job(job)
     key = _declaration_key(dj)
     declaration, spent = _DECLARED.get(key), 0.0
+    declare_usage = None
     if declaration is None and templates is not None:
         declaration = templates.derive(dj.source, dj.params)
     if declaration is None:
@@ -98,6 +99,7 @@ def _run_declared(job: Job, out_dir: Path, backend, watch, templates=None) -> Re
             return Result.failure(job, "invalid", f"cannot be declared: {d.reason}",
                                   logs=d.logs, duration_s=d.duration_s)
         declaration, spent = d.declaration, d.duration_s
+        declare_usage = d.usage
         if templates is not None:
             templates.learn(dj.source, dj.params, declaration)
     if key not in _DECLARED:
@@ -109,7 +111,21 @@ def _run_declared(job: Job, out_dir: Path, backend, watch, templates=None) -> Re
     r = _execute(backend, declared, out_dir, watch)
     r.duration_s = round(r.duration_s + spent, 3)
     r.declaration = declaration
+    r.usage = combined_usage(r.usage, declare_usage)
     return r.validate()
+
+
+def combined_usage(job: dict | None, declare: dict | None) -> dict | None:
+    """The cost of a job that ran in two sandboxes: seconds add up, memory peaks."""
+    if job is None or declare is None:
+        return job
+    out = dict(job)
+    for k in ("wall_s", "cpu_s"):
+        if job.get(k) is not None and declare.get(k) is not None:
+            out[k] = round(job[k] + declare[k], 3)
+    if job.get("peak_rss_mb") is not None and declare.get("peak_rss_mb") is not None:
+        out["peak_rss_mb"] = max(job["peak_rss_mb"], declare["peak_rss_mb"])
+    return out
 
 
 def _execute(backend, job: Job, out_dir: Path, watch) -> Result:

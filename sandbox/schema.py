@@ -117,6 +117,26 @@ def _text(x: Any, what: str, limit: int) -> str:
     return x
 
 
+USAGE_NUMBERS = ("wall_s", "cpu_s", "peak_rss_mb")   # measured by the backend, never the harness
+USAGE_TEXTS = ("backend", "host")                      # the worker's backend identity and host
+
+
+def _usage(u: Any) -> dict:
+    """A result's `usage`: the sandbox's wall and CPU seconds and peak resident memory,
+    and where it ran. The backend sets it after the sandbox ended (sandbox/backends/base.py
+    `_supervise`); whatever the harness wrote there is replaced."""
+    if not isinstance(u, dict) or set(u) - set(USAGE_NUMBERS) - set(USAGE_TEXTS):
+        raise SchemaError("usage must be an object of " + ", ".join(USAGE_NUMBERS + USAGE_TEXTS))
+    out: dict = {}
+    for k in USAGE_NUMBERS:
+        v = u.get(k)
+        out[k] = None if v is None else _finite(v, f"usage.{k}")
+    for k in USAGE_TEXTS:
+        v = u.get(k)
+        out[k] = None if v is None else _text(v, f"usage.{k}", 200)
+    return out
+
+
 def _curve(xs: Any, what: str) -> list[float]:
     if not isinstance(xs, list) or len(xs) > MAX_CURVE:
         raise SchemaError(f"{what}: expected a list of at most {MAX_CURVE} numbers")
@@ -376,6 +396,7 @@ class Result:
     logs: str = ""                                          # bounded tail, added by the backend
     declaration: dict | None = None                         # declare: the Declaration
     lm_metrics: dict | None = None                          # train_lm: how well it copies
+    usage: dict | None = None                               # what the sandbox cost, by the backend
 
     def validate(self) -> "Result":
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
@@ -412,6 +433,8 @@ class Result:
             self.declaration = Declaration.from_dict(self.declaration).to_dict()
         if self.lm_metrics is not None:
             self.lm_metrics = _lm_metrics(self.lm_metrics)
+        if self.usage is not None:
+            self.usage = _usage(self.usage)
         if self.status == "ok" and self.kind == "declare" and self.declaration is None:
             raise SchemaError("an ok declare result must carry the declaration")
         if self.status == "ok" and self.kind == "evaluate" and self.score is None \

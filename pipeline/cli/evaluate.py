@@ -38,14 +38,18 @@ def evaluate_source(settings, config, source: str) -> dict:
            "param_count": None, "duration_s": 0.0}
     status, reason = gate(source)
     if status == "rejected":
-        return {**out, "status": status, "reason": reason}
+        return {**out, "status": status, "reason": reason, "evaluation_key": None,
+                "key_parts": None, "usage": None}
     celery_app.configure(settings)
     ctx.prepare()
     job = ctx.evaluate_job("lm", 0, 1, source)
+    from pipeline.evaluations import key_for
+    key, parts = key_for(job, settings)
     res = Result.from_dict(run_job.apply(args=[_wire(job), str(ctx.eval_dir(job))]).get())
     status, reason = outcome(res)
     return {**out, "status": status, "reason": reason, "score": res.score,
-            "param_count": res.param_count, "duration_s": res.duration_s}
+            "param_count": res.param_count, "duration_s": res.duration_s,
+            "evaluation_key": key, "key_parts": parts, "usage": res.usage}
 
 
 @click.command()
@@ -89,5 +93,7 @@ def evaluate(obj: Context, file: Path, task: str, preset_name: str, seed: int | 
         click.echo(f"parameters:  {r['param_count'] if r['param_count'] is not None else '-'}")
         if r["reason"]:
             click.echo(f"reason:      {r['reason']}")
+        if r["evaluation_key"]:
+            click.echo(f"key:         {r['evaluation_key']}")
     if r["status"] != "evaluated":
         raise SystemExit(2)

@@ -8,11 +8,12 @@ import click
 
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
                                  json_option, pass_ctx, table)
-from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction, fmt_design,
-                             fmt_score, fmt_time, iteration_rows, lineage_record, run_record,
-                             run_summary, shorten, task_family)
+from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction,
+                             evaluation_summary, fmt_design, fmt_score, fmt_time, iteration_rows,
+                             lineage_record, provenance, run_record, run_summary, shorten,
+                             task_family)
 from pipeline.proposers import names as arm_names
-from pipeline.store import CANDIDATE_STATUSES
+from pipeline.store import CANDIDATE_STATUSES, CandidateView
 from pipeline.text import first_line
 
 _CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
@@ -63,8 +64,10 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
         its, cands = store.iterations(run.id), store.candidates(run.id)
         rows = iteration_rows(its, cands)
         outcomes = arm_outcomes(its, cands)
+        evaluations = evaluation_summary(cands, store.evaluations(run.id))
     if as_json:
-        emit_json({**run_record(run), "iterations": rows, "arms": outcomes})
+        emit_json({**run_record(run), "iterations": rows, "arms": outcomes,
+                   "evaluations": evaluations})
         return
     click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
                f"status={run.status}")
@@ -74,6 +77,10 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
         click.echo(f"config: {summary}   (--json for all of it)")
     if run.error:
         click.echo(f"error: {shorten(run.error, 200)}")
+    click.echo(f"evaluations: {evaluations['sandbox']} in a sandbox "
+               f"({_seconds(evaluations['sandbox_wall_s'])} wall, "
+               f"{_seconds(evaluations['sandbox_cpu_s'])} CPU), {evaluations['reused']} reused "
+               f"({_seconds(evaluations['saved_wall_s'])} saved)")
     click.echo("")
     click.echo(iteration_table(rows, task_family(run.task)) if rows else "no iterations yet")
     if len({r["arm"] for r in rows}) > 1:
@@ -110,17 +117,37 @@ def candidates(obj: Context, run_id: str, status: str | None, iteration: int | N
     with obj.open_store() as store:
         run = store.get_run(run_id)
         rows = store.candidates(run.id, status=status, iteration=iteration, arm=arm)
+        evaluations = store.evaluations(run.id)
     if as_json:
-        emit_json([candidate_record(c) for c in rows])
+        emit_json([candidate_record(c, evaluations) for c in rows])
         return
     if not rows:
         click.echo("no candidates match")
         return
     click.echo(table(
-        ["id", "arm", "it", "idx", "role", "status", "score", "params", "reason"],
+        ["id", "arm", "it", "idx", "role", "status", "score", "params", "eval", "cpu s",
+         "rss MiB", "reason"],
         [[c.id, c.arm, c.iteration, c.index, c.role, c.status, fmt_score(c.score),
-          "-" if c.param_count is None else f"{c.param_count:,}", shorten(c.reason)]
-         for c in rows]))
+          "-" if c.param_count is None else f"{c.param_count:,}", *_cost(c, evaluations),
+          shorten(c.reason)] for c in rows]))
+    click.echo("eval: the evaluation key's first 8 hex digits; 'reused': its stored outcome, "
+               "no sandbox; cpu s and rss MiB: what its sandbox cost")
+
+
+def _seconds(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}s"
+
+
+def _cost(c: CandidateView, evaluations: dict) -> list[str]:
+    """The candidates table's provenance columns."""
+    p = provenance(c, evaluations)
+    if p is None:
+        return ["-", "-", "-"]
+    key = p["key"][:8] + (" reused" if c.reused else "")
+    if c.reused:
+        return [key, "-", "-"]
+    return [key, "-" if p["cpu_s"] is None else f"{p['cpu_s']:.1f}",
+            "-" if p["peak_rss_mb"] is None else f"{p['peak_rss_mb']:.0f}"]
 
 @click.command()
 @click.argument("candidate_id", metavar="CANDIDATE", type=int)
@@ -136,7 +163,11 @@ def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
     winner) show no diff.
     """
     with obj.open_store() as store:
-        steps = lineage_record(store.lineage(candidate_id))
+        chain = store.lineage(candidate_id)
+        evaluations: dict = {}
+        for rid in {c.run_id for c in chain}:
+            evaluations.update(store.evaluations(rid))
+        steps = lineage_record(chain, evaluations)
         family = task_family(store.get_run(steps[-1]["run_id"]).task)
     if as_json:
         emit_json(steps)
@@ -148,6 +179,11 @@ def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
                    f"{c['iteration']}  index {c['index']} ({c['role']}, {c['arm']})  "
                    f"{c['status']}  score {fmt_score(c['score'])}")
         click.echo(f"    design: {fmt_design(c['design'], family)}")
+        p = c["evaluation"]
+        if p is not None:
+            click.echo(f"    evaluation {p['key'][:16]}{' (reused)' if c['reused'] else ''}: "
+                       f"{p['backend']} on {p['host']}, {_seconds(p['wall_s'])} wall, "
+                       f"{_seconds(p['cpu_s'])} CPU, peak {p['peak_rss_mb']} MiB")
         if c["diff"]:
             click.echo(c["diff"].rstrip("\n"))
 

@@ -12,7 +12,7 @@ from pipeline.store.schema import (MIGRATIONS_DIR, alembic_config, current_revis
                                    head_revisions, make_engine, schema_is_current,
                                    upgrade_schema)
 from pipeline.store.values import MAX_LOG_CHARS, MAX_REASON_CHARS
-from pipeline.store.views import CandidateView, CurveView, IterationView, RunView
+from pipeline.store.views import CandidateView, CurveView, EvaluationView, IterationView, RunView
 
 __all__ = [
     "LineageStore", "store_for", "StoreError", "UnknownRun", "UnknownCandidate",
@@ -20,5 +20,5 @@ __all__ = [
     "OPEN_STATUSES", "ROLES", "RUN_ACTIVE_STATUSES", "RUN_STATUSES", "RUN_TERMINAL_STATUSES",
     "TERMINAL_STATUSES", "MIGRATIONS_DIR", "alembic_config", "current_revisions",
     "head_revisions", "make_engine", "schema_is_current", "upgrade_schema",
-    "CandidateView", "CurveView", "IterationView", "RunView", "MAX_LOG_CHARS", "MAX_REASON_CHARS",
+    "CandidateView", "CurveView", "EvaluationView", "IterationView", "RunView", "MAX_LOG_CHARS", "MAX_REASON_CHARS",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from datetime import timedelta
 from typing import Any
 
 from alembic.util.exc import CommandError
@@ -22,10 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.store.errors import StoreError, UnknownCandidate, UnknownRun
 from pipeline.store.models import (CANDIDATE_STATUSES, ITERATION_STAGES,
                                    OPEN_STATUSES, ROLES, RUN_STATUSES, RUN_TERMINAL_STATUSES,
-                                   TERMINAL_STATUSES, Candidate, Iteration, MetricCurve, Run,
-                                   utcnow)
+                                   TERMINAL_STATUSES, Candidate, Evaluation, Iteration,
+                                   MetricCurve, Run, utcnow)
 from pipeline.store.schema import make_engine, require_current, upgrade_schema
-from pipeline.store.views import CandidateView, CurveView, IterationView, RunView, view
+from pipeline.store.views import (CandidateView, CurveView, EvaluationView, IterationView,
+                                  RunView, view)
 from pipeline.store.values import (ITERATION_FIELDS, arm_name, bound_logs, bound_reason, candidate_key,
                                    check, finite, floats, iteration_values, text)
 from pipeline.text import first_line
@@ -261,11 +263,14 @@ class LineageStore:
                       score: float | None = None, param_count: int | None = None,
                       duration_s: float | None = None, logs: str = "",
                       losses: list[float] | None = None,
-                      declaration: dict | None = None) -> bool:
+                      declaration: dict | None = None, evaluation_key: str | None = None,
+                      reused: bool = False) -> bool:
         """Move a pending/running candidate to its final state, once.
 
         Returns False, changing nothing, when the candidate is already terminal: a
         retried or duplicated evaluation must not overwrite the first result.
+        `evaluation_key` names the evaluation that scored it; `reused`: its stored
+        outcome, no sandbox of its own.
         """
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"{status!r} is not a terminal candidate status "
@@ -274,9 +279,14 @@ class LineageStore:
                       score=finite(score, "score"),
                       param_count=None if param_count is None else int(param_count),
                       duration_s=finite(duration_s, "duration_s"),
-                      logs=bound_logs(logs), finished_at=utcnow(), declaration=declaration)
+                      logs=bound_logs(logs), finished_at=utcnow(), declaration=declaration,
+                      evaluation_key=evaluation_key, reused=bool(reused))
         curve = None if losses is None else floats(losses, "losses")
         with self._session() as s, s.begin():
+            if reused and evaluation_key is not None:
+                s.execute(update(Evaluation).where(Evaluation.key == evaluation_key)
+                          .values(reuses=Evaluation.reuses + 1)
+                          .execution_options(synchronize_session=False))
             # The status test is in the UPDATE itself, so of two concurrent writers only
             # one matches the row (PostgreSQL re-checks it after the first commits).
             result = s.execute(update(Candidate)
@@ -367,6 +377,119 @@ class LineageStore:
         chain.reverse()
         return chain
 
+    # ---------------------------------------------------------- evaluations
+
+    def claim_evaluation(self, key: str, *, parts: dict, claimant: str,
+                         run_id: str | None = None,
+                         stale_after_s: float = 6 * 3600) -> tuple[str, EvaluationView]:
+        """Claim the evaluation `key` for `claimant`, or find it done or claimed.
+
+        Returns ("done", row): its outcome is stored, reuse it; ("claimed", row): this
+        claimant runs it (a new row, its own earlier claim, a discarded outcome or a
+        claim older than `stale_after_s`, whose claimant is presumed dead); ("busy",
+        row): another claimant runs it now. Of concurrent claimants exactly one gets
+        "claimed": a new row is an INSERT on the unique key, a take-over a
+        compare-and-set on the claim it replaces."""
+        key = _evaluation_key(key)
+        claimant = text(claimant)[:128]
+        for _ in range(8):
+            with self._session() as s:
+                row = s.get(Evaluation, key)
+                if row is None:
+                    row = Evaluation(key=key, status="running", claimant=claimant,
+                                     parts=dict(parts), reason="", logs="", run_id=run_id,
+                                     reuses=0, claimed_at=utcnow())
+                    s.add(row)
+                    try:
+                        s.commit()
+                        return "claimed", view(EvaluationView, row)
+                    except IntegrityError:
+                        s.rollback()     # another claimant inserted it first: look again
+                        continue
+                found = view(EvaluationView, row)
+                if found.status == "done":
+                    return "done", found
+                if found.status == "running" and found.claimant == claimant:
+                    return "claimed", found
+                if found.status == "running" and \
+                        utcnow() - found.claimed_at < timedelta(seconds=stale_after_s):
+                    return "busy", found
+                won = s.execute(update(Evaluation)
+                                .where(Evaluation.key == key, Evaluation.status == row.status,
+                                       Evaluation.claimant == row.claimant,
+                                       Evaluation.claimed_at == row.claimed_at)
+                                .values(status="running", claimant=claimant,
+                                        claimed_at=utcnow(), run_id=run_id)
+                                .execution_options(synchronize_session=False)).rowcount == 1
+                s.commit()
+                if won:
+                    return "claimed", self.get_evaluation(key)
+        raise StoreError(f"evaluation {key[:12]}: could not claim it (contended)")
+
+    def complete_evaluation(self, key: str, *, claimant: str, parts: dict, status: str,
+                            reusable: bool, reason: str = "", score: float | None = None,
+                            param_count: int | None = None, duration_s: float | None = None,
+                            logs: str = "", losses: list[float] | None = None,
+                            declaration: dict | None = None, usage: dict | None = None,
+                            run_id: str | None = None) -> bool:
+        """Store the outcome of evaluation `key` run by `claimant`: `done` when it is
+        `reusable` (it says something about the source), else `discarded`.
+
+        Only the claimant's write completes a running claim; an evaluation nobody
+        claimed (reuse off) is inserted if absent, and a discarded one replaced by a
+        reusable outcome. A done evaluation is never overwritten. Returns whether this
+        write stored it."""
+        key = _evaluation_key(key)
+        claimant = text(claimant)[:128]
+        usage = usage or {}
+        values = dict(status="done" if reusable else "discarded", result_status=status,
+                      reason=bound_reason(reason), score=finite(score, "score"),
+                      param_count=None if param_count is None else int(param_count),
+                      duration_s=finite(duration_s, "duration_s"), logs=bound_logs(logs),
+                      losses=None if losses is None else floats(losses, "losses"),
+                      declaration=declaration, finished_at=utcnow(),
+                      backend=usage.get("backend"), host=usage.get("host"),
+                      wall_s=finite(usage.get("wall_s"), "wall_s"),
+                      cpu_s=finite(usage.get("cpu_s"), "cpu_s"),
+                      peak_rss_mb=finite(usage.get("peak_rss_mb"), "peak_rss_mb"))
+        with self._session() as s:
+            with s.begin():
+                if s.execute(update(Evaluation)
+                             .where(Evaluation.key == key, Evaluation.status == "running",
+                                    Evaluation.claimant == claimant)
+                             .values(**values).execution_options(synchronize_session=False)
+                             ).rowcount == 1:
+                    return True
+                row = s.get(Evaluation, key)
+                if row is not None:
+                    if row.status != "discarded" or not reusable:
+                        return False
+                    return s.execute(update(Evaluation)
+                                     .where(Evaluation.key == key, Evaluation.status == "discarded")
+                                     .values(**values, claimant=claimant)
+                                     .execution_options(synchronize_session=False)).rowcount == 1
+            s.add(Evaluation(key=key, claimant=claimant, parts=dict(parts), run_id=run_id,
+                             reuses=0, claimed_at=utcnow(), **values))
+            try:
+                s.commit()
+                return True
+            except IntegrityError:
+                s.rollback()
+                return False
+
+    def get_evaluation(self, key: str) -> EvaluationView | None:
+        with self._session() as s:
+            row = s.get(Evaluation, _evaluation_key(key))
+            return None if row is None else view(EvaluationView, row)
+
+    def evaluations(self, run_id: str) -> dict[str, EvaluationView]:
+        """The evaluations that scored the run's candidates, by key."""
+        with self._session() as s:
+            keys = select(Candidate.evaluation_key).where(
+                Candidate.run_id == self._run_id(s, run_id), Candidate.evaluation_key.is_not(None))
+            rows = s.scalars(select(Evaluation).where(Evaluation.key.in_(keys))).all()
+            return {r.key: view(EvaluationView, r) for r in rows}
+
     # --------------------------------------------------------------- curves
 
     def add_curve(self, run_id: str, name: str, values: list[float], *,
@@ -382,6 +505,13 @@ class LineageStore:
             if name is not None:
                 q = q.where(MetricCurve.name == name)
             return [view(CurveView, r) for r in s.scalars(q.order_by(MetricCurve.id)).all()]
+
+
+def _evaluation_key(key: Any) -> str:
+    key = str(key)
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise StoreError(f"malformed evaluation key {key[:80]!r}")
+    return key
 
 
 _stores: dict[str, LineageStore] = {}

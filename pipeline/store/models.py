@@ -36,6 +36,10 @@ CANDIDATE_STATUSES = ("pending", "running", "evaluated", "rejected", "invalid", 
                       "oom", "cancelled")
 TERMINAL_STATUSES = ("evaluated", "rejected", "invalid", "timeout", "oom", "cancelled")
 OPEN_STATUSES = ("pending", "running")   # a candidate not yet in a final state
+# An evaluation: claimed by one evaluator and running, done (its outcome may be reused),
+# or discarded (its outcome says nothing about the source: a timeout, a crash; the next
+# claimant runs it again).
+EVALUATION_STATUSES = ("running", "done", "discarded")
 
 # Deterministic constraint and index names: the migration and the models must name
 # things the same way on every backend, or `alembic check` reports phantom differences.
@@ -125,6 +129,48 @@ class Candidate(Base):
     # the self task: the model and learning dynamics the candidate's code declared
     # (sandbox/schema.py Declaration); what the harness then built, trained and scored
     declaration: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
+    # The evaluation that scored it (pipeline/evaluations.py: the key of everything that
+    # decides a score) and whether its outcome was reused instead of run again.
+    evaluation_key: Mapped[str | None] = mapped_column(
+        ForeignKey("evaluations.key", ondelete="SET NULL"), nullable=True, index=True)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class Evaluation(Base):
+    """One evaluation per key, whichever run or worker asked for it first: the stored
+    outcome of a job (pipeline/evaluations.py), its provenance and what it cost.
+
+    A worker claims a key by inserting its row (`running`, the unique key decides the
+    race) or by a compare-and-set on a discarded or stale claim; only the claimant's
+    write completes it."""
+    __tablename__ = "evaluations"
+    __table_args__ = (CheckConstraint(_in("status", EVALUATION_STATUSES), name="status"),)
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    claimant: Mapped[str] = mapped_column(String(128))
+    parts: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    # the sandbox's outcome as the candidate records it
+    result_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    param_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    logs: Mapped[str] = mapped_column(Text, default="")
+    losses: Mapped[list[float] | None] = mapped_column(JSONValue, nullable=True)
+    declaration: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
+    # provenance and cost: the backend identity the worker used, its host, and what the
+    # sandbox spent (sandbox/schema.py Result.usage)
+    backend: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cpu_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    peak_rss_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # who ran it first (a run may be deleted; the evaluation stays)
+    run_id: Mapped[str | None] = mapped_column(String(12), nullable=True)
+    reuses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class Iteration(Base):

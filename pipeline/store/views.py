@@ -74,10 +74,37 @@ class CandidateView:
     rescore: float | None = None
     flagged: bool = False
     declaration: dict[str, Any] | None = None
+    evaluation_key: str | None = None
+    reused: bool = False
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class EvaluationView:
+    key: str
+    status: str
+    claimant: str
+    parts: dict[str, Any]
+    result_status: str | None
+    reason: str
+    score: float | None
+    param_count: int | None
+    duration_s: float | None
+    logs: str
+    losses: list[float | None] | None
+    declaration: dict[str, Any] | None
+    backend: str | None
+    host: str | None
+    wall_s: float | None
+    cpu_s: float | None
+    peak_rss_mb: float | None
+    run_id: str | None
+    reuses: int
+    claimed_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import weakref
 from dataclasses import dataclass
@@ -231,13 +232,18 @@ class Backend:
                 self._stop(run, outcome)        # nothing of the run outlives this
             stdout, stderr = self._logs(run)
             if outcome.failure:
-                return Result.failure(job, "crashed", outcome.failure,
-                                      duration_s=round(outcome.duration_s, 3),
-                                      logs=format_logs(stdout, stderr))
-            return collect(job, run.jobdir, out_dir, exit_code=outcome.exit_code,
-                           timed_out=outcome.timed_out, oom_killed=outcome.oom_killed,
-                           stopped=outcome.stopped, stdout_tail=stdout, stderr_tail=stderr,
-                           duration_s=outcome.duration_s)
+                result = Result.failure(job, "crashed", outcome.failure,
+                                        duration_s=round(outcome.duration_s, 3),
+                                        logs=format_logs(stdout, stderr))
+            else:
+                result = collect(job, run.jobdir, out_dir, exit_code=outcome.exit_code,
+                                 timed_out=outcome.timed_out, oom_killed=outcome.oom_killed,
+                                 stopped=outcome.stopped, stdout_tail=stdout,
+                                 stderr_tail=stderr, duration_s=outcome.duration_s)
+            # The cost is the backend's measurement, whatever the harness wrote.
+            result.usage = {"wall_s": round(outcome.duration_s, 3), **self._usage(run),
+                            "backend": self.identity(), "host": socket.gethostname()}
+            return result.validate()
         finally:
             self._release(run)
             self._remove_dir(run.jobdir)
@@ -274,6 +280,17 @@ class Backend:
             cleanup(jobdir)
 
     # ------------------------------------------------------------------ what differs
+    def identity(self) -> str:
+        """What this backend runs sandboxes with, as one string that changes whenever a
+        score could (pipeline/evaluations.py puts it into the evaluation key): the
+        interpreter and its packages, or the image's id."""
+        raise NotImplementedError
+
+    def _usage(self, run: Run) -> dict:
+        """CPU seconds and peak resident memory (MiB) of an ended run, where this backend
+        can measure them cheaply (None each where it cannot)."""
+        return {"cpu_s": None, "peak_rss_mb": None}
+
     def _ready(self) -> None:
         """Check (once) that this backend can run sandboxes here; raise SandboxError if not."""
 

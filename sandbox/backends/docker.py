@@ -69,6 +69,11 @@ def connect(timeout: int = 60):
     return client
 
 
+def image_identity(client, image: str) -> str:
+    """The content id (sha256:...) of `image` as the engine has it now."""
+    return client.images.get(image).id
+
+
 def image_user(client, image: str) -> tuple[int, int]:
     """The image's configured user as numeric (uid, gid); refuses root or a user name.
 
@@ -285,6 +290,11 @@ class DockerBackend(Backend):
     user = property(lambda self: self.spec.user)
     runtime = property(lambda self: self.spec.runtime)
     gpus = property(lambda self: self.spec.gpus)
+
+    def identity(self) -> str:
+        """The image's content id (not its tag: a rebuilt image under the same tag is
+        another identity) and the runtime that runs it."""
+        return f"docker:{image_identity(self.client, self.image)}:{self.runtime or 'runc'}"
 
     # ------------------------------------------------------------------ the template's parts
     def _profile(self, job: Job) -> tuple:

@@ -61,6 +61,7 @@ PR_SET_PDEATHSIG). Needs root with the uid drop; elsewhere every job runs cold.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -144,11 +145,27 @@ class Isolation:
                 "python_ok": self.python_ok, "warnings": list(self.warnings)}
 
 
+USAGE_SAMPLE_S = 0.05           # how often a running harness's CPU and memory are read
+
+
+def peak_rss_kb(pid: int) -> int:
+    """A process's peak resident set size (VmHWM), in KiB, from /proc."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
 @dataclass(eq=False)
 class RunInfo(Run):
     """One process-backend run (`last_run`): its uid, its harness process."""
     uid: int | None = None
     pid: int = 0
+    harness_pid: int = 0         # the harness under bubblewrap, once found
+    cpu_seen: float = 0.0        # its CPU seconds and peak RSS at the latest sample
+    hwm_kb: int = 0
+    cpu_at_go: float = 0.0       # a warm sandbox's CPU spent warming up (not the job's)
     survivors_killed: int = 0
     proc: subprocess.Popen | None = field(default=None, repr=False)
     sandbox: "WarmProcess | None" = field(default=None, repr=False)   # when warm
@@ -368,17 +385,49 @@ class ProcessBackend(Backend):
         if cpu_budget is not None:   # None: TEST ONLY, SELFPROG_SABOTAGE=cpu
             set_cpu_limit(harness, uid, math.ceil(cpu_seconds(harness)) + cpu_budget)
         set_priority(harness, uid, 0)      # the job's own priority (it warmed up at WARM_NICE)
+        try:
+            warmed = cpu_seconds(harness)  # not the job's cost (its usage subtracts it)
+        except OSError:
+            warmed = 0.0
         started = time.monotonic()
         proc.stdin.write(b"go\n")
         proc.stdin.close()
         return RunInfo(jobdir=jobdir, started=started, warm=True, uid=uid, pid=proc.pid,
-                       proc=proc, sandbox=warm)
+                       proc=proc, sandbox=warm, cpu_at_go=warmed, harness_pid=harness)
+
+    def identity(self) -> str:
+        return f"{self.name}:{interpreter_identity(self.python)}"
 
     def _wait_for_exit(self, run: RunInfo, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sample(run)
+            code = run.proc.poll()
+            if code is not None:
+                return code
+            if time.monotonic() >= deadline:
+                return RUNNING
+            time.sleep(min(USAGE_SAMPLE_S, max(0.0, deadline - time.monotonic())))
+
+    def _sample(self, run: RunInfo) -> None:
+        """Note the harness's CPU seconds and peak RSS while it runs. Under bubblewrap
+        the child's rusage says nothing of the harness (bubblewrap's PID 1 reaps it and
+        is killed, not waited for) and its peak RSS is the forking worker's, so the
+        harness itself is read from /proc, every USAGE_SAMPLE_S: the last sample before
+        it exits is its cost, short of at most that interval."""
         try:
-            return run.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return RUNNING
+            if not run.harness_pid:
+                run.harness_pid = sandboxed_pid(run.proc.pid) if self._wrapper else run.proc.pid
+            run.cpu_seen = max(run.cpu_seen, cpu_seconds(run.harness_pid))
+            run.hwm_kb = max(run.hwm_kb, peak_rss_kb(run.harness_pid))
+        except (OSError, ValueError, SandboxError):
+            pass   # not started yet, or gone: the samples so far stand
+
+    def _usage(self, run: RunInfo) -> dict:
+        if not run.harness_pid:
+            return super()._usage(run)
+        return {"cpu_s": round(max(0.0, run.cpu_seen - run.cpu_at_go), 3),
+                "peak_rss_mb": round(run.hwm_kb / 1024, 1) if run.hwm_kb else None}
 
     def _stop(self, run: RunInfo, outcome: Outcome | None) -> None:
         """Kill the run's process group, then everything the job uid still owns."""
@@ -452,6 +501,27 @@ class ProcessBackend(Backend):
             # After the uid change: changing credentials clears the parent-death signal.
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         return setup
+
+
+_identities: dict[str, str] = {}
+
+
+def interpreter_identity(python: str) -> str:
+    """A digest of the interpreter a sandbox runs and the packages of its prefix: its
+    resolved path, the interpreter binary's size and mtime, and every installed
+    distribution's name and version (the *.dist-info directory names). Another torch or
+    a rebuilt venv gives another digest. Computed once per interpreter and process."""
+    if python not in _identities:
+        h = hashlib.sha256()
+        exe = Path(python)
+        real = exe.resolve()
+        st = real.stat()
+        h.update(f"{real}\0{st.st_size}\0{int(st.st_mtime)}\0".encode())
+        prefix = exe.absolute().parent.parent        # a venv's or an installation's prefix
+        for dist in sorted(p.name for p in prefix.glob("lib/python*/site-packages/*.dist-info")):
+            h.update(dist.encode() + b"\0")
+        _identities[python] = h.hexdigest()[:32]
+    return _identities[python]
 
 
 class UnconfinedProcessBackend(ProcessBackend):

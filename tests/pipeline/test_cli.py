@@ -499,9 +499,12 @@ ARM_KEYS = {"start", "end", "iterations_done", "end_params", "end_design"}
 CANDIDATE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
                   "reason", "score", "rescore", "flagged", "param_count", "duration_s",
                   "design", "sha256", "source", "logs", "declaration", "created_at",
-                  "started_at", "finished_at"}
+                  "started_at", "finished_at", "reused", "evaluation"}
 LINEAGE_KEYS = {"id", "run_id", "iteration", "index", "arm", "role", "parent_id", "status",
-                "score", "design", "sha256", "diff"}
+                "score", "design", "sha256", "diff", "reused", "evaluation"}
+EVALUATION_KEYS = {"key", "parts", "backend", "host", "wall_s", "cpu_s", "peak_rss_mb",
+                   "first_run_id", "reuses"}
+SUMMARY_KEYS = {"sandbox", "reused", "sandbox_wall_s", "sandbox_cpu_s", "saved_wall_s"}
 REPORT_KEYS = {"run_id", "status", "error", "iterations"}
 
 
@@ -524,18 +527,46 @@ def test_every_json_output_has_exactly_its_documented_keys(populated, tmp_path):
         assert set(r) == RUN_KEYS | {"iterations_done", "best_score"}, set(r)
     same("runs", RUN_KEYS | {"iterations_done", "best_score"})
 
+    # one candidate scored through a stored evaluation, one reusing it
+    key = "e" * 64
+    with LineageStore(url) as s:
+        rows = s.candidates(run)
+        fresh = s.ensure_candidate(run, 9, 0, role="incumbent", source=rows[0].source,
+                                   parent_id=None, design=None)
+        again = s.ensure_candidate(run, 9, 1, role="candidate", source=rows[0].source,
+                                   parent_id=fresh.id, design=None)
+        s.complete_evaluation(key, claimant="t", parts={"version": 1}, status="ok",
+                              reusable=True, score=1.5, duration_s=2.0, run_id=run,
+                              usage={"wall_s": 2.0, "cpu_s": 1.5, "peak_rss_mb": 200.0,
+                                     "backend": "process:x", "host": "h"})
+        s.record_result(fresh.id, status="evaluated", score=1.5, evaluation_key=key)
+        s.record_result(again.id, status="evaluated", score=1.5, evaluation_key=key, reused=True)
+
     shown = js("show", run, "--json")
-    assert set(shown) == RUN_KEYS | {"iterations", "arms"}
+    assert set(shown) == RUN_KEYS | {"iterations", "arms", "evaluations"}
     assert all(set(row) == ROW_KEYS for row in shown["iterations"])
     assert set(shown["arms"]) == {"lm"} and set(shown["arms"]["lm"]) == ARM_KEYS
-    same("show", RUN_KEYS | {"iterations", "arms"})
+    assert shown["evaluations"] == {"sandbox": 1, "reused": 1, "sandbox_wall_s": 2.0,
+                                    "sandbox_cpu_s": 1.5, "saved_wall_s": 2.0}
+    same("show", RUN_KEYS | {"iterations", "arms", "evaluations"})
+    same("evaluation summary", SUMMARY_KEYS)
+    text = ok(cli(url, "show", run)).stdout
+    assert "evaluations: 1 in a sandbox (2.0s wall, 1.5s CPU), 1 reused (2.0s saved)" in text
 
     cands = js("candidates", run, "--json")
-    assert len(cands) == 5 and all(set(c) == CANDIDATE_KEYS for c in cands)
+    assert len(cands) == 7 and all(set(c) == CANDIDATE_KEYS for c in cands)
     same("candidates", CANDIDATE_KEYS)
+    scored = [c for c in cands if c["evaluation"] is not None]
+    assert [c["reused"] for c in scored] == [False, True]
+    assert all(set(c["evaluation"]) == EVALUATION_KEYS for c in scored)
+    assert scored[0]["evaluation"]["reuses"] == 1 and scored[0]["evaluation"]["cpu_s"] == 1.5
+    same("evaluation", EVALUATION_KEYS)
+    table_text = ok(cli(url, "candidates", run)).stdout
+    assert "eeeeeeee reused" in table_text
     steps = js("lineage", str(populated["slow"]), "--json")
     assert len(steps) == 4 and all(set(s) == LINEAGE_KEYS for s in steps)
     same("lineage", LINEAGE_KEYS)
+    assert set(js("lineage", str(again.id), "--json")[-1]["evaluation"]) == EVALUATION_KEYS
     assert set(js("plot", run, "--out", str(tmp_path / "p"), "--json")) == {"run_id", "files"}
     same("plot", {"run_id", "files"})
 

@@ -58,6 +58,12 @@ def test_quick_run_end_to_end(database_url, tmp_path):
     assert not [e for e, _ in events if e == "generation_failed"], events
     assert len({(c.iteration, c.index) for c in cands}) == len(cands)   # no duplicates
     _check_selection_rule(store, run_id, "min")
+    # the incumbent is evaluated once per run: every later incumbent is the source an
+    # earlier evaluation scored already (the kept seed, or a winner), so it is reused
+    incumbents = [c for c in cands if c.role == "incumbent"]
+    assert not incumbents[0].reused and all(c.reused for c in incumbents[1:])
+    assert all(c.score == store.get_candidate(its[c.iteration - 1].selected_id).score
+               for c in incumbents[1:])
 
     seed = RunContext(run_id, config, settings).seed_source()
     for c in cands:

@@ -3,8 +3,8 @@ longer lists them (the store checks their shape); the lineage proposer's record 
 iteration: finetune_losses, finetune_pairs, and repeat_rate (the share of samples that
 repeat a move which improved before).
 
-Revision ID: 0005_arms_as_data
-Revises: 0004_lm_metrics
+Revision ID: 0006_arms_as_data
+Revises: 0005_evaluations
 Create Date: 2026-12-08
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005_arms_as_data"
-down_revision: str | None = "0004_lm_metrics"
+revision: str = "0006_arms_as_data"
+down_revision: str | None = "0005_evaluations"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
