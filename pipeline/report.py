@@ -2,6 +2,7 @@
 best score, each arm's start and end, and the short text forms of scores and designs."""
 from __future__ import annotations
 
+import difflib
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -40,6 +41,19 @@ def fmt_design(design: dict[str, Any] | None) -> str:
             value = f"{value:g}"
         parts.append(f"{_SHORT.get(key, key)}={value}")
     return " ".join(parts)
+
+
+def fmt_steps(row: dict[str, Any]) -> str:
+    """LM steps of an iteration row, and why training stopped unless it met its
+    criterion ("1500", "3000 budget")."""
+    if row["lm_steps"] is None:
+        return "-"
+    stop = row["lm_stop"]
+    return f"{row['lm_steps']}" + (f" {stop}" if stop and stop != "criterion" else "")
+
+
+def fmt_share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def shorten(text: str, width: int = 60) -> str:
@@ -110,6 +124,34 @@ def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
     if scores:
         best = min(scores) if direction(run.task) == "min" else max(scores)
     return {**run_record(run), "iterations_done": len(done), "best_score": best}
+
+
+def run_detail(store: LineageStore, run_id: str) -> dict[str, Any]:
+    """A run with its iteration rows and arm outcomes, as `show --json` prints it."""
+    run = store.get_run(run_id)
+    its, cands = store.iterations(run.id), store.candidates(run.id)
+    return {**run_record(run), "iterations": iteration_rows(its, cands),
+            "arms": arm_outcomes(its, cands)}
+
+
+def source_diff(before: CandidateView | None, after: CandidateView) -> str:
+    """The unified diff of `after`'s source against `before`'s ("" when unchanged or
+    when there is nothing before it)."""
+    if before is None or before.source == after.source:
+        return ""
+    return "".join(difflib.unified_diff(
+        before.source.splitlines(keepends=True), after.source.splitlines(keepends=True),
+        fromfile=f"candidate {before.id}", tofile=f"candidate {after.id}"))
+
+
+def lineage_steps(chain: Sequence[CandidateView]) -> list[dict[str, Any]]:
+    """The steps of a lineage (seed first) as `lineage --json` prints them, each with the
+    diff of its source against the previous step's."""
+    return [{"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
+             "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
+             "score": c.score, "design": c.design, "sha256": c.sha256,
+             "diff": source_diff(chain[i - 1] if i else None, c)}
+            for i, c in enumerate(chain)]
 
 
 def arm_outcomes(iterations: Sequence[IterationView],

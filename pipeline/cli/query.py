@@ -2,17 +2,15 @@
 database and never write to it (pipeline/store/api.py: a query never migrates)."""
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import click
 
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
                                  json_option, pass_ctx, table)
-from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction, fmt_design,
-                             fmt_score, fmt_time, iteration_rows, run_record, run_summary,
-                             shorten)
-from pipeline.store import ARMS, CANDIDATE_STATUSES, CandidateView
+from pipeline.report import (arms_line, candidate_record, direction, fmt_design, fmt_score,
+                             fmt_time, lineage_steps, run_detail, run_summary, shorten)
+from pipeline.store import ARMS, CANDIDATE_STATUSES
 from pipeline.text import first_line
 
 _CONFIG_SUMMARY = ("iterations", "candidates", "fewshot_samples", "fewshot_epochs",
@@ -59,26 +57,25 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
     generated candidates were evaluated.
     """
     with obj.open_store() as store:
-        run = store.get_run(run_id)
-        its, cands = store.iterations(run.id), store.candidates(run.id)
-        rows = iteration_rows(its, cands)
-        outcomes = arm_outcomes(its, cands)
+        detail = run_detail(store, run_id)
     if as_json:
-        emit_json({**run_record(run), "iterations": rows, "arms": outcomes})
+        emit_json(detail)
         return
-    click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
-               f"status={run.status}")
-    click.echo(f"created {fmt_time(run.created_at)} UTC   finished {fmt_time(run.finished_at)}")
-    summary = " ".join(f"{k}={run.config[k]}" for k in _CONFIG_SUMMARY if k in run.config)
+    run, rows = detail, detail["iterations"]
+    click.echo(f"run {run['id']}  task={run['task']}  preset={run['preset']}  "
+               f"seed={run['seed']}  status={run['status']}")
+    click.echo(f"created {fmt_time(run['created_at'])} UTC   "
+               f"finished {fmt_time(run['finished_at'])}")
+    summary = " ".join(f"{k}={run['config'][k]}" for k in _CONFIG_SUMMARY if k in run["config"])
     if summary:
         click.echo(f"config: {summary}   (--json for all of it)")
-    if run.error:
-        click.echo(f"error: {shorten(run.error, 200)}")
+    if run["error"]:
+        click.echo(f"error: {shorten(run['error'], 200)}")
     click.echo("")
     click.echo(iteration_table(rows) if rows else "no iterations yet")
     if len({r["arm"] for r in rows}) > 1:
         click.echo("")
-        click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
+        click.echo("arms, seed score -> selected score: " + arms_line(detail["arms"]))
 
 @click.command()
 @click.argument("run_id", metavar="RUN")
@@ -128,24 +125,13 @@ def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
     """
     with obj.open_store() as store:
         chain = store.lineage(candidate_id)
-    steps = []
-    previous: CandidateView | None = None
-    for c in chain:
-        diff = ""
-        if previous is not None and previous.source != c.source:
-            diff = "".join(difflib.unified_diff(
-                previous.source.splitlines(keepends=True), c.source.splitlines(keepends=True),
-                fromfile=f"candidate {previous.id}", tofile=f"candidate {c.id}"))
-        steps.append((c, diff))
-        previous = c
+    steps = lineage_steps(chain)
     if as_json:
-        emit_json([{"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
-                    "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
-                    "score": c.score, "design": c.design, "sha256": c.sha256, "diff": diff}
-                   for c, diff in steps])
+        emit_json(steps)
         return
     click.echo(f"lineage of candidate {candidate_id}: {len(steps)} step(s), seed first")
-    for number, (c, diff) in enumerate(steps, 1):
+    for number, (c, step) in enumerate(zip(chain, steps), 1):
+        diff = step["diff"]
         click.echo("")
         click.echo(f"[{number}] candidate {c.id}  run {c.run_id}  iteration {c.iteration}  "
                    f"index {c.index} ({c.role}, {c.arm})  {c.status}  score {fmt_score(c.score)}")

@@ -41,11 +41,15 @@ class LineageStore:
     never writes on its own: an older (or empty, or missing) one raises SchemaOutOfDate,
     whose message says to run `selfprog-cli db upgrade`. `LineageStore(url, create=True)`
     creates or upgrades it first (`launch` and the coordinator, which write runs).
+    `LineageStore(url, read_only=True)` reads through connections the database itself
+    keeps read-only (pipeline/store/schema.py `make_engine`): the web view.
     """
 
-    def __init__(self, url: str, *, create: bool = False) -> None:
+    def __init__(self, url: str, *, create: bool = False, read_only: bool = False) -> None:
+        if create and read_only:
+            raise ValueError("a read-only store cannot create its database")
         self.url = url
-        self.engine = make_engine(url, create_file=create)
+        self.engine = make_engine(url, create_file=create, read_only=read_only)
         self._shown = self.engine.url.render_as_string(hide_password=True)
         # expire_on_commit=False: views are built after commit without a reload.
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
