@@ -28,13 +28,17 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 STACK_REDIS_PORT ?= 16379
 STACK_POSTGRES_PORT ?= 15432
 
-.PHONY: setup launch test test-fast services docker bubblewrap clean stack-images stack-up stack-down test-stack
+# browser: Debian's chromium, for the web view's tests (tests/web/, scripts/browser.sh)
+.PHONY: setup launch test test-fast services docker bubblewrap browser clean stack-images stack-up stack-down test-stack
 
 # bubblewrap: the process sandbox backend runs candidates under it (installed as root)
 setup: $(VENV)/.installed bubblewrap
 
 bubblewrap:
 	bash scripts/bubblewrap.sh
+
+browser:
+	bash scripts/browser.sh
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +55,7 @@ services:
 docker:
 	bash scripts/ci-docker.sh
 
-test: setup services docker
+test: setup services docker browser
 	SELFPROG_REQUIRE_DOCKER=1 SELFPROG_TEST_STACK=$${SELFPROG_TEST_STACK:-1} \
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
@@ -81,12 +85,12 @@ test-stack: setup docker
 
 # The fast tier: every test of these files but the slow, Docker and sandbox-running ones
 # (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
-FAST_TESTS := tests/pipeline tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
+FAST_TESTS := tests/pipeline tests/web tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
 FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
 	--ignore=tests/pipeline/test_watch.py
 FAST_E2E := tests/pipeline/test_loop.py::test_quick_run_end_to_end[sqlite]
 
-test-fast: setup services
+test-fast: setup services browser
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not docker" \

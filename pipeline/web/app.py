@@ -81,7 +81,7 @@ class Guard:
         if not self.token:
             return True
         path = scope["path"]
-        if path.startswith("/static/") or path == "/login":
+        if path.startswith("/static/") or path in ("/login", "/favicon.ico"):
             return True
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         auth = headers.get("authorization", "")
@@ -294,6 +294,8 @@ def create_app(store: LineageStore, *, token: str = "", host: str = "127.0.0.1")
         Route("/api/compare", view.compare_api),
         Route("/login", view.login_page, methods=["GET"]),
         Route("/login", view.login, methods=["POST"]),
+        # browsers ask for it on pages without a <link rel=icon> (the JSON ones)
+        Route("/favicon.ico", lambda request: RedirectResponse("/static/icon.svg", 301)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = []
