@@ -13,7 +13,8 @@ from pipeline.settings import ConfigError
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. Anything but the loopback interface needs a "
                    "token: $SELFPROG_WEB_TOKEN.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="TCP port to listen on.")
 @pass_ctx
 @handle_errors
 def serve(obj: Context, host: str, port: int) -> None:
