@@ -27,6 +27,7 @@ PYTEST_ARGS ?=
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 STACK_REDIS_PORT ?= 16379
 STACK_POSTGRES_PORT ?= 15432
+STACK_WEB_PORT ?= 18000
 
 # browser: Debian's chromium, for the web view's tests (tests/web/, scripts/browser.sh)
 .PHONY: setup launch test test-fast services docker bubblewrap browser clean stack-images stack-up stack-down test-stack
@@ -69,13 +70,15 @@ stack-images: docker
 
 stack.env: scripts/local-images.sh
 	bash scripts/local-images.sh > $@.tmp
-	printf 'SELFPROG_REDIS_PORT=%s\nSELFPROG_POSTGRES_PORT=%s\n' $(STACK_REDIS_PORT) $(STACK_POSTGRES_PORT) >> $@.tmp
+	printf 'SELFPROG_REDIS_PORT=%s\nSELFPROG_POSTGRES_PORT=%s\nSELFPROG_WEB_PORT=%s\n' $(STACK_REDIS_PORT) $(STACK_POSTGRES_PORT) $(STACK_WEB_PORT) >> $@.tmp
+	printf 'SELFPROG_WEB_TOKEN=%s\n' "$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" >> $@.tmp
 	mv $@.tmp $@
 
 stack-up: stack-images stack.env
 	$(COMPOSE) --env-file stack.env up -d
 	@echo "export SELFPROG_BROKER_URL=redis://127.0.0.1:$$(sed -n 's/^SELFPROG_REDIS_PORT=//p' stack.env)/0"
 	@echo "export SELFPROG_DATABASE_URL=postgresql+psycopg2://selfprog:selfprog@127.0.0.1:$$(sed -n 's/^SELFPROG_POSTGRES_PORT=//p' stack.env)/selfprog"
+	@echo "web view: http://127.0.0.1:$$(sed -n 's/^SELFPROG_WEB_PORT=//p' stack.env)/ (its token: SELFPROG_WEB_TOKEN in stack.env)"
 
 stack-down:
 	$(COMPOSE) --env-file stack.env down
