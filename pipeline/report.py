@@ -129,9 +129,14 @@ def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
 def run_detail(store: LineageStore, run_id: str) -> dict[str, Any]:
     """A run with its iteration rows and arm outcomes, as `show --json` prints it."""
     run = store.get_run(run_id)
-    its, cands = store.iterations(run.id), store.candidates(run.id)
-    return {**run_record(run), "iterations": iteration_rows(its, cands),
-            "arms": arm_outcomes(its, cands)}
+    return detail_of(run, store.iterations(run.id), store.candidates(run.id))
+
+
+def detail_of(run: RunView, iterations: Sequence[IterationView],
+              candidates: Sequence[CandidateView]) -> dict[str, Any]:
+    """`run_detail` from rows already read (the web view draws its figures from them too)."""
+    return {**run_record(run), "iterations": iteration_rows(iterations, candidates),
+            "arms": arm_outcomes(iterations, candidates)}
 
 
 def source_diff(before: CandidateView | None, after: CandidateView) -> str:

@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.cli.output import json_default
-from pipeline.report import (candidate_record, direction, fmt_design, fmt_score, fmt_share,
+from pipeline.report import (candidate_record, detail_of, direction, fmt_design, fmt_score, fmt_share,
                              fmt_steps, fmt_time, lineage_steps, run_detail, run_summary,
                              source_diff)
 from pipeline.store import (RUN_TERMINAL_STATUSES, LineageStore, StoreError, UnknownCandidate,
@@ -166,7 +166,7 @@ class WebView:
     def _run_context(self, run_id: str) -> dict[str, Any]:
         run = self.store.get_run(run_id)
         its, cands = self.store.iterations(run.id), self.store.candidates(run.id)
-        detail = run_detail(self.store, run.id)
+        detail = detail_of(run, its, cands)
         return {"run": detail, "live": run.status not in RUN_TERMINAL_STATUSES,
                 "version": run_version(detail, cands), "poll_ms": POLL_MS,
                 "loss_chart": figures.lm_loss_chart(its),
@@ -187,8 +187,9 @@ class WebView:
 
     def run_state(self, request: Request) -> Response:
         """What a live page polls: the run's status and a digest of everything shown."""
-        detail = run_detail(self.store, request.path_params["run_id"])
-        cands = self.store.candidates(detail["id"])
+        run = self.store.get_run(request.path_params["run_id"])
+        cands = self.store.candidates(run.id)
+        detail = detail_of(run, self.store.iterations(run.id), cands)
         return to_json({"id": detail["id"], "status": detail["status"],
                         "live": detail["status"] not in RUN_TERMINAL_STATUSES,
                         "version": run_version(detail, cands)})
