@@ -20,7 +20,8 @@ from pipeline.settings import ConfigError
 def serve(obj: Context, host: str, port: int) -> None:
     """Serve a read-only web view of the lineage: runs, each run's iterations, curves and
     candidate tree, every candidate's source, diff and logs, run comparisons, and their
-    JSON under /api (the keys of --json). A running run's page follows it live.
+    JSON under /api (the keys of --json). A running run's page follows it live (with a
+    broker, on its events too, as `watch` does).
 
     The database is opened read-only (SQLite mode=ro, PostgreSQL read-only sessions).
     With $SELFPROG_WEB_TOKEN set, every request needs it (the browser asks once; scripts
@@ -47,7 +48,8 @@ def serve(obj: Context, host: str, port: int) -> None:
     try:
         # uvicorn's own access log would print query strings: ours (pipeline/web/app.py)
         # prints method, path and status only
-        uvicorn.run(create_app(store, token=token, host=host), host=host, port=port,
+        app = create_app(store, token=token, host=host, broker_url=obj.settings.broker_url)
+        uvicorn.run(app, host=host, port=port,
                     access_log=False, server_header=False, log_level="warning")
     finally:
         store.close()

@@ -25,17 +25,21 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import (HTMLResponse, JSONResponse, RedirectResponse, Response,
+                                 StreamingResponse)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline import events
 from pipeline.cli.output import json_default
 from pipeline.report import (candidate_record, detail_of, direction, fmt_design, fmt_score, fmt_share,
                              fmt_steps, fmt_time, lineage_steps, run_detail, run_summary,
                              source_diff)
 from pipeline.store import (RUN_TERMINAL_STATUSES, LineageStore, StoreError, UnknownCandidate,
                             UnknownRun)
+from pipeline.text import is_redis_url
 from pipeline.web import figures
 
 HERE = Path(__file__).resolve().parent
@@ -151,10 +155,11 @@ def diff_lines(diff: str) -> list[tuple[str, str]]:
 # -------------------------------------------------------------- pages
 
 class WebView:
-    """The routes over one read-only store."""
+    """The routes over one read-only store (and the broker's live events, if any)."""
 
-    def __init__(self, store: LineageStore) -> None:
+    def __init__(self, store: LineageStore, broker_url: str = "") -> None:
         self.store = store
+        self.broker_url = broker_url if is_redis_url(broker_url) else ""
 
     def runs_page(self, request: Request) -> Response:
         runs = [run_summary(self.store, r.id) for r in self.store.list_runs(200)]
@@ -172,6 +177,7 @@ class WebView:
                 "loss_chart": figures.lm_loss_chart(its),
                 "score_chart": figures.score_chart(its, cands),
                 "tree": figures.candidate_tree(its, cands, direction(run.task)),
+                "events": bool(self.broker_url),
                 "candidates": len(cands)}
 
     def run_page(self, request: Request) -> Response:
@@ -193,6 +199,29 @@ class WebView:
         return to_json({"id": detail["id"], "status": detail["status"],
                         "live": detail["status"] not in RUN_TERMINAL_STATUSES,
                         "version": run_version(detail, cands)})
+
+    async def run_events(self, request: Request) -> Response:
+        """The run's live events as server-sent events: what `selfprog-cli watch`
+        prints, from the same Redis channel (pipeline/events.py). A live page takes each
+        as a cue to ask for the run's state at once instead of at its next poll (the DB
+        stays the record: an event lost is a poll later). Only with a broker."""
+        if not self.broker_url:
+            return to_json({"error": "no broker: live pages poll the database"}, 404)
+        run = await run_in_threadpool(self.store.get_run, request.path_params["run_id"])
+        follower = await run_in_threadpool(events.Follower, self.broker_url, run.id)
+
+        async def stream():
+            try:
+                yield ": following\n\n"
+                while not await request.is_disconnected():
+                    data = await run_in_threadpool(follower.get, 1.0)
+                    if data is not None:
+                        # re-encoded: one line of JSON, whatever the publisher sent
+                        yield f"data: {json.dumps(data, default=str)}\n\n"
+            finally:
+                follower.close()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     def candidates_api(self, request: Request) -> Response:
         run = self.store.get_run(request.path_params["run_id"])
@@ -273,12 +302,14 @@ async def _store_error(request: Request, exc: Exception) -> Response:
     return _error(request, 503, "the lineage database could not be read")
 
 
-def create_app(store: LineageStore, *, token: str = "", host: str = "127.0.0.1") -> ASGIApp:
+def create_app(store: LineageStore, *, token: str = "", host: str = "127.0.0.1",
+               broker_url: str = "") -> ASGIApp:
     """The web view over `store` (open it with read_only=True). With a token every page
     and API call needs it (an `Authorization: Bearer` header, or the cookie /login
     sets); bound to the loopback interface without one, only loopback Host headers
-    are answered (a rebound DNS name cannot read the lineage from a browser)."""
-    view = WebView(store)
+    are answered (a rebound DNS name cannot read the lineage from a browser). With a
+    Redis `broker_url`, live pages also follow the run's events."""
+    view = WebView(store, broker_url)
     cand = "/candidates/{candidate_id:int}"
     routes = [
         Route("/", view.runs_page),
@@ -287,6 +318,7 @@ def create_app(store: LineageStore, *, token: str = "", host: str = "127.0.0.1")
         Route("/runs/{run_id}/live", view.run_live),
         Route("/api/runs/{run_id}", view.run_api),
         Route("/api/runs/{run_id}/state", view.run_state),
+        Route("/api/runs/{run_id}/events", view.run_events),
         Route("/api/runs/{run_id}/candidates", view.candidates_api),
         Route(cand, view.candidate_page),
         Route("/api" + cand, view.candidate_api),

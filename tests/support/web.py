@@ -53,11 +53,12 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, di
 
 @contextlib.contextmanager
 def serve(database_url: str, *, token: str = "", host: str = "127.0.0.1",
-          log_dir: Path | None = None) -> Iterator[Server]:
+          broker_url: str = "", log_dir: Path | None = None) -> Iterator[Server]:
     """`selfprog-cli serve` on a free port until the block ends."""
     port = free_port()
     log = Path(tempfile.mkdtemp(dir=log_dir)) / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SELFPROG_WEB_TOKEN": token}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SELFPROG_WEB_TOKEN": token,
+           "SELFPROG_BROKER_URL": broker_url}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--database-url",
                                  database_url, "serve", "--host", host, "--port", str(port)],

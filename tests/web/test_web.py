@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import urllib.request
 
 import pytest
 from playwright.sync_api import expect
@@ -137,6 +138,40 @@ def test_a_running_run_page_shows_a_new_iteration_without_reload(database_url, t
         assert page.locator("#live").get_attribute("data-live") == "0"
         no_problems(console)
     store.close()
+
+
+@pytest.mark.redis
+def test_with_a_broker_a_live_page_gets_the_events_watch_prints(sqlite_url, redis_url, tmp_path):
+    from pipeline import events
+    store = LineageStore(sqlite_url, create=True)
+    run_id = fill_run(store, iterations=1, candidates=2, arms=("lm",), status="running")
+    store.close()
+    with serve(sqlite_url, broker_url=redis_url, log_dir=tmp_path) as server:
+        status, body, _ = get(f"{server.url}/runs/{run_id}")
+        assert status == 200 and f'data-events-url="/api/runs/{run_id}/events"'.encode() in body
+        with urllib.request.urlopen(f"{server.url}/api/runs/{run_id}/events", timeout=20) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.readline() == b": following\n"     # subscribed from here on
+            events.configure(redis_url)
+            try:
+                events.emit(run_id, "candidate", iteration=1, index=2, status="evaluated",
+                            score=1.5)
+                events.emit("another-run", "stage", iteration=0, stage="training")
+                events.emit(run_id, "stage", iteration=1, stage="selecting")
+            finally:
+                events.configure("")
+            got = []
+            while len(got) < 2:
+                line = r.readline()
+                if line.startswith(b"data: "):
+                    got.append(json.loads(line[6:]))
+        assert got == [{"event": "candidate", "iteration": 1, "index": 2,
+                        "status": "evaluated", "score": 1.5},
+                       {"event": "stage", "iteration": 1, "stage": "selecting"}]
+    # without a broker the page polls, and says so
+    with serve(sqlite_url, log_dir=tmp_path) as server:
+        assert b"data-events-url" not in get(f"{server.url}/runs/{run_id}")[1]
+        assert get(f"{server.url}/api/runs/{run_id}/events")[0] == 404
 
 
 HOSTILE = ('x = "</script><script>window.__pwned = 1; alert(1)</script>"\n'
