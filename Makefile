@@ -1,8 +1,9 @@
 # The two commands of the README:
 #   make launch   set up, then run a quick self-programming run on the embedded default
 #   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test (CI)
-#   make test-fast  the edit-test loop: unit, property and store tests and one end-to-end
-#                 embedded run; no sandbox attack, Docker or service test (a few minutes)
+#   make test-fast  the edit-test loop: unit, property and store tests, the web view in
+#                 headless Chromium, and one end-to-end embedded run; no sandbox attack,
+#                 Docker or service test (a few minutes)
 # The lab service (docker-compose.yml, docs/deploy.md):
 #   make stack-up     build what is missing and bring the stack up beside the host's
 #                     services (ports STACK_REDIS_PORT/STACK_POSTGRES_PORT, stack.env)
@@ -87,6 +88,8 @@ test-stack: setup docker
 	SELFPROG_TEST_STACK=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider tests/service/test_stack.py $(PYTEST_ARGS)
 
 # The fast tier: every test of these files but the slow, Docker and sandbox-running ones
+# (tests/web: about a minute and a half, a real browser against a lineage written
+# through the store API)
 # (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
 FAST_TESTS := tests/pipeline tests/web tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
 FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
