@@ -88,9 +88,9 @@ test-stack: setup docker
 	SELFPROG_TEST_STACK=1 PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider tests/service/test_stack.py $(PYTEST_ARGS)
 
 # The fast tier: every test of these files but the slow, Docker and sandbox-running ones
-# (tests/web: about a minute and a half, a real browser against a lineage written
-# through the store API)
 # (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
+# tests/web takes about a minute and a half: a real browser over lineages written
+# through the store API.
 FAST_TESTS := tests/pipeline tests/web tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
 FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
 	--ignore=tests/pipeline/test_watch.py
