@@ -161,6 +161,32 @@ def compare_chart(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> dict[
     return {"axes": axes, "lines": lines}
 
 
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A candidate in the tree. Attributes, not a dict: the template reads a thousand
+    of them, and Jinja finds an attribute at once where a key costs it an exception."""
+    id: int
+    x: float
+    y: float
+    status: str
+    score: float | None
+    iteration: int
+    index: int
+    arm: str
+    fill: str
+    on_path: bool
+    incumbent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    on_path: bool
+
+
 def selected_path(iterations: Sequence[IterationView],
                   candidates: Sequence[CandidateView]) -> set[int]:
     """The ids on each arm's path from its seed to the source its last finished
@@ -215,16 +241,16 @@ def candidate_tree(iterations: Sequence[IterationView], candidates: Sequence[Can
     for c in candidates:
         x, y = pos[c.id]
         evaluated = c.status == "evaluated" and c.score is not None and math.isfinite(c.score)
-        nodes.append({"id": c.id, "x": x, "y": y, "status": c.status, "score": c.score,
-                      "iteration": c.iteration, "index": c.index, "arm": c.arm,
-                      "fill": score_fill(c.score, lo, hi, direction) if evaluated
-                      else STATUS_FILL.get(c.status, "#ffffff"),
-                      "on_path": c.id in path, "incumbent": c.role == "incumbent"})
-    edges = [{"x1": pos[c.parent_id][0], "y1": pos[c.parent_id][1], "x2": pos[c.id][0],
-              "y2": pos[c.id][1], "on_path": c.id in path and c.parent_id in path}
+        nodes.append(Node(id=c.id, x=x, y=y, status=c.status, score=c.score,
+                          iteration=c.iteration, index=c.index, arm=c.arm,
+                          fill=score_fill(c.score, lo, hi, direction) if evaluated
+                          else STATUS_FILL.get(c.status, "#ffffff"),
+                          on_path=c.id in path, incumbent=c.role == "incumbent"))
+    edges = [Edge(x1=pos[c.parent_id][0], y1=pos[c.parent_id][1], x2=pos[c.id][0],
+                  y2=pos[c.id][1], on_path=c.id in path and c.parent_id in path)
              for c in candidates if c.parent_id in pos]
     # path edges last, so they are drawn over the others
-    edges.sort(key=lambda e: e["on_path"])
+    edges.sort(key=lambda e: e.on_path)
     columns = max(c.iteration for c in candidates) + 1
     return {"width": margin * 2 + 40 + (columns - 1) * dx + dx // 2, "height": top,
             "nodes": nodes, "edges": edges, "bands": bands,

@@ -27,19 +27,19 @@ def test_figures_of_a_finished_run(sqlite_url):
     assert figures.selected_path(its, cands) == expected
     tree = figures.candidate_tree(its, cands, "min")
     assert len(tree["nodes"]) == len(cands)
-    assert {n["id"] for n in tree["nodes"] if n["on_path"]} == expected
+    assert {n.id for n in tree["nodes"] if n.on_path} == expected
     # an edge per candidate with a parent, drawn from the parent's node to the child's
-    pos = {n["id"]: (n["x"], n["y"]) for n in tree["nodes"]}
+    pos = {n.id: (n.x, n.y) for n in tree["nodes"]}
     assert len(tree["edges"]) == sum(c.parent_id is not None for c in cands)
     for e in tree["edges"]:
-        assert 0 < e["x1"] < e["x2"] <= tree["width"] and 0 < e["y2"] <= tree["height"]
+        assert 0 < e.x1 < e.x2 <= tree["width"] and 0 < e.y2 <= tree["height"]
     for c in cands:
         if c.parent_id is not None:
             assert pos[c.parent_id][0] < pos[c.id][0]
     # the best score is green, the worst red, under "min" (a loss)
     scored = [c for c in cands if c.status == "evaluated"]
     best, worst = min(scored, key=lambda c: c.score), max(scored, key=lambda c: c.score)
-    fill = {n["id"]: n["fill"] for n in tree["nodes"]}
+    fill = {n.id: n.fill for n in tree["nodes"]}
     assert fill[best.id] == "hsl(120, 70%, 45%)" and fill[worst.id] == "hsl(0, 70%, 45%)"
     assert all(fill[c.id] == figures.STATUS_FILL["invalid"] for c in cands
                if c.status == "invalid")
