@@ -17,7 +17,7 @@ from typing import Any
 from alembic.util.exc import CommandError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from pipeline.store.errors import StoreError, UnknownCandidate, UnknownRun
 from pipeline.store.models import (ARMS, CANDIDATE_STATUSES, ITERATION_STAGES,
@@ -341,9 +341,14 @@ class LineageStore:
             return view(CandidateView, row)
 
     def candidates(self, run_id: str, *, status: str | None = None, iteration: int | None = None,
-                   arm: str | None = None) -> list[CandidateView]:
+                   arm: str | None = None, texts: bool = True) -> list[CandidateView]:
+        """The run's candidates. `texts=False` leaves out every source and log (the
+        largest columns, up to MAX_LOG_CHARS each): those views read "" for both (the
+        web view's run page and its polls need neither)."""
         with self._session() as s:
             q = select(Candidate).where(Candidate.run_id == self._run_id(s, run_id))
+            if not texts:
+                q = q.options(defer(Candidate.source), defer(Candidate.logs))
             if status is not None:
                 q = q.where(Candidate.status == status)
             if iteration is not None:
@@ -351,7 +356,8 @@ class LineageStore:
             if arm is not None:
                 q = q.where(Candidate.arm == arm)
             rows = s.scalars(q.order_by(Candidate.arm, Candidate.iteration, Candidate.index)).all()
-            return [view(CandidateView, r) for r in rows]
+            blank = () if texts else ("source", "logs")
+            return [view(CandidateView, r, blank) for r in rows]
 
     def lineage(self, candidate_id: int) -> list[CandidateView]:
         """Ancestry of a candidate: the seed source first, the candidate itself last."""

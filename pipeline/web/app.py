@@ -170,7 +170,8 @@ class WebView:
 
     def _run_context(self, run_id: str) -> dict[str, Any]:
         run = self.store.get_run(run_id)
-        its, cands = self.store.iterations(run.id), self.store.candidates(run.id)
+        # no sources or logs: the page shows neither, and they are most of the bytes
+        its, cands = self.store.iterations(run.id), self.store.candidates(run.id, texts=False)
         detail = detail_of(run, its, cands)
         return {"run": detail, "live": run.status not in RUN_TERMINAL_STATUSES,
                 "version": run_version(detail, cands), "poll_ms": POLL_MS,
@@ -194,7 +195,7 @@ class WebView:
     def run_state(self, request: Request) -> Response:
         """What a live page polls: the run's status and a digest of everything shown."""
         run = self.store.get_run(request.path_params["run_id"])
-        cands = self.store.candidates(run.id)
+        cands = self.store.candidates(run.id, texts=False)
         detail = detail_of(run, self.store.iterations(run.id), cands)
         return to_json({"id": detail["id"], "status": detail["status"],
                         "live": detail["status"] not in RUN_TERMINAL_STATUSES,

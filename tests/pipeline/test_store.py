@@ -1,6 +1,7 @@
 """LineageStore against real SQLite and real PostgreSQL (the `database_url` fixture)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -677,3 +678,18 @@ def test_a_read_only_store_reads_and_the_database_refuses_its_writes(database_ur
         with pytest.raises(StoreError, match="no lineage database"):
             LineageStore(f"sqlite:///{tmp_path / 'absent.db'}", read_only=True)
         assert not (tmp_path / "absent.db").exists()
+
+
+def test_candidates_without_their_texts(database_url):
+    # the web view's run page: every column but the source and the logs
+    with LineageStore(database_url, create=True) as store:
+        run_id = store.create_run(config={}, task="self", preset="quick", seed=0)
+        store.ensure_iteration(run_id, 0, source_in=SEED)
+        c = store.ensure_candidate(run_id, 0, 0, role="incumbent", source=SEED, parent_id=None,
+                                   design={"layers": 2})
+        store.record_result(c.id, status="evaluated", score=1.5, logs="x" * 5000)
+        full, = store.candidates(run_id)
+        light, = store.candidates(run_id, texts=False)
+    assert (full.source, full.logs) == (SEED, "x" * 5000)
+    assert (light.source, light.logs) == ("", "")
+    assert dataclasses.replace(light, source=full.source, logs=full.logs) == full
