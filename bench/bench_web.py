@@ -7,8 +7,9 @@ Fills a lineage through the store API (tests/support/lineage.py: 10 iterations w
 the two runs:
 - in process: the ASGI application (pipeline/web/app.py) answers GET /runs/RUN,
   timed from the request to the last byte, no network (the server's own time);
-- split: the store's reads alone (get_run, iterations, candidates), to show what of
-  it is the database and what the figures and the template;
+- split: the store's reads alone (get_run, iterations, candidates without their
+  texts, as the page reads them), to show what of it is the database and what the
+  figures and the template;
 - over HTTP: the real `selfprog-cli serve`, a GET from this process (adds the
   loopback round trip and uvicorn).
 Prints medians and the ratio 1,000 / 100. Target: under 300 ms for 1,000 candidates.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -88,7 +90,7 @@ def main() -> None:
         for n, run_id in runs.items():
             page[n].append(timed(lambda: asgi_get(app, f"/runs/{run_id}")))
             reads[n].append(timed(lambda: (store.get_run(run_id), store.iterations(run_id),
-                                           store.candidates(run_id))))
+                                           store.candidates(run_id, texts=False))))
     store.close()
 
     http = {n: [] for n in runs}
@@ -101,7 +103,8 @@ def main() -> None:
 
     med = {k: {n: statistics.median(v) * 1000 for n, v in d.items()}
            for k, d in (("page", page), ("reads", reads), ("http", http))}
-    print(f"\nmedians of {args.repeat}, ms       100 cand.   1,000 cand.   ratio")
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"medians of {args.repeat}, ms       100 cand.   1,000 cand.   ratio")
     for key, label in (("page", "run page, in process"), ("reads", "  of it: store reads"),
                        ("http", "run page over HTTP")):
         a, b = med[key][100], med[key][1000]
