@@ -106,13 +106,14 @@ def main() -> None:
     low = {k: {n: min(v) * 1000 for n, v in d.items()} for k, d in series}
     # on a loaded machine the median carries other processes' time; the minimum is
     # closest to the server's own work
-    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.repeat} times each")
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+          f"{args.repeat} times each")
     print("ms (median / min)           100 cand.        1,000 cand.    ratio of medians")
     for key, label in (("page", "run page, in process"), ("reads", "  of it: store reads"),
                        ("http", "run page over HTTP")):
         a, b = med[key][100], med[key][1000]
-        print(f"{label:<26} {a:>6.1f} / {low[key][100]:>5.1f}   {b:>7.1f} / {low[key][1000]:>6.1f}"
-              f"   {b / a:>5.2f}")
+        print(f"{label:<26} {a:>6.1f} / {low[key][100]:>5.1f}   "
+              f"{b:>7.1f} / {low[key][1000]:>6.1f}   {b / a:>5.2f}")
     verdict = "under" if med["page"][1000] < 300 else "OVER"
     print(f"\n1,000 candidates: {med['page'][1000]:.0f} ms server time, {verdict} the 300 ms target")
 

@@ -24,8 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import (HTMLResponse, JSONResponse, RedirectResponse, Response,
                                  StreamingResponse)
 from starlette.routing import Mount, Route
@@ -34,9 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline import events
 from pipeline.cli.output import json_default
-from pipeline.report import (candidate_record, detail_of, direction, fmt_design, fmt_score, fmt_share,
-                             fmt_steps, fmt_time, lineage_steps, run_detail, run_summary,
-                             source_diff)
+from pipeline.report import (candidate_record, detail_of, direction, fmt_design, fmt_score,
+                             fmt_share, fmt_steps, fmt_time, lineage_steps, run_detail,
+                             run_summary, source_diff)
 from pipeline.store import (RUN_TERMINAL_STATUSES, LineageStore, StoreError, UnknownCandidate,
                             UnknownRun)
 from pipeline.text import is_redis_url
@@ -99,9 +99,11 @@ class Guard:
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
+        if scope["type"] != "http":
+            return   # no websockets here: a connection nothing answers is refused
         status = {"code": 0}
 
         async def send_with_headers(message: Message) -> None:

@@ -211,7 +211,8 @@ def test_a_hostile_candidate_is_shown_as_text_and_runs_no_script(sqlite_url, tmp
             scripts = page.evaluate("[...document.scripts].map(s => s.src)")
             assert all(s.endswith("/static/live.js") for s in scripts), (path, scripts)
             assert page.locator("img, svg[onload], [onerror]").count() == 0, path
-            hrefs = page.evaluate("[...document.querySelectorAll('[href]')].map(a => a.getAttribute('href'))")
+            hrefs = page.evaluate(
+                "[...document.querySelectorAll('[href]')].map(a => a.getAttribute('href'))")
             assert not [h for h in hrefs if not re.match(r"^/[\w/?=&.-]*$", h)], (path, hrefs)
             shot(page, path)
         page.goto(f"{server.url}/candidates/{hostile.id}")
