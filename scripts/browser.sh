@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian's Chromium (with a font, its one recommendation the pages need), which the web
 # view's tests (tests/web/) drive headless through Playwright; Playwright's own browser
-# downloads are never used. As root with apt: installed from Debian's package when missing. Otherwise only said: tests/web then
-# skip (and fail under CI, tests/support/env.py).
+# downloads are never used. As root with apt: installed from Debian's package when
+# missing. Otherwise only said: tests/web then skip (and fail under CI,
+# tests/support/env.py).
 set -euo pipefail
 
 if [ -x /usr/bin/chromium ]; then
