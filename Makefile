@@ -1,8 +1,9 @@
 # The two commands of the README:
 #   make launch   set up, then run a quick self-programming run on the embedded default
 #   make test     set up, start PostgreSQL, Redis and a Docker engine, run every test (CI)
-#   make test-fast  the edit-test loop: unit, property and store tests and one end-to-end
-#                 embedded run; no sandbox attack, Docker or service test (a few minutes)
+#   make test-fast  the edit-test loop: unit, property and store tests, the web view in
+#                 headless Chromium, and one end-to-end embedded run; no sandbox attack,
+#                 Docker or service test (a few minutes)
 # The lab service (docker-compose.yml, docs/deploy.md):
 #   make stack-up     build what is missing and bring the stack up beside the host's
 #                     services (ports STACK_REDIS_PORT/STACK_POSTGRES_PORT, stack.env)
@@ -27,14 +28,19 @@ PYTEST_ARGS ?=
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 STACK_REDIS_PORT ?= 16379
 STACK_POSTGRES_PORT ?= 15432
+STACK_WEB_PORT ?= 18000
 
-.PHONY: setup launch test test-fast services docker bubblewrap clean stack-images stack-up stack-down test-stack
+# browser: Debian's chromium, for the web view's tests (tests/web/, scripts/browser.sh)
+.PHONY: setup launch test test-fast services docker bubblewrap browser clean stack-images stack-up stack-down test-stack
 
 # bubblewrap: the process sandbox backend runs candidates under it (installed as root)
 setup: $(VENV)/.installed bubblewrap
 
 bubblewrap:
 	bash scripts/bubblewrap.sh
+
+browser:
+	bash scripts/browser.sh
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +57,7 @@ services:
 docker:
 	bash scripts/ci-docker.sh
 
-test: setup services docker
+test: setup services docker browser
 	SELFPROG_REQUIRE_DOCKER=1 SELFPROG_TEST_STACK=$${SELFPROG_TEST_STACK:-1} \
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
@@ -65,13 +71,15 @@ stack-images: docker
 
 stack.env: scripts/local-images.sh
 	bash scripts/local-images.sh > $@.tmp
-	printf 'SELFPROG_REDIS_PORT=%s\nSELFPROG_POSTGRES_PORT=%s\n' $(STACK_REDIS_PORT) $(STACK_POSTGRES_PORT) >> $@.tmp
+	printf 'SELFPROG_REDIS_PORT=%s\nSELFPROG_POSTGRES_PORT=%s\nSELFPROG_WEB_PORT=%s\n' $(STACK_REDIS_PORT) $(STACK_POSTGRES_PORT) $(STACK_WEB_PORT) >> $@.tmp
+	printf 'SELFPROG_WEB_TOKEN=%s\n' "$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" >> $@.tmp
 	mv $@.tmp $@
 
 stack-up: stack-images stack.env
 	$(COMPOSE) --env-file stack.env up -d
 	@echo "export SELFPROG_BROKER_URL=redis://127.0.0.1:$$(sed -n 's/^SELFPROG_REDIS_PORT=//p' stack.env)/0"
 	@echo "export SELFPROG_DATABASE_URL=postgresql+psycopg2://selfprog:selfprog@127.0.0.1:$$(sed -n 's/^SELFPROG_POSTGRES_PORT=//p' stack.env)/selfprog"
+	@echo "web view: http://127.0.0.1:$$(sed -n 's/^SELFPROG_WEB_PORT=//p' stack.env)/ (its token: SELFPROG_WEB_TOKEN in stack.env)"
 
 stack-down:
 	$(COMPOSE) --env-file stack.env down
@@ -83,13 +91,14 @@ test-stack: setup docker
 # (test_watch runs sandboxes, the loop files run whole runs), then ONE end-to-end run.
 # It runs the selection rule (tests/pipeline/test_selection.py) and a cancel that stops a
 # running sandbox (tests/pipeline/test_recovery.py, as root); tests/pipeline/test_layout.py
-# fails if a change here drops either.
-FAST_TESTS := tests/pipeline tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
+# fails if a change here drops either. tests/web takes about a minute and a half: a real
+# browser over lineages written through the store API.
+FAST_TESTS := tests/pipeline tests/web tests/sandbox/test_policy.py tests/sandbox/test_sandbox_modules.py
 FAST_IGNORE := --ignore=tests/pipeline/test_loop.py --ignore=tests/pipeline/test_vision_loop.py \
 	--ignore=tests/pipeline/test_watch.py
 FAST_E2E := tests/pipeline/test_loop.py::test_quick_run_end_to_end[sqlite]
 
-test-fast: setup services
+test-fast: setup services browser
 	SELFPROG_TEST_POSTGRES_URL=$${SELFPROG_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/test} \
 	SELFPROG_TEST_REDIS_URL=$${SELFPROG_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not docker" \

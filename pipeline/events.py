@@ -2,13 +2,15 @@
 
 Embedded, an event goes straight to the callbacks registered in this process (the CLI's
 progress lines). Distributed, it is also published on Redis (channel `selfprog:run:<id>`)
-for `selfprog-cli watch`. Events are for people watching; the lineage DB stays the
+for `selfprog-cli watch` and the web view's live pages (`Follower` reads them back).
+Events are for people watching; the lineage DB stays the
 record of truth, so losing one never loses data.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -52,3 +54,51 @@ def emit(run_id: str, event: str, **info: Any) -> None:
                 channel(run_id), json.dumps({"event": event, **info}, default=str))
         except Exception as e:  # watching is best effort
             log.warning("could not publish event %s: %s", event, e)
+
+
+class Follower:
+    """The live events of one run from Redis pub/sub, reconnecting after a Redis restart
+    (events published while it is away are lost; the DB is the record)."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        self.url, self.channel = url, channel(run_id)
+        self.pubsub = None
+        self._connect()
+
+    def _connect(self) -> None:
+        import redis
+        try:
+            self.pubsub = redis.Redis.from_url(self.url, socket_timeout=10).pubsub(
+                ignore_subscribe_messages=True)
+            self.pubsub.subscribe(self.channel)
+        except redis.RedisError as e:
+            log.warning("cannot follow live events (%s); retrying", e)
+            self.close()
+
+    def get(self, timeout: float) -> dict | None:
+        import redis
+        if self.pubsub is None:
+            time.sleep(timeout)
+            self._connect()
+            return None
+        try:
+            msg = self.pubsub.get_message(timeout=timeout)
+        except (redis.RedisError, OSError) as e:
+            log.warning("lost the live events (%s); reconnecting", e)
+            self.close()
+            return None
+        if not msg:
+            return None
+        try:
+            data = json.loads(msg["data"])
+        except (TypeError, ValueError):
+            return None
+        return data if isinstance(data, dict) and "event" in data else None
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            except Exception:
+                pass
+            self.pubsub = None

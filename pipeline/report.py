@@ -54,6 +54,19 @@ def fmt_design(design: dict[str, Any] | None, family: Any | None = None) -> str:
     return " ".join(parts)
 
 
+def fmt_steps(row: dict[str, Any]) -> str:
+    """LM steps of an iteration row, and why training stopped unless it met its
+    criterion ("1500", "3000 budget")."""
+    if row["lm_steps"] is None:
+        return "-"
+    stop = row["lm_stop"]
+    return f"{row['lm_steps']}" + (f" {stop}" if stop and stop != "criterion" else "")
+
+
+def fmt_share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def shorten(text: str, width: int = 60) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= width else text[:width - 1] + "…"
@@ -188,6 +201,32 @@ def run_summary(store: LineageStore, run_id: str) -> dict[str, Any]:
     return {**run_record(run), "iterations_done": len(done), "best_score": best}
 
 
+def run_detail(store: LineageStore, run_id: str) -> dict[str, Any]:
+    """A run with its iteration rows, arm outcomes and evaluations, as `show --json`
+    prints it."""
+    run = store.get_run(run_id)
+    return detail_of(run, store.iterations(run.id), store.candidates(run.id, texts=False),
+                     store.evaluations(run.id))
+
+
+def detail_of(run: RunView, iterations: Sequence[IterationView],
+              candidates: Sequence[CandidateView], evaluations: dict) -> dict[str, Any]:
+    """`run_detail` from rows already read (the web view draws its figures from them too)."""
+    return {**run_record(run), "iterations": iteration_rows(iterations, candidates),
+            "arms": arm_outcomes(iterations, candidates),
+            "evaluations": evaluation_summary(candidates, evaluations)}
+
+
+def source_diff(before: CandidateView | None, after: CandidateView) -> str:
+    """The unified diff of `after`'s source against `before`'s ("" when unchanged or
+    when there is nothing before it)."""
+    if before is None or before.source == after.source:
+        return ""
+    return "".join(difflib.unified_diff(
+        before.source.splitlines(keepends=True), after.source.splitlines(keepends=True),
+        fromfile=f"candidate {before.id}", tofile=f"candidate {after.id}"))
+
+
 def arm_outcomes(iterations: Sequence[IterationView],
                  candidates: Sequence[CandidateView]) -> dict[str, dict[str, Any]]:
     """Per arm: the seed's score (iteration 0's incumbent), the score of the source the
@@ -218,18 +257,19 @@ def lineage_record(chain: Sequence[CandidateView],
     against the previous step's ("" for the seed, and for a step that copies its
     parent, as an incumbent does), whether its outcome was reused and its evaluation's
     provenance (`evaluations`: LineageStore.evaluations of the chain's runs)."""
-    steps = []
-    previous: CandidateView | None = None
-    for c in chain:
-        diff = ""
-        if previous is not None and previous.source != c.source:
-            diff = "".join(difflib.unified_diff(
-                previous.source.splitlines(keepends=True), c.source.splitlines(keepends=True),
-                fromfile=f"candidate {previous.id}", tofile=f"candidate {c.id}"))
-        steps.append({"id": c.id, "run_id": c.run_id, "iteration": c.iteration,
-                      "index": c.index, "arm": c.arm, "role": c.role,
-                      "parent_id": c.parent_id, "status": c.status, "score": c.score,
-                      "design": c.design, "sha256": c.sha256, "diff": diff,
-                      "reused": c.reused, "evaluation": provenance(c, evaluations or {})})
-        previous = c
-    return steps
+    return [{"id": c.id, "run_id": c.run_id, "iteration": c.iteration, "index": c.index,
+             "arm": c.arm, "role": c.role, "parent_id": c.parent_id, "status": c.status,
+             "score": c.score, "design": c.design, "sha256": c.sha256,
+             "diff": source_diff(chain[i - 1] if i else None, c),
+             "reused": c.reused, "evaluation": provenance(c, evaluations or {})}
+            for i, c in enumerate(chain)]
+
+
+def lineage_of(store: LineageStore, candidate_id: int) -> tuple[list[CandidateView], list[dict[str, Any]]]:
+    """A candidate's ancestry (LineageStore.lineage) and its `lineage_record`, with the
+    evaluations of every run the chain passes through."""
+    chain = store.lineage(candidate_id)
+    evaluations: dict = {}
+    for run_id in {c.run_id for c in chain}:
+        evaluations.update(store.evaluations(run_id))
+    return chain, lineage_record(chain, evaluations)

@@ -3,18 +3,18 @@
 These run in the process of whoever asks (the CLI, a test, a notebook): they write the
 run's status in the lineage DB and hand the work to the coordinator stages
 (pipeline/stages.py), in-process when embedded or through the broker. A distributed
-run's live events come back over Redis pub/sub (`Follower`); the lineage DB decides
+run's live events come back over Redis pub/sub (`events.Follower`); the lineage DB decides
 when a run has ended.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Callable
 
 from pipeline import celery_app, events
+from pipeline.events import Follower
 from pipeline.cancellation import announce_cancel, clear_cancel
 from pipeline.settings import RunConfig, Settings
 from pipeline.stages import recover, start
@@ -131,54 +131,6 @@ def _execute(settings: Settings, run_id: str, progress, detach: bool, kick: Call
         attach(settings, run_id, progress, follower=follower)
     finally:
         follower.close()
-
-
-class Follower:
-    """The live events of one run from Redis pub/sub, reconnecting after a Redis restart
-    (events published while it is away are lost; the DB is the record)."""
-
-    def __init__(self, url: str, run_id: str) -> None:
-        self.url, self.channel = url, events.channel(run_id)
-        self.pubsub = None
-        self._connect()
-
-    def _connect(self) -> None:
-        import redis
-        try:
-            self.pubsub = redis.Redis.from_url(self.url, socket_timeout=10).pubsub(
-                ignore_subscribe_messages=True)
-            self.pubsub.subscribe(self.channel)
-        except redis.RedisError as e:
-            log.warning("cannot follow live events (%s); retrying", e)
-            self.close()
-
-    def get(self, timeout: float) -> dict | None:
-        import redis
-        if self.pubsub is None:
-            time.sleep(timeout)
-            self._connect()
-            return None
-        try:
-            msg = self.pubsub.get_message(timeout=timeout)
-        except (redis.RedisError, OSError) as e:
-            log.warning("lost the live events (%s); reconnecting", e)
-            self.close()
-            return None
-        if not msg:
-            return None
-        try:
-            data = json.loads(msg["data"])
-        except (TypeError, ValueError):
-            return None
-        return data if isinstance(data, dict) and "event" in data else None
-
-    def close(self) -> None:
-        if self.pubsub is not None:
-            try:
-                self.pubsub.close()
-            except Exception:
-                pass
-            self.pubsub = None
 
 
 def attach(settings: Settings, run_id: str, progress=None, poll_s: float = 1.0, *,

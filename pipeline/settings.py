@@ -63,6 +63,9 @@ class Settings:
     # (pipeline/worker.py), so this bounds how long a dead worker's job waits, not how
     # long a job may run. Tests use a few seconds; see docs/deploy.md.
     visibility_timeout_s: float = 6 * 3600.0
+    # The web view's access token (`selfprog-cli serve`, pipeline/web/): required when it
+    # listens beyond the loopback interface. Kept out of repr so it never reaches a log.
+    web_token: str = dataclasses.field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -5,14 +5,15 @@ user got wrong (an unknown run, a bad URL, an unknown preset, an unwritable path
 as one `Error: ...` line on stderr and a non-zero exit, never a traceback.
 
 The commands: cli/query.py (runs, show, candidates, lineage, plot), cli/run.py (launch,
-watch, cancel, resume, sweep), cli/admin.py (doctor, db), cli/evaluate.py (evaluate);
+watch, cancel, resume, sweep), cli/admin.py (doctor, db), cli/evaluate.py (evaluate),
+cli/serve.py (serve: the web view);
 plumbing in cli/output.py.
 """
 from __future__ import annotations
 
 import click
 
-from pipeline.cli import admin, evaluate, query, run
+from pipeline.cli import admin, evaluate, query, run, serve
 from pipeline.cli.output import Context, print_progress
 from pipeline.settings import ConfigError, Settings
 from pipeline.text import first_line
@@ -45,5 +46,5 @@ def main(ctx: click.Context, database_url: str | None, artifact_dir: str | None)
 
 for _command in (query.runs, query.show, query.candidates, query.lineage, query.plot,
                  run.launch, run.watch, run.cancel, run.resume, run.sweep,
-                 admin.doctor, admin.db, evaluate.evaluate):
+                 admin.doctor, admin.db, evaluate.evaluate, serve.serve):
     main.add_command(_command)

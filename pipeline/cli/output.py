@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.report import fmt_design, fmt_score, task_family
+from pipeline.report import fmt_design, fmt_score, fmt_share, fmt_steps, task_family
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import LineageStore, StoreError
 from pipeline.text import first_line
@@ -49,10 +49,10 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=_json_default))
+    click.echo(json.dumps(obj, indent=2, default=json_default))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     if dataclasses.is_dataclass(value):
@@ -77,8 +77,8 @@ def iteration_table(rows: list[dict[str, Any]], family: Any | None = None) -> st
          "LM steps", "p_intact", "1-edit", "tuned", "repeats"],
         [[r["index"], r["arm"], r["stage"], fmt_design(r["design"], family), fmt_score(r["score"]),
           fmt_score(r["incumbent_score"]), r["decision"] or "-",
-          f"{r['evaluated']}/{r['total']}", _steps(r), _share(r["lm_p_intact"]),
-          _share(r["single_edit_rate"]), _tuned(r), _share(r["repeat_rate"])] for r in rows])
+          f"{r['evaluated']}/{r['total']}", fmt_steps(r), fmt_share(r["lm_p_intact"]),
+          fmt_share(r["single_edit_rate"]), _tuned(r), fmt_share(r["repeat_rate"])] for r in rows])
 
 
 def _tuned(row: dict[str, Any]) -> str:
@@ -86,18 +86,6 @@ def _tuned(row: dict[str, Any]) -> str:
     if not row["finetune_steps"]:
         return "-"
     return f"{row['finetune_steps']}x{row['finetune_pairs']} {fmt_score(row['finetune_loss'])}"
-
-
-def _steps(row: dict[str, Any]) -> str:
-    """LM steps, and why training stopped unless it met its criterion ("1500", "3000 budget")."""
-    if row["lm_steps"] is None:
-        return "-"
-    stop = row["lm_stop"]
-    return f"{row['lm_steps']}" + (f" {stop}" if stop and stop != "criterion" else "")
-
-
-def _share(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def progress_for(task: str) -> Callable[[str, dict[str, Any]], None]:

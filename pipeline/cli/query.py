@@ -8,9 +8,8 @@ import click
 
 from pipeline.cli.output import (Context, emit_json, handle_errors, iteration_table,
                                  json_option, pass_ctx, table)
-from pipeline.report import (arm_outcomes, arms_line, candidate_record, direction,
-                             evaluation_summary, fmt_design, fmt_score, fmt_time, iteration_rows,
-                             lineage_record, provenance, run_record, run_summary, shorten,
+from pipeline.report import (arms_line, candidate_record, direction, fmt_design, fmt_score,
+                             fmt_time, lineage_of, provenance, run_detail, run_summary, shorten,
                              task_family)
 from pipeline.proposers import names as arm_names
 from pipeline.store import CANDIDATE_STATUSES, CandidateView
@@ -60,32 +59,31 @@ def show(obj: Context, run_id: str, as_json: bool) -> None:
     generated candidates were evaluated.
     """
     with obj.open_store() as store:
-        run = store.get_run(run_id)
-        its, cands = store.iterations(run.id), store.candidates(run.id)
-        rows = iteration_rows(its, cands)
-        outcomes = arm_outcomes(its, cands)
-        evaluations = evaluation_summary(cands, store.evaluations(run.id))
+        detail = run_detail(store, run_id)
     if as_json:
-        emit_json({**run_record(run), "iterations": rows, "arms": outcomes,
-                   "evaluations": evaluations})
+        emit_json(detail)
         return
-    click.echo(f"run {run.id}  task={run.task}  preset={run.preset}  seed={run.seed}  "
-               f"status={run.status}")
-    click.echo(f"created {fmt_time(run.created_at)} UTC   finished {fmt_time(run.finished_at)}")
-    summary = " ".join(f"{k}={run.config[k]}" for k in _CONFIG_SUMMARY if k in run.config)
+    run, rows = detail, detail["iterations"]
+    click.echo(f"run {run['id']}  task={run['task']}  preset={run['preset']}  "
+               f"seed={run['seed']}  status={run['status']}")
+    click.echo(f"created {fmt_time(run['created_at'])} UTC   "
+               f"finished {fmt_time(run['finished_at'])}")
+    summary = " ".join(f"{k}={run['config'][k]}" for k in _CONFIG_SUMMARY if k in run["config"])
     if summary:
         click.echo(f"config: {summary}   (--json for all of it)")
-    if run.error:
-        click.echo(f"error: {shorten(run.error, 200)}")
+    if run["error"]:
+        click.echo(f"error: {shorten(run['error'], 200)}")
+    evaluations = detail["evaluations"]
     click.echo(f"evaluations: {evaluations['sandbox']} in a sandbox "
                f"({_seconds(evaluations['sandbox_wall_s'])} wall, "
                f"{_seconds(evaluations['sandbox_cpu_s'])} CPU), {evaluations['reused']} reused "
                f"({_seconds(evaluations['saved_wall_s'])} saved)")
     click.echo("")
-    click.echo(iteration_table(rows, task_family(run.task)) if rows else "no iterations yet")
+    click.echo(iteration_table(rows, task_family(run["task"])) if rows else "no iterations yet")
     if len({r["arm"] for r in rows}) > 1:
         click.echo("")
-        click.echo("arms, seed score -> selected score: " + arms_line(outcomes))
+        click.echo("arms, seed score -> selected score: " + arms_line(detail["arms"]))
+
 
 def _arm(value: str | None) -> str | None:
     # checked when the command runs, so that a proposer registered later is known too
@@ -163,11 +161,7 @@ def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
     winner) show no diff.
     """
     with obj.open_store() as store:
-        chain = store.lineage(candidate_id)
-        evaluations: dict = {}
-        for rid in {c.run_id for c in chain}:
-            evaluations.update(store.evaluations(rid))
-        steps = lineage_record(chain, evaluations)
+        _, steps = lineage_of(store, candidate_id)
         family = task_family(store.get_run(steps[-1]["run_id"]).task)
     if as_json:
         emit_json(steps)
@@ -187,6 +181,7 @@ def lineage(obj: Context, candidate_id: int, as_json: bool) -> None:
         if c["diff"]:
             click.echo(c["diff"].rstrip("\n"))
 
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -200,7 +195,9 @@ def plot(obj: Context, run_id: str, out_dir: Path | None, as_json: bool) -> None
 
     lm_loss.png: the LM's training loss per step, one line per iteration (the paper's
     Figure 2). score.png: the selected source's score and the incumbent's score per
-    iteration.
+    iteration. copying.png: how well each iteration's LM copies its input, and the shares
+    of samples that change one parameter and that repeat a move which improved before.
+    search.png: each arm's best score against the evaluations it spent.
 
     Runs on a vision task also get candidate_loss.png (training loss of the network
     selected at each iteration, the paper's Figure 3), design_params.png (average

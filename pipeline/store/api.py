@@ -18,7 +18,7 @@ from typing import Any
 from alembic.util.exc import CommandError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from pipeline.store.errors import StoreError, UnknownCandidate, UnknownRun
 from pipeline.store.models import (CANDIDATE_STATUSES, ITERATION_STAGES,
@@ -43,11 +43,15 @@ class LineageStore:
     never writes on its own: an older (or empty, or missing) one raises SchemaOutOfDate,
     whose message says to run `selfprog-cli db upgrade`. `LineageStore(url, create=True)`
     creates or upgrades it first (`launch` and the coordinator, which write runs).
+    `LineageStore(url, read_only=True)` reads through connections the database itself
+    keeps read-only (pipeline/store/schema.py `make_engine`): the web view.
     """
 
-    def __init__(self, url: str, *, create: bool = False) -> None:
+    def __init__(self, url: str, *, create: bool = False, read_only: bool = False) -> None:
+        if create and read_only:
+            raise ValueError("a read-only store cannot create its database")
         self.url = url
-        self.engine = make_engine(url, create_file=create)
+        self.engine = make_engine(url, create_file=create, read_only=read_only)
         self._shown = self.engine.url.render_as_string(hide_password=True)
         # expire_on_commit=False: views are built after commit without a reload.
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -347,9 +351,14 @@ class LineageStore:
             return view(CandidateView, row)
 
     def candidates(self, run_id: str, *, status: str | None = None, iteration: int | None = None,
-                   arm: str | None = None) -> list[CandidateView]:
+                   arm: str | None = None, texts: bool = True) -> list[CandidateView]:
+        """The run's candidates. `texts=False` leaves out every source and log (the
+        largest columns, up to MAX_LOG_CHARS each): those views read "" for both (the
+        web view's run page and its polls need neither)."""
         with self._session() as s:
             q = select(Candidate).where(Candidate.run_id == self._run_id(s, run_id))
+            if not texts:
+                q = q.options(defer(Candidate.source), defer(Candidate.logs))
             if status is not None:
                 q = q.where(Candidate.status == status)
             if iteration is not None:
@@ -357,7 +366,8 @@ class LineageStore:
             if arm is not None:
                 q = q.where(Candidate.arm == arm)
             rows = s.scalars(q.order_by(Candidate.arm, Candidate.iteration, Candidate.index)).all()
-            return [view(CandidateView, r) for r in rows]
+            blank = () if texts else ("source", "logs")
+            return [view(CandidateView, r, blank) for r in rows]
 
     def lineage(self, candidate_id: int) -> list[CandidateView]:
         """Ancestry of a candidate: the seed source first, the candidate itself last."""

@@ -12,7 +12,9 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import sqlite3
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +74,19 @@ def require_current(engine: Engine, shown: str) -> None:
                           "`selfprog-cli db upgrade`")
 
 
-def make_engine(url: str, *, create_file: bool = True) -> Engine:
+def make_engine(url: str, *, create_file: bool = True, read_only: bool = False) -> Engine:
     """An engine for a lineage database URL; errors become a one-line StoreError.
 
     A new SQLite file is created owner-only (0600) before SQLite touches it: sandboxes
     run as another uid and must not be able to read the lineage (or anything in it).
     Without `create_file` a missing SQLite file is an error instead (query paths).
+
+    `read_only` (the web view): the database itself refuses writes, whatever the code
+    above it does: SQLite opens the file with `mode=ro`, PostgreSQL sessions start with
+    `default_transaction_read_only`.
     """
+    if read_only and create_file:
+        raise ValueError("a read-only engine cannot create its database")
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -99,7 +107,15 @@ def make_engine(url: str, *, create_file: bool = True) -> Engine:
         # instead of failing at once.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         if path is None:
+            if read_only:
+                raise StoreError(f"a read-only view needs an SQLite file, not {shown!r}")
             kwargs["poolclass"] = StaticPool   # one in-memory database, not one per connection
+        elif read_only:
+            # The URL's own path, opened by SQLite as a read-only URI (mode=ro): the
+            # connection cannot write, and cannot create a missing file.
+            uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+            kwargs["creator"] = lambda: sqlite3.connect(uri, uri=True, timeout=30,
+                                                        check_same_thread=False)
     if path is not None and create_file:
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -116,6 +132,8 @@ def make_engine(url: str, *, create_file: bool = True) -> Engine:
         raise StoreError(f"unsupported database URL {shown!r}: {first_line(exc)}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_foreign_keys)
+    elif read_only:
+        event.listen(engine, "connect", _read_only_session)
     return engine
 
 
@@ -129,6 +147,16 @@ def _sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _read_only_session(dbapi_connection: Any, _record: Any) -> None:
+    # Every transaction of this connection is READ ONLY: PostgreSQL itself refuses an
+    # INSERT, UPDATE, DELETE or DDL (SQLSTATE 25006). A setting of the session, so it
+    # holds for whatever SQL is sent, and survives SQLAlchemy's rollbacks.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET default_transaction_read_only = on")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 _MIGRATION_THREAD_LOCK = threading.Lock()

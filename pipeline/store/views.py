@@ -124,6 +124,8 @@ def _aware(value: Any) -> Any:
     return value
 
 
-def view(cls: type, row: Base) -> Any:
-    """The frozen view `cls` of an ORM row."""
-    return cls(**{f.name: _aware(getattr(row, f.name)) for f in dataclasses.fields(cls)})
+def view(cls: type, row: Base, blank: tuple[str, ...] = ()) -> Any:
+    """The frozen view `cls` of an ORM row; the text fields named in `blank` (not
+    loaded) read as ""."""
+    return cls(**{f.name: "" if f.name in blank else _aware(getattr(row, f.name))
+                  for f in dataclasses.fields(cls)})

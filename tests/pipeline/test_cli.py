@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from pipeline.cli import main, print_progress
 from pipeline.families import get_family
 from pipeline.store import LineageStore
+from tests.support.jsondoc import documented_keys
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -474,21 +475,6 @@ def test_installed_package_launches_from_an_unrelated_directory(tmp_path):
 
 # ------------------------------------------------------------ --json, pinned
 
-def _documented_keys() -> dict[str, list[frozenset]]:
-    """docs/json.md: {section title: [key set of each `keys:` line under it]}."""
-    from pathlib import Path
-    doc = Path(__file__).resolve().parents[2] / "docs" / "json.md"
-    out: dict[str, list[frozenset]] = {}
-    title = None
-    for line in doc.read_text().splitlines():
-        if line.startswith("### "):
-            title = line[4:].strip()
-        elif line.startswith("keys:"):
-            out.setdefault(title, []).append(
-                frozenset(k.strip() for k in line[5:].split(",")))
-    return out
-
-
 RUN_KEYS = {"id", "task", "preset", "seed", "status", "error", "config", "created_at",
             "updated_at", "finished_at"}
 ROW_KEYS = {"index", "arm", "stage", "selected_id", "design", "score", "incumbent_id",
@@ -510,7 +496,7 @@ REPORT_KEYS = {"run_id", "status", "error", "iterations"}
 
 def test_every_json_output_has_exactly_its_documented_keys(populated, tmp_path):
     url, run = populated["url"], populated["run"]
-    doc = _documented_keys()
+    doc = documented_keys()
 
     def same(section: str, *sets) -> None:
         assert doc[section] == [frozenset(s) for s in sets], (section, doc.get(section))

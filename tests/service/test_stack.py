@@ -32,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -93,11 +95,14 @@ class Stack:
         self.project = f"selfprog-test-{uuid.uuid4().hex[:8]}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.project}-", dir="/tmp"))
         self.jobs = self.tmp / "selfprog-docker-jobs"
-        self.redis_port, self.postgres_port = free_port(), free_port()
+        self.redis_port, self.postgres_port, self.web_port = free_port(), free_port(), free_port()
+        self.web_token = uuid.uuid4().hex
         self.env_file = self.tmp / "stack.env"
         self.env_file.write_text(
             f"SELFPROG_REDIS_PORT={self.redis_port}\n"
             f"SELFPROG_POSTGRES_PORT={self.postgres_port}\n"
+            f"SELFPROG_WEB_PORT={self.web_port}\n"
+            f"SELFPROG_WEB_TOKEN={self.web_token}\n"
             f"SELFPROG_JOBS_TMPDIR={self.tmp}\n"
             f"SELFPROG_SANDBOX_IMAGE={SANDBOX_IMAGE}\n")
         self.compose = [*compose_command(), "-f", str(ROOT / "docker-compose.yml"),
@@ -170,7 +175,7 @@ def wait_healthy(client, stack: Stack, timeout: float = 300) -> None:
             else:
                 state[service] = "ok" if s["Status"] == "running" else s["Status"]
         want = {"redis", "postgres", "migrate", "docker-proxy", "coordinator",
-                "trainer-worker", "sandbox-worker"}
+                "trainer-worker", "sandbox-worker", "web"}
         if set(state) >= want and all(v == "ok" for v in state.values()) \
                 and workers_consume(stack):
             return
@@ -308,6 +313,33 @@ def test_a_quick_run_through_the_broker_followed_from_the_host_cli(stack):
     assert [(s["id"], s["parent_id"], s["sha256"], s["status"]) for s in chain] == \
         [(c["id"], c["parent_id"], c["sha256"], c["status"]) for c in expected]
     assert chain[-1]["id"] == it["selected_id"] and chain[-1]["run_id"] == run_id
+
+
+def test_the_web_service_shows_the_runs_with_its_token_only(stack):
+    # after the quick run above: the web service reads the same PostgreSQL, read-only
+    base = f"http://127.0.0.1:{stack.web_port}"
+
+    def get(path: str, token: str | None) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers),
+                                        timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    listed = {r["id"] for r in stack.cli_json("runs")}
+    status, body = get("/api/runs", stack.web_token)
+    assert status == 200, body[:500]
+    served = json.loads(body)
+    assert {r["id"] for r in served} == listed and listed
+    run_id = served[0]["id"]
+    status, page = get(f"/runs/{run_id}", stack.web_token)
+    assert status == 200 and run_id.encode() in page and b'id="tree"' in page
+    assert get("/api/runs", None)[0] == 401
+    assert get(f"/runs/{run_id}", "not-the-token")[0] == 401
+    assert stack.web_token not in run([*stack.compose, "logs", "--no-color", "web"],
+                                      timeout=120, check=False).stdout
 
 
 def test_a_run_cancelled_while_its_lm_trains_ends_cancelled_and_its_sandbox_is_gone(
