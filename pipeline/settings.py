@@ -239,6 +239,10 @@ def _known_arms(value: Any) -> str | None:
     return None
 
 
+def _flag(name: str) -> Rule:
+    return Rule(lambda v: None if isinstance(v, bool) else f"{name} must be true or false, got {v!r}")
+
+
 def _known_design_space(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
         return f"design_space must be a name, got {value!r}"
@@ -303,6 +307,7 @@ RUN_BOUNDS: dict[str, Range | Rule] = {
     "num_threads": job_bound("num_threads"),
     "max_candidate_params": job_bound("max_params"),
     "sweep": Rule(_sweep_name),
+    "reuse_evaluations": _flag("reuse_evaluations"),
 }
 
 

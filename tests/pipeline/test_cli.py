@@ -169,10 +169,11 @@ def test_show_without_iterations(populated):
 def test_candidates(populated):
     out = ok(cli(populated["url"], "candidates", populated["run"])).stdout
     lines = out.splitlines()
-    assert len(lines) == 2 + 5
+    assert len(lines) == 2 + 5 + 1              # header, rule, 5 candidates, the legend
+    assert lines[-1].startswith("eval: ")
     rejected = next(ln for ln in lines if ln.startswith(f"{populated['bad']} "))
     assert "rejected" in rejected and "import of 'os'" in rejected
-    assert len(rejected) < 140                 # the long reason is shortened
+    assert len(rejected) < 160                 # the long reason is shortened
     assert "1,000,000" in out
 
 

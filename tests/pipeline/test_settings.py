@@ -20,6 +20,7 @@ REFUSED = {
     "sweep": ["../escape", ".hidden", "a/b", "x" * 97],
     # not one of the family's spaces (the self task's transformer has only "paper")
     "design_space": ["", "nope", "extended"],
+    "reuse_evaluations": ["yes", 1, None],
 }
 
 
