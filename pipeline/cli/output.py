@@ -105,6 +105,8 @@ def print_progress(event: str, info: dict[str, Any], family: Any | None = None) 
         line = f"{where} candidate {info.get('index', '?')}: {info.get('status', '?')}"
         if info.get("score") is not None:
             line += f"  score {fmt_score(info['score'])}"
+        if info.get("reused"):
+            line += "  (reused: evaluated before, no sandbox)"
     elif event == "lm_step":
         line = f"{where} LM step {info.get('step', '?')}: loss {fmt_score(info.get('loss'))}"
     elif event == "lm_trained":

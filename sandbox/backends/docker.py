@@ -246,6 +246,41 @@ class DockerRun(Run):
     """One Docker-backend run (`last_run`): its container."""
     container_id: str = ""
     container: Any = field(default=None, repr=False)
+    cpu_seen: float | None = None    # the container's cgroup, at the latest sample
+    peak_bytes: int | None = None
+    cpu_at_go: float = 0.0           # a warm container's CPU spent warming up
+
+
+# Where the engine's containers' cgroups are on this host (cgroupfs v1, systemd v2): read
+# while a container runs (they go with it). A worker that cannot see them (in a
+# container of its own) records no CPU seconds or memory peak.
+_CGROUP_CPU = ("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage",              # ns
+               "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat")       # usage_usec
+_CGROUP_PEAK = ("/sys/fs/cgroup/memory/docker/{id}/memory.max_usage_in_bytes",
+                "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.peak")
+
+
+def cgroup_usage(container_id: str) -> tuple[float | None, int | None]:
+    """(CPU seconds, peak memory bytes) of a running container, from its cgroup."""
+    cpu = peak = None
+    for path in _CGROUP_CPU:
+        try:
+            text = Path(path.format(id=container_id)).read_text()
+        except OSError:
+            continue
+        if path.endswith("cpu.stat"):
+            usec = next((int(l.split()[1]) for l in text.splitlines() if l.startswith("usage_usec")), None)
+            cpu = None if usec is None else usec / 1e6
+        else:
+            cpu = int(text) / 1e9
+        break
+    for path in _CGROUP_PEAK:
+        try:
+            peak = int(Path(path.format(id=container_id)).read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    return cpu, peak
 
 
 class DockerBackend(Backend):
@@ -327,10 +362,12 @@ class DockerBackend(Backend):
 
     def _go(self, job: Job, warm: "WarmContainer", sources: dict[str, Path]) -> DockerRun:
         stage_job(job, warm.jobdir, sources, seal=True)
+        warmed, _ = cgroup_usage(warm.container.id)   # not the job's cost
         started = time.monotonic()
         _send_go(warm.jobdir)
         return DockerRun(jobdir=warm.jobdir, started=started, warm=True,
-                         container_id=warm.container.id, container=warm.container)
+                         container_id=warm.container.id, container=warm.container,
+                         cpu_at_go=warmed or 0.0)
 
     def _wait_for_exit(self, run: DockerRun, timeout: float):
         import requests
@@ -340,12 +377,24 @@ class DockerBackend(Backend):
             return RUNNING   # still running: the wait timed out
 
     def _check_running(self, job: Job, run: DockerRun) -> str:
+        self._sample(run)
         used, entries = dir_usage(run.jobdir / OUT_DIR)
         if entries > MAX_OUT_ENTRIES:
             return f"out/ holds more than {MAX_OUT_ENTRIES} entries"
         if used > job.limits.output_mb * 1024 * 1024:
             return f"out/ grew past the {job.limits.output_mb} MB output limit"
         return ""
+
+    def _sample(self, run: DockerRun) -> None:
+        cpu, peak = cgroup_usage(run.container_id)
+        if cpu is not None:
+            run.cpu_seen = max(run.cpu_seen or 0.0, cpu)
+        if peak is not None:
+            run.peak_bytes = max(run.peak_bytes or 0, peak)
+
+    def _usage(self, run: DockerRun) -> dict:
+        return {"cpu_s": None if run.cpu_seen is None else round(max(0.0, run.cpu_seen - run.cpu_at_go), 3),
+                "peak_rss_mb": None if run.peak_bytes is None else round(run.peak_bytes / 2**20, 1)}
 
     def _stop(self, run: DockerRun, outcome: Outcome | None) -> None:
         """Kill the whole container unless it exited (deadline, output bound, cancel);

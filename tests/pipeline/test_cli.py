@@ -334,6 +334,8 @@ def test_progress_lines(capsys):
                                  "score": 1.23456})
     print_progress("candidate", {"iteration": 0, "index": 3, "status": "timeout",
                                  "score": None})
+    print_progress("candidate", {"iteration": 0, "index": 4, "status": "evaluated",
+                                 "score": 1.5, "reused": True})
     print_progress("iteration", {"iteration": 0, "decision": "replaced", "score": 1.2,
                                  "design": design(900)}, get_family("transformer"))
     print_progress("iteration", {"iteration": 1, "decision": "kept", "score": 1.2,
@@ -349,6 +351,7 @@ def test_progress_lines(capsys):
         "[iteration 0] training",
         "[iteration 0] candidate 2: evaluated  score 1.2346",
         "[iteration 0] candidate 3: timeout",
+        "[iteration 0] candidate 4: evaluated  score 1.5000  (reused: evaluated before, no sandbox)",
         "[iteration 0] replaced: score 1.2000  enc=2 dec=2 d_ff=900 heads=8",
         "[iteration 1] kept: score 1.2000  num_layers=2 num_decoder_layers=2 d_ff=900 "
         "num_heads=8",
