@@ -21,7 +21,9 @@ t-interval, and per task the paired differences lineage - random and lineage - l
 same seed is one pair), with their 95% interval and how many seeds each arm won. A
 difference whose interval excludes 0 is one the seeds resolve; otherwise the bench says
 "not resolved". With --database-url, a completed run of the same configuration is read
-back instead of launched again (an interrupted bench resumes).
+back instead of launched again (an interrupted bench resumes; several benches over other
+seeds can run side by side, each into its own database, and one more with every
+database given reads them all).
 """
 from __future__ import annotations
 
@@ -95,7 +97,9 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=8)
     p.add_argument("--candidates", type=int, default=2)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--database-url", help="lineage DB to read finished runs from and add new ones to")
+    p.add_argument("--database-url", action="append",
+                   help="lineage DB to read finished runs from and add new ones to; repeated: "
+                        "read from each, launch into the first (benches run side by side)")
     p.add_argument("--backend", default="process", choices=["process", "docker"])
     p.add_argument("--plot", help="best score against evaluations spent, per task, to this PNG")
     args = p.parse_args()
@@ -110,13 +114,18 @@ def main() -> None:
         raise SystemExit(f"bench_proposers: {exc}")
 
     with tempfile.TemporaryDirectory() as d:
-        url = args.database_url or f"sqlite:///{Path(d) / 'bench.db'}"
+        urls = args.database_url or [f"sqlite:///{Path(d) / 'bench.db'}"]
+        url = urls[0]
         settings = Settings.from_env(database_url=url, artifact_dir=str(Path(d) / "artifacts"),
                                      sandbox_backend=args.backend)
         results: dict[str, list[dict]] = {}
         for (task, seed), cfg in configs.items():
-            store = store_for(url)
-            run_id = find_run(store, cfg)
+            store, run_id = store_for(url), None
+            for other in urls:
+                run_id = find_run(store_for(other), cfg)
+                if run_id is not None:
+                    store = store_for(other)
+                    break
             how = "read back"
             if run_id is None:
                 t0 = time.monotonic()
