@@ -32,19 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import report, runs  # noqa: E402
 from pipeline.cli.run import parse_sets  # noqa: E402
-from pipeline.settings import ConfigError, RunConfig, Settings, preset  # noqa: E402
+from pipeline.settings import ConfigError, Settings, preset  # noqa: E402
 from pipeline.store import store_for  # noqa: E402
 
 VALID_TARGET, SINGLE_TARGET, GAP_TARGET = 0.80, 0.70, -0.01
-
-
-def find_run(store, cfg) -> str | None:
-    """A completed run with exactly this configuration, if the database has one."""
-    for run in store.list_runs(limit=1000):
-        # from_dict: a setting newer than the stored run takes its default
-        if run.status == "completed" and RunConfig.from_dict(run.config) == cfg:
-            return run.id
-    return None
 
 
 def measure(store, run_id: str) -> dict:
@@ -100,7 +91,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {}
         for (task, seed), cfg in configs.items():
             store = store_for(url)
-            run_id = find_run(store, cfg)
+            run_id = runs.find_completed(store, cfg)
             how = "read back"
             if run_id is None:
                 t0 = time.monotonic()

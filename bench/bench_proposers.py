@@ -67,13 +67,6 @@ def config_for(task: str, seed: int, arms: tuple[str, ...], args, sets: dict) ->
                   **{**base, **sets})
 
 
-def find_run(store, cfg) -> str | None:
-    for run in store.list_runs(limit=1000):
-        if run.status == "completed" and RunConfig.from_dict(run.config) == cfg:
-            return run.id
-    return None
-
-
 def measure(store, run_id: str, arms: tuple[str, ...], better: str) -> dict:
     candidates, iterations = store.candidates(run_id), store.iterations(run_id)
     curves = {arm: report.best_so_far(candidates, arm, better) for arm in arms}
@@ -122,7 +115,7 @@ def main() -> None:
         for (task, seed), cfg in configs.items():
             store, run_id = store_for(url), None
             for other in urls:
-                run_id = find_run(store_for(other), cfg)
+                run_id = runs.find_completed(store_for(other), cfg)
                 if run_id is not None:
                     store = store_for(other)
                     break

@@ -47,6 +47,16 @@ class RunStateError(StoreError):
     """The run is in a state that does not allow this (e.g. cancelling a finished run)."""
 
 
+def find_completed(store: LineageStore, config: RunConfig) -> str | None:
+    """A completed run with exactly this configuration, if the database has one (the
+    benches read such a run back instead of launching it again)."""
+    for run in store.list_runs(limit=1000):
+        # from_dict: a setting newer than the stored run takes its default
+        if run.status == "completed" and RunConfig.from_dict(run.config) == config:
+            return run.id
+    return None
+
+
 def resume(settings: Settings, run_id: str,
            progress: Callable[[str, dict], None] | None = None, *, detach: bool = False,
            anyway: bool = False) -> str:
