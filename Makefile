@@ -17,6 +17,9 @@ VENV ?= /opt/selfprog/venv
 else
 VENV ?= .venv
 endif
+# The process sandbox's own environment (sandbox/backends/runtime.py): the image's package
+# set only, never the venv above (it holds the data sets with their labels).
+SANDBOX_PREFIX ?= $(or $(SELFPROG_SANDBOX_PYTHON_PREFIX),/opt/selfprog/sandbox-runtime)
 # Debian's interpreter: its standard library is readable by every uid.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 BIN := $(VENV)/bin
@@ -31,7 +34,10 @@ STACK_POSTGRES_PORT ?= 15432
 .PHONY: setup launch test test-fast services docker bubblewrap clean stack-images stack-up stack-down test-stack
 
 # bubblewrap: the process sandbox backend runs candidates under it (installed as root)
-setup: $(VENV)/.installed bubblewrap
+setup: $(VENV)/.installed bubblewrap $(SANDBOX_PREFIX)/selfprog-runtime.txt
+
+$(SANDBOX_PREFIX)/selfprog-runtime.txt: $(VENV)/.installed sandbox/backends/runtime.py
+	bash scripts/sandbox-runtime.sh $(BIN)/python $(SANDBOX_PREFIX)
 
 bubblewrap:
 	bash scripts/bubblewrap.sh

@@ -26,12 +26,15 @@ class SandboxError(RuntimeError):
 
 def backend_options(name: str, *, image: str | None = None, runtime: str | None = None,
                     gpus: str | None = None, prewarm: int = 0,
-                    allow_unconfined: bool = False) -> dict[str, Any]:
+                    allow_unconfined: bool = False,
+                    python_prefix: str | None = None) -> dict[str, Any]:
     """The constructor arguments of backend `name` from plain settings values (empty
     strings mean "not set"); `auto` gets those of every backend it may pick."""
     kw: dict[str, Any] = {"prewarm": int(prewarm or 0)}
     if name in ("process", "process-unconfined", "auto"):
         kw["allow_unconfined"] = bool(allow_unconfined)
+        if python_prefix:
+            kw["runtime_prefix"] = python_prefix
     if name in ("docker", "auto"):
         kw.update(image=image or None, runtime=runtime or None, gpus=gpus or None)
         if kw["image"] is None:

@@ -63,6 +63,8 @@ SABOTAGE_PROPERTIES = {
     "capabilities": "docker: the engine's default capabilities instead of none",
     "no-new-privileges": "no PR_SET_NO_NEW_PRIVS (docker: no no-new-privileges)",
     "ipc": "docker: the host's IPC namespace",
+    "runtime": "process: the trusted virtual environment (data sets, pipeline and all) "
+               "instead of the sandbox runtime",
     "bwrap": "process: no bubblewrap (the host's filesystem, /tmp, /dev/shm, processes and "
              "compilers are the sandbox's, as with process-unconfined)",
 }

@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sandbox.backends import SandboxError
+from sandbox.backends import SandboxError, runtime
 from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, job_env,
                                    sabotage_enabled, sabotaged, sabotaged_properties)
 from sandbox.backends.bwrap import BWRAP_PROCESSES, BwrapMissing, bwrap_argv, find_bwrap
@@ -91,6 +91,7 @@ from sandbox.schema import Job
 
 log = logging.getLogger(__name__)
 
+RUNTIME_ENV = "SELFPROG_SANDBOX_PYTHON_PREFIX"   # Settings.sandbox_python_prefix
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG = 1
@@ -160,12 +161,16 @@ class ProcessBackend(Backend):
     name = "process"
     confine = True               # run every sandbox under bubblewrap
 
-    def __init__(self, workroot: Path | str | None = None, python: str = sys.executable,
-                 uid_base: int = 200_000, allow_unconfined: bool = False,
+    def __init__(self, workroot: Path | str | None = None, python: str | None = None,
+                 runtime_prefix: str | None = None, uid_base: int = 200_000, allow_unconfined: bool = False,
                  uid_range: int = 100_000, keep_jobdirs: bool = False, prewarm: int = 0,
                  prewarm_max_age_s: float = WARM_MAX_AGE_S, bwrap: str | None = None):
         self.workroot = Path(workroot) if workroot else Path(tempfile.gettempdir()) / "selfprog-sandbox"
-        self.python = python
+        # The sandbox runtime (sandbox/backends/runtime.py), never this interpreter's
+        # environment; `python` (tests: a wrapper) runs instead of its interpreter.
+        self.runtime_prefix = (runtime_prefix or os.environ.get(RUNTIME_ENV)
+                               or runtime.DEFAULT_PREFIX)
+        self.python = python or runtime.interpreter(self.runtime_prefix)
         self.uid_base = uid_base
         self.uid_range = uid_range
         self.allow_unconfined = allow_unconfined
@@ -173,8 +178,8 @@ class ProcessBackend(Backend):
         self.isolation: Isolation | None = None
         self._wrapper: str | None = None  # the bwrap in use (None: unconfined)
         self._lock = threading.Lock()
-        spawn = partial(spawn_warm_process, python=self.python, workroot=self.workroot,
-                        uid_base=uid_base, uid_range=uid_range)
+        spawn = partial(spawn_warm_process, workroot=self.workroot, uid_base=uid_base,
+                        uid_range=uid_range)
         super().__init__(keep_jobdirs=keep_jobdirs, prewarm=prewarm,
                          prewarm_max_age_s=prewarm_max_age_s, spawn=spawn)
 
@@ -191,6 +196,13 @@ class ProcessBackend(Backend):
                 return self.isolation
             iso = Isolation(confinement="bubblewrap" if self.confine else "unconfined")
             root = os.geteuid() == 0
+            if not sabotaged("runtime"):   # TEST ONLY: see base.py
+                problems = runtime.check_runtime(self.runtime_prefix)
+                if problems:
+                    raise SandboxError("the sandbox runtime is not usable: " + "; ".join(problems))
+            else:
+                self.runtime_prefix = sys.prefix   # the trusted venv, data sets and all
+                self.python = sys.executable
             if self.confine and not sabotaged("bwrap"):   # TEST ONLY: see base.py
                 try:
                     self._wrapper = find_bwrap(self.bwrap)
@@ -267,7 +279,7 @@ class ProcessBackend(Backend):
             try:
                 proc = subprocess.run(
                     wrap(self._wrapper, argv, Path(tmp), python=self.python, gpu=False,
-                         netns=netns),
+                         netns=netns, prefix=self.runtime_prefix),
                     cwd=tmp, env=self._env(Path(tmp) / TMP_DIR, 1),
                     stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
                     preexec_fn=self._preexec(uid, netns and not self._wrapper, rlimits=[]),
@@ -328,7 +340,7 @@ class ProcessBackend(Backend):
         limits = tuple((res, v) for res, v in self._rlimits(job, self._wrapper is not None)
                        if res != resource.RLIMIT_CPU)
         return (limits, threads, *imports_of(job), self.isolation.netns, self._wrapper,
-                self.python)
+                self.python, self.runtime_prefix)
 
     def _stage(self, job: Job) -> Path:
         uid = pick_uid(self.uid_base, self.uid_range) if self.isolation.uid_drop else None
@@ -347,7 +359,8 @@ class ProcessBackend(Backend):
                 argv = [self.python, "-I", "-c", HARNESS_COMMAND]
                 proc = subprocess.Popen(
                     wrap(self._wrapper, argv, jobdir, python=self.python,
-                         gpu=imports_of(job)[1] != "cpu", netns=self.isolation.netns),
+                         gpu=imports_of(job)[1] != "cpu", netns=self.isolation.netns,
+                         prefix=self.runtime_prefix),
                     cwd=jobdir, env=self._env(jobdir / TMP_DIR, threads),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
                     start_new_session=True,
@@ -467,11 +480,12 @@ class UnconfinedProcessBackend(ProcessBackend):
 
 
 def wrap(wrapper: str | None, argv: list[str], jobdir: Path, *, python: str, gpu: bool,
-         netns: bool) -> list[str]:
+         netns: bool, prefix: str | None = None) -> list[str]:
     """`argv` under bubblewrap (`wrapper`, its path), or as it is when unconfined."""
     if wrapper is None:
         return argv
-    return bwrap_argv(wrapper, argv, jobdir=jobdir, python=python, gpu=gpu, network=not netns)
+    return bwrap_argv(wrapper, argv, jobdir=jobdir, python=python, gpu=gpu, network=not netns,
+                      prefix=prefix)
 
 
 @dataclass(eq=False)
@@ -515,12 +529,12 @@ class WarmProcess:
         cleanup(self.jobdir)
 
 
-def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int,
+def spawn_warm_process(key: tuple, *, workroot: Path, uid_base: int,
                        uid_range: int) -> WarmProcess:
     """Start one pre-warmed sandbox for profile `key` (ProcessBackend._profile), confined
     as a job of that profile would be. Runs in the pool's thread, which is the parent of
     every sandbox it starts, so they die with it (PR_SET_PDEATHSIG)."""
-    limits, threads, model_kind, device, netns, wrapper, _ = key
+    limits, threads, model_kind, device, netns, wrapper, python, prefix = key
     uid = pick_uid(uid_base, uid_range, reserve=True)
     jobdir = None
     ready_r = ready_w = -1
@@ -538,7 +552,8 @@ def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int
             os.chmod(stderr_path, 0o600)
             argv = [python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)]
             proc = subprocess.Popen(
-                wrap(wrapper, argv, jobdir, python=python, gpu=device != "cpu", netns=netns),
+                wrap(wrapper, argv, jobdir, python=python, gpu=device != "cpu", netns=netns,
+                     prefix=prefix),
                 cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
                 stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
                 pass_fds=(ready_w,), start_new_session=True,
