@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.backends import SandboxError
-from sandbox.backends.base import job_env, sabotaged_properties
+from sandbox.backends.base import job_env, sabotaged, sabotaged_properties
 from sandbox.protocol import HARNESS_COMMAND, JOB_FILE, WARM_COMMAND
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,10 @@ def warm_command(model_kind: str = "t5", device: str = "auto") -> list[str]:
 
 
 def sandbox_env(threads: int = 1) -> dict[str, str]:
-    """The whole environment of a sandbox (the image adds PATH and LANG)."""
-    return job_env("/job/tmp", threads)
+    """The whole environment of a sandbox (the image adds PATH and LANG). The harness's
+    seccomp filter needs no-new-privileges: without it (TEST ONLY) there is none."""
+    return job_env("/job/tmp", threads,
+                   seccomp=not (sabotaged("seccomp") or sabotaged("no-new-privileges")))
 
 
 def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, owner: str,

@@ -410,7 +410,7 @@ class ProcessBackend(Backend):
     @staticmethod
     def _env(tmp: Path, threads: int) -> dict[str, str]:
         host = dict(os.environ) if sabotaged("env") else {}   # TEST ONLY: see base.py
-        return {**host, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **job_env(str(tmp), threads)}
+        return {**host, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **job_env(str(tmp), threads, seccomp=not sabotaged("seccomp"))}
 
     @staticmethod
     def _rlimits(job: Job, wrapped: bool = False) -> list[tuple[int, int]]:

@@ -319,7 +319,7 @@ def check_native(ctx, r):
 def check_no_exec(ctx, r):
     rep = report(r)
     ran = {d: v for d, v in rep.items() if v.startswith("RAN")}
-    assert not ran, f"a binary the sandbox wrote ran: {ran}"
+    assert not ran, f"{sabotage.RAN_WRITTEN}: {ran}"
 
 
 # Never importable in a sandbox: the trusted pipeline, the data sets with their labels,
@@ -565,10 +565,7 @@ ATTACKS = [
             finally:
                 if os.path.exists(p):
                     os.unlink(p)
-        """ + REPORT), "import", both("invalid"), check_no_exec,
-        residual="a file the candidate writes can be executed: bubblewrap 0.8 mounts its "
-                 "tmpfs without noexec and out/ (both backends) is a bind of the host's file "
-                 "system; ctypes runs machine code in-process anyway (SECURITY.md)"),
+        """ + REPORT), "import", both("invalid"), check_no_exec),
     Attack("list_what_the_sandbox_sees", lambda c: cnn_source(
         "import json, os, pkgutil, sys", """
         here = os.path.realpath(".")
