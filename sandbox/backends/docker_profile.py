@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from sandbox.backends import SandboxError
+from sandbox.backends.errors import SandboxError
 from sandbox.backends.base import SECCOMP_ENV, job_env, sabotaged, sabotaged_properties
 from sandbox.protocol import HARNESS_COMMAND, JOB_FILE, WARM_COMMAND
 

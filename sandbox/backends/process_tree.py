@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 
-from sandbox.backends import SandboxError
+from sandbox.backends.errors import SandboxError
 
 log = logging.getLogger(__name__)
 
