@@ -27,11 +27,10 @@ bubblewrap then gives it:
 The job directory is bound as a directory, not copied: a pre-warmed sandbox sees the
 files the backend stages into it later (staging.stage_job).
 
-Residual (measured by tests/attacks/test_attacks.py, SECURITY.md): bubblewrap 0.8 has
-no noexec for its tmpfs mounts, and the writable binds keep the host file system's
-flags, so a file the candidate writes itself (bytes it carries) can be executed; and
-ctypes runs machine code in-process anyway. Native code gets exactly the interpreter's
-confinement.
+bubblewrap 0.8 has no noexec for its tmpfs mounts and the writable binds keep the host
+file system's flags; a file the candidate writes is still not run, since the harness's
+seccomp filter (sandbox/seccomp.py) denies execve. ctypes runs machine code in-process
+anyway: native code gets exactly the interpreter's confinement (SECURITY.md).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ What confines a run in both:
 
 Weaker than the Docker backend in both (SECURITY.md; `isolation` reports it): memory is
 bounded as *address space* (RLIMIT_AS = memory_mb + headroom for what torch reserves but
-does not touch), not as resident memory with a cgroup; no seccomp filter; no CPU quota
+does not touch), not as resident memory with a cgroup; no seccomp profile of its own (the harness installs sandbox/seccomp.py in both); no CPU quota
 (RLIMIT_CPU is a backstop, the deadline is the limit). process-unconfined also leaves
 the host filesystem visible (world-readable files are readable, /tmp and /dev/shm are
 writable and outlive the job), shows the host's processes and its compilers.
