@@ -18,6 +18,9 @@ VENV ?= /opt/selfprog/venv
 else
 VENV ?= .venv
 endif
+# The process sandbox's own environment (sandbox/backends/runtime.py): the image's package
+# set only, never the venv above (it holds the data sets with their labels).
+SANDBOX_PREFIX ?= $(or $(SELFPROG_SANDBOX_PYTHON_PREFIX),/opt/selfprog/sandbox-runtime)
 # Debian's interpreter: its standard library is readable by every uid.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 BIN := $(VENV)/bin
@@ -34,7 +37,10 @@ STACK_WEB_PORT ?= 18000
 .PHONY: setup launch test test-fast services docker bubblewrap browser clean stack-images stack-up stack-down test-stack
 
 # bubblewrap: the process sandbox backend runs candidates under it (installed as root)
-setup: $(VENV)/.installed bubblewrap
+setup: $(VENV)/.installed bubblewrap $(SANDBOX_PREFIX)/selfprog-runtime.txt
+
+$(SANDBOX_PREFIX)/selfprog-runtime.txt: $(VENV)/.installed sandbox/backends/runtime.py
+	bash scripts/sandbox-runtime.sh $(BIN)/python $(SANDBOX_PREFIX)
 
 bubblewrap:
 	bash scripts/bubblewrap.sh

@@ -167,6 +167,35 @@ def check_gpus(s: Settings) -> Check:
                  + (f" ({names[0]})" if names else ""))
 
 
+def check_sandbox_runtime(s: Settings) -> Check:
+    """The process sandbox's Python environment (sandbox/backends/runtime.py): there,
+    and holding nothing beyond the allow-list."""
+    from sandbox.backends import runtime
+    need = FAIL if s.sandbox_backend.startswith("process") else WARN
+    problems = runtime.check_runtime(s.sandbox_python_prefix)
+    if problems:
+        return Check("sandbox runtime", need, "; ".join(problems)[:300],
+                     "make setup (bash scripts/sandbox-runtime.sh) rebuilds it from the venv")
+    held = runtime.manifest(s.sandbox_python_prefix)
+    return Check("sandbox runtime", OK, f"{s.sandbox_python_prefix}: {len(held)} distributions, "
+                 f"all on the allow-list ({', '.join(runtime.ROOTS)} and their requirements)")
+
+
+def check_seccomp(s: Settings) -> Check:
+    """The harness's filter (sandbox/seccomp.py) exists for this architecture."""
+    import platform
+
+    from sandbox import seccomp
+    try:
+        n = len(seccomp.program()) // 8
+    except seccomp.SeccompUnavailable as e:
+        return Check("seccomp filter", FAIL, _first_line(e),
+                     "sandbox/seccomp.py knows x86_64 and aarch64 only")
+    return Check("seccomp filter", OK, f"{platform.machine()}: {n} BPF instructions; denies "
+                 + ", ".join(seccomp.DENIED[:8]) + f" and {len(seccomp.DENIED) - 8} more, "
+                 "namespace flags of clone")
+
+
 def pick_backend(s: Settings):
     """The backend this configuration gives (what a worker would build), and a Check."""
     from sandbox.backends import make_backend
@@ -177,43 +206,21 @@ def pick_backend(s: Settings):
     try:
         logging.getLogger("sandbox.backends").disabled = True   # doctor says it itself
         backend = make_backend(s.sandbox_backend, **kw)
-        if backend.name.startswith("process"):
-            backend.probe()
+        probe = getattr(backend, "probe", None)   # the process backends check here
+        if probe is not None:
+            probe()
     except Exception as e:   # noqa: BLE001
         shutil.rmtree(workroot, ignore_errors=True)
         return None, workroot, Check("sandbox backend", FAIL,
                                      f"{s.sandbox_backend!r} cannot run: {_first_line(e)}",
                                      "see the docker checks above; for the process backend "
                                      "install bubblewrap (apt-get install bubblewrap) and run "
-                                     "as root with the venv where other users can read it")
+                                     "as root with the venv where other users can read it; "
+                                     "make setup builds the sandbox runtime")
     finally:
         logging.getLogger("sandbox.backends").disabled = False
-    if backend.name.startswith("process"):
-        return backend, workroot, _process_check(s, backend)
-    return backend, workroot, Check("sandbox backend", OK,
-                                    f"{s.sandbox_backend!r} picks docker ({s.sandbox_image}"
-                                    + (f", runtime {s.sandbox_runtime}" if s.sandbox_runtime
-                                       else "") + "); confinement: docker")
-
-
-def _process_check(s: Settings, backend) -> Check:
-    """Which confinement the process backend has here: bubblewrap, or unconfined (a FAIL
-    unless asked for by name, `process-unconfined`, or with allow_unconfined)."""
-    confinement = backend.isolation.confinement
-    if confinement == "unconfined":
-        detail = ("confinement: unconfined, the local process backend WITHOUT bubblewrap: "
-                  "WEAKER isolation (host files, /tmp, /dev/shm, processes and compilers "
-                  "visible to candidates; no cgroup memory limit, no seccomp)")
-        asked = s.sandbox_backend == "process-unconfined" or s.allow_unconfined
-        return Check("sandbox backend", WARN if asked else FAIL, detail,
-                     "install bubblewrap and use --backend process, or Docker")
-    detail = ("confinement: bubblewrap, the local process backend (namespaces, a read-only "
-              "root of the interpreter only; WEAKER than a container: no cgroup memory "
-              "limit, no seccomp)")
-    if s.sandbox_backend == "auto":
-        return Check("sandbox backend", WARN, f"'auto' picks {detail}",
-                     "install the Docker engine and the sandbox image for container isolation")
-    return Check("sandbox backend", OK, detail)
+    status, detail, fix = backend.confinement_report(s.sandbox_backend, s.allow_unconfined)
+    return backend, workroot, Check("sandbox backend", status, detail, fix)
 
 
 def check_canary(s: Settings, backend) -> Check:
@@ -239,7 +246,8 @@ def run_checks(s: Settings, *, canary: bool = True) -> list[Check]:
             checks.append(Check("docker engine", FAIL if s.sandbox_backend == "docker" else WARN,
                                 _first_line(e), "bash scripts/docker-engine.sh"))
     redis_ok = True
-    for fn in (check_redis, check_workers, check_database, check_gpus):
+    for fn in (check_redis, check_workers, check_database, check_gpus, check_sandbox_runtime,
+               check_seccomp):
         if fn is check_workers and not redis_ok:
             checks.append(Check("workers", FAIL, "not checked: the broker does not answer"))
             continue

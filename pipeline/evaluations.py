@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -128,8 +127,9 @@ def backend_identity(settings) -> str:
         return backend().identity()      # the very backend this process runs jobs in
     kind = settings.sandbox_backend
     if kind in ("process", "process-unconfined"):
-        from sandbox.backends.process import interpreter_identity
-        return f"{kind}:{interpreter_identity(sys.executable)}"
+        from sandbox.backends import runtime   # every process sandbox runs the runtime's python
+        python = runtime.interpreter(settings.sandbox_python_prefix)
+        return f"{kind}:{runtime.interpreter_identity(python)}"
     try:
         from sandbox.backends.docker import connect, image_identity
         from sandbox.backends.docker_profile import DEFAULT_IMAGE

@@ -47,6 +47,9 @@ class Settings:
     sandbox_image: str = "selfprog-sandbox:latest"
     sandbox_runtime: str = ""                 # e.g. runsc (gVisor) for the docker backend
     sandbox_gpus: str = ""                    # "" none, "all", or "0,1": device ids
+    # The process backend's Python environment (sandbox/backends/runtime.py: the image's
+    # package set only, built by `make setup`); the trusted venv is never bound.
+    sandbox_python_prefix: str = "/opt/selfprog/sandbox-runtime"
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
@@ -483,4 +486,5 @@ def backend_kwargs(s: Settings) -> dict[str, Any]:
     from sandbox.backends import backend_options
     return backend_options(s.sandbox_backend, image=s.sandbox_image, runtime=s.sandbox_runtime,
                            gpus=s.sandbox_gpus, prewarm=s.sandbox_prewarm,
-                           allow_unconfined=s.allow_unconfined)
+                           allow_unconfined=s.allow_unconfined,
+                           python_prefix=s.sandbox_python_prefix)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from sandbox.guards import (CandidateError, Integrity, SetupError, Trusted, take_seal_key,
                             write_result)
+from sandbox import seccomp
 from sandbox.protocol import (GO_FILE, GO_POLL_S, JOB_FILE, OUT_DIR, PROGRESS_FILE, READY_FILE,
                               SETUP_ERROR_PREFIX, SETUP_EXIT_CODE)
 from sandbox.schema import (MAX_REASON_CHARS, PREDICTIONS_FILE, Declaration, Job, Result,
@@ -61,6 +62,11 @@ def main(jobdir: str | os.PathLike = ".") -> None:
             for name in set(os.environ) - set(env):   # torch's inductor sets a cache dir
                 del os.environ[name]
         integrity = Integrity()
+        if seccomp.wanted():   # no exec after start: before any candidate code is imported
+            try:
+                seccomp.install()
+            except seccomp.SeccompUnavailable as e:
+                raise SetupError(str(e)) from None
         result = run(job, root, trusted, integrity)
     except SetupError as e:
         sys.stderr.write(f"{SETUP_ERROR_PREFIX}{e}\n")

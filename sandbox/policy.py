@@ -100,6 +100,17 @@ FORBIDDEN_BUILTINS = frozenset({
 # Attribute access by string: with these every attribute rule below is moot.
 GETATTR_BUILTINS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
 
+# Library calls that evaluate or compile a string as code (the gate never looks inside
+# string constants): typing's annotation evaluation, torch.fx/export code generation,
+# torch.utils.benchmark's statements, sympy's parser (reached through torch), module
+# loaders. tests/sandbox/test_policy.py has a rejection example for every entry.
+STRING_EVALUATING_CALLS = frozenset({
+    "get_type_hints", "ForwardRef", "evaluate", "evaluate_forward_ref", "get_annotations",
+    "fx", "export", "benchmark", "Timer", "timeit", "jiterator", "sympify", "parse_expr",
+    "lambdify", "exec_module", "run_code", "cuda_extension", "inline", "codegen",
+    "collect_env", "utils_sympy", "compile_fx", "make_fx", "script", "trace",
+})
+
 # Attribute names that lead out of "build a model": file and pickle I/O, code loading,
 # hub downloads, other processes, and modules that torch/transformers/typing/collections
 # re-export as attributes (``torch.os``, ``typing.sys``), plus frame/code internals that
@@ -121,13 +132,8 @@ DENIED_ATTRIBUTES = frozenset({
     "func_globals", "mro",
     # format strings read attributes by name: "{0.__class__}".format(x)
     "format", "format_map",
-    # library calls that evaluate or compile a string as code (the gate never looks inside
-    # string constants): typing's annotation evaluation, torch.fx/export code generation,
-    # torch.utils.benchmark's statements, sympy's parser (reached through torch)
-    "get_type_hints", "ForwardRef", "evaluate", "evaluate_forward_ref", "get_annotations",
-    "fx", "export", "benchmark", "Timer", "timeit", "jiterator", "sympify", "parse_expr",
-    "lambdify", "exec_module", "run_code", "cuda_extension", "inline", "codegen",
-    "collect_env", "utils_sympy", "compile_fx", "make_fx", "script", "trace",
+    # library calls that evaluate or compile a string as code: STRING_EVALUATING_CALLS
+    *STRING_EVALUATING_CALLS,
     # file writing by allowed array types and configs (numpy through Tensor.numpy(),
     # torch, transformers): only the harness writes files in a sandbox
     "tofile", "dump", "dumps", "savez", "savez_compressed", "savetxt", "memmap",

@@ -24,7 +24,7 @@ import hmac
 # (sandbox/guards.py). Nothing else of the package goes in: the gate, the canary and
 # the backends are trusted-side code. A new module the harness needs must be named here.
 SANDBOX_MODULES = ("__init__", "protocol", "schema", "guards", "training", "lm_schedule",
-                   "finetune", "harness")
+                   "finetune", "seccomp", "harness")
 
 # Names in a job directory.
 JOB_FILE = "job.json"

@@ -13,25 +13,28 @@ confined (process.py with bwrap.py, docker.py with docker_profile.py).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-BACKENDS = ("auto", "docker", "process", "process-unconfined")
 
 
-class SandboxError(RuntimeError):
-    """The trusted side cannot run a job (bad input file, sandbox not usable)."""
+from sandbox.backends.errors import SandboxError  # noqa: F401  (re-exported)
 
 
 def backend_options(name: str, *, image: str | None = None, runtime: str | None = None,
                     gpus: str | None = None, prewarm: int = 0,
-                    allow_unconfined: bool = False) -> dict[str, Any]:
+                    allow_unconfined: bool = False,
+                    python_prefix: str | None = None) -> dict[str, Any]:
     """The constructor arguments of backend `name` from plain settings values (empty
     strings mean "not set"); `auto` gets those of every backend it may pick."""
     kw: dict[str, Any] = {"prewarm": int(prewarm or 0)}
     if name in ("process", "process-unconfined", "auto"):
         kw["allow_unconfined"] = bool(allow_unconfined)
+        if python_prefix:
+            kw["runtime_prefix"] = python_prefix
     if name in ("docker", "auto"):
         kw.update(image=image or None, runtime=runtime or None, gpus=gpus or None)
         if kw["image"] is None:
@@ -39,41 +42,62 @@ def backend_options(name: str, *, image: str | None = None, runtime: str | None 
     return kw
 
 
+@dataclass(frozen=True)
+class Registered:
+    """One backend: its class (imported only when used), whether it can run here
+    (`probe`, what `auto` asks) and what `selfprog-cli doctor` says of its confinement
+    (the class's `confinement_report`, on a built and probed backend)."""
+    name: str
+    module: str
+    cls: str
+
+    def load(self) -> type:
+        return getattr(importlib.import_module(self.module), self.cls)
+
+    def probe(self, **kw: Any) -> tuple[bool, str]:
+        """(can run here, why not): the class's `available`, no sandbox started."""
+        return self.load().available(**kw)
+
+
+# name -> backend; `auto` tries AUTO_ORDER and never picks process-unconfined.
+REGISTRY = {r.name: r for r in (
+    Registered("docker", "sandbox.backends.docker", "DockerBackend"),
+    Registered("process", "sandbox.backends.process", "ProcessBackend"),
+    Registered("process-unconfined", "sandbox.backends.process", "UnconfinedProcessBackend"),
+)}
+AUTO_ORDER = ("docker", "process")
+BACKENDS = ("auto", *REGISTRY)
+
+
 def make_backend(name: str, **kw: Any):
     """Build the backend called `name`; keyword arguments go to its constructor.
 
-    `auto` picks Docker where the engine and image are there, else the bubblewrap
-    `process` backend where bubblewrap is installed, else refuses: it never falls back
+    `auto` picks the first of AUTO_ORDER whose probe says it can run here (Docker where
+    the engine and image are there, else bubblewrap), else refuses: it never falls back
     to `process-unconfined`, which only its name gets."""
-    if name == "process":
-        from sandbox.backends.process import ProcessBackend
-        return ProcessBackend(**kw)
-    if name == "process-unconfined":
-        from sandbox.backends.process import UnconfinedProcessBackend
-        return UnconfinedProcessBackend(**kw)
-    if name in ("docker", "auto"):
-        from sandbox.backends.docker import DEFAULT_IMAGE, DockerBackend, docker_available
-        if name == "docker":
-            return DockerBackend(**_accepted(DockerBackend, kw))
-        ok, why = docker_available(kw.get("image") or DEFAULT_IMAGE)
+    if name in REGISTRY:
+        cls = REGISTRY[name].load()
+        return cls(**(kw if name.startswith("process") else _accepted(cls, kw)))
+    if name != "auto":
+        raise ValueError(f"unknown sandbox backend {name!r}; known: {', '.join(BACKENDS)}")
+    why_not = []
+    for candidate in AUTO_ORDER:
+        ok, why = REGISTRY[candidate].probe(**kw)
         if ok:
-            return DockerBackend(**_accepted(DockerBackend, kw))
-        from sandbox.backends.bwrap import BwrapMissing, find_bwrap
-        from sandbox.backends.process import ProcessBackend
-        try:
-            find_bwrap(kw.get("bwrap"))
-        except BwrapMissing:
-            raise SandboxError(
-                f"sandbox backend 'auto' has nothing that confines here: Docker cannot run "
-                f"({why}) and bubblewrap (bwrap) is not installed. Install the Docker engine "
-                "(bash scripts/docker-engine.sh) or bubblewrap (apt-get install bubblewrap), "
-                "or pass --backend process-unconfined explicitly (WEAKER isolation: "
-                "SECURITY.md)") from None
-        logging.getLogger(__name__).warning(
-            "sandbox backend 'auto': %s; using the bubblewrap process backend, whose "
-            "isolation is WEAKER than a container's (no cgroup memory limit, no seccomp)", why)
-        return ProcessBackend(**_accepted(ProcessBackend, kw))
-    raise ValueError(f"unknown sandbox backend {name!r}; known: {', '.join(BACKENDS)}")
+            if why_not:
+                logging.getLogger(__name__).warning(
+                    "sandbox backend 'auto': %s; using the bubblewrap process backend, whose "
+                    "isolation is WEAKER than a container's (no cgroup memory limit)",
+                    "; ".join(why_not))
+            cls = REGISTRY[candidate].load()
+            return cls(**_accepted(cls, kw))
+        why_not.append(why)
+    raise SandboxError(
+        f"sandbox backend 'auto' has nothing that confines here: Docker cannot run "
+        f"({why_not[0]}) and bubblewrap (bwrap) is not installed. Install the Docker engine "
+        "(bash scripts/docker-engine.sh) or bubblewrap (apt-get install bubblewrap), "
+        "or pass --backend process-unconfined explicitly (WEAKER isolation: "
+        "SECURITY.md)")
 
 
 def _accepted(cls, kw: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from sandbox.backends.staging import check_inputs, cleanup
 from sandbox.backends.warm import WARM_MAX_AGE_S, WarmPool, WarmSandbox, discard
 from sandbox.backends.watch import Stopped, Watch, Watching
 from sandbox.schema import Job, Result
+from sandbox.seccomp import ENV as SECCOMP_ENV
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ SABOTAGE_PROPERTIES = {
     "capabilities": "docker: the engine's default capabilities instead of none",
     "no-new-privileges": "no PR_SET_NO_NEW_PRIVS (docker: no no-new-privileges)",
     "ipc": "docker: the host's IPC namespace",
+    "runtime": "process: the trusted virtual environment (data sets, pipeline and all) "
+               "instead of the sandbox runtime",
+    "seccomp": "no seccomp filter from the harness (sandbox/seccomp.py): exec and the "
+               "namespace, mount, ptrace, bpf... calls are allowed again",
     "bwrap": "process: no bubblewrap (the host's filesystem, /tmp, /dev/shm, processes and "
              "compilers are the sandbox's, as with process-unconfined)",
 }
@@ -102,10 +107,12 @@ def sabotage_enabled() -> bool:
     return bool(sabotaged_properties())
 
 
-def job_env(tmp: str, threads: int) -> dict[str, str]:
+def job_env(tmp: str, threads: int, seccomp: bool = True) -> dict[str, str]:
     """A sandbox's environment, built from nothing: no variable of the host (tokens, DB
-    URLs, proxies) leaks in. `tmp` is its HOME, TMPDIR and cache dir."""
-    return {
+    URLs, proxies) leaks in. `tmp` is its HOME, TMPDIR and cache dir. `seccomp=False`
+    (TEST ONLY, SELFPROG_SABOTAGE) tells the harness not to install its filter."""
+    off = {} if seccomp else {SECCOMP_ENV: "off"}
+    return {**off,
         "HOME": tmp, "TMPDIR": tmp, "XDG_CACHE_HOME": f"{tmp}/.cache",
         "TORCH_HOME": f"{tmp}/torch", "HF_HOME": f"{tmp}/hf", "MPLCONFIGDIR": f"{tmp}/mpl",
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),

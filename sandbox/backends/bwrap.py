@@ -14,8 +14,9 @@ bubblewrap then gives it:
   is left in the PID namespace;
 * a read-only root made of nothing but what the interpreter needs: the multiarch
   library directory and the loader (/usr/lib/<multiarch>, /usr/lib64), the interpreter
-  binary, its standard library, its prefix (the venv, site-packages and all),
-  /etc/ld.so.cache, and SHELL_TOOLS (sh, cat, sleep, env). No compiler, assembler or linker,
+  binary, its standard library, the sandbox runtime's prefix (sandbox/backends/runtime.py:
+  the image's package set only; never the trusted virtual environment, which holds the
+  data sets and their labels), /etc/ld.so.cache, and SHELL_TOOLS (sh, cat, sleep, env). No compiler, assembler or linker,
   no /home, /root, /work, /var, /etc beyond that one file, no host /tmp or /dev/shm;
 * a fresh /proc (only the sandbox's processes) and a minimal /dev (null, zero, random,
   urandom, full, tty, pts) remounted read-only, plus the GPU device nodes for a job
@@ -26,11 +27,10 @@ bubblewrap then gives it:
 The job directory is bound as a directory, not copied: a pre-warmed sandbox sees the
 files the backend stages into it later (staging.stage_job).
 
-Residual (measured by tests/attacks/test_attacks.py, SECURITY.md): bubblewrap 0.8 has
-no noexec for its tmpfs mounts, and the writable binds keep the host file system's
-flags, so a file the candidate writes itself (bytes it carries) can be executed; and
-ctypes runs machine code in-process anyway. Native code gets exactly the interpreter's
-confinement.
+bubblewrap 0.8 has no noexec for its tmpfs mounts and the writable binds keep the host
+file system's flags; a file the candidate writes is still not run, since the harness's
+seccomp filter (sandbox/seccomp.py) denies execve. ctypes runs machine code in-process
+anyway: native code gets exactly the interpreter's confinement (SECURITY.md).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from sandbox.backends.runtime import stdlib_dirs
 from sandbox.protocol import OUT_DIR, TMP_DIR
 
 # The same sizes as the Docker profile's (sandbox/backends/docker_profile.py):
@@ -76,7 +77,7 @@ def find_bwrap(path: str | None = None) -> str:
 
 
 def bwrap_argv(bwrap: str, argv: list[str], *, jobdir: Path, python: str, gpu: bool,
-               network: bool = False) -> list[str]:
+               network: bool = False, prefix: str | None = None) -> list[str]:
     """The bubblewrap command that runs `argv` in `jobdir` (see the module docstring).
     `network=True` only for SELFPROG_SABOTAGE=network (tests)."""
     jobdir = Path(jobdir)
@@ -87,7 +88,7 @@ def bwrap_argv(bwrap: str, argv: list[str], *, jobdir: Path, python: str, gpu: b
     args += ["--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
              "--perms", "1777", "--size", str(TMP_MB << 20), "--tmpfs", "/tmp"]
-    args += root_args(python)     # after /tmp: an interpreter may live under it
+    args += root_args(python, prefix)     # after /tmp: an interpreter may live under it
     if gpu:
         for pattern in GPU_DEVICES:
             for dev in sorted(glob.glob(pattern)):
@@ -102,10 +103,11 @@ def bwrap_argv(bwrap: str, argv: list[str], *, jobdir: Path, python: str, gpu: b
     return args
 
 
-def root_args(python: str) -> list[str]:
-    """Read-only binds of what `python` needs: its symlink chain, its prefix, this
-    interpreter's standard library, the libraries and loader, SHELL_TOOLS; the /bin, /lib, /lib64
-    links of a merged-/usr host."""
+def root_args(python: str, prefix: str | None = None) -> list[str]:
+    """Read-only binds of what `python` needs: its symlink chain, `prefix` (the sandbox
+    runtime; None: the venv `python` is in), the system Python's standard library, the
+    libraries and loader, SHELL_TOOLS; the /bin, /lib, /lib64 links of a merged-/usr host.
+    Not this interpreter's own prefix: that is the trusted environment."""
     args: list[str] = []
     seen: set[str] = set()
 
@@ -129,23 +131,22 @@ def root_args(python: str) -> list[str]:
                 args.extend(["--symlink", target, p])
             p = os.path.normpath(os.path.join(os.path.dirname(p), target))
 
-    # `python` and this interpreter (the same one, unless `python` wraps it): each with
-    # its prefix (a venv: site-packages and all).
-    for prefix in (_venv_root(python), sys.prefix):
-        if prefix:
-            bind(prefix)
+    prefix = prefix or _venv_root(python)
+    if prefix:
+        bind(prefix)
     multiarch = sysconfig.get_config_var("MULTIARCH")
     if multiarch:
         bind(f"/usr/lib/{multiarch}")
     for d in LIB_DIRS:
         bind(d)
-    for key in ("stdlib", "platstdlib"):
-        bind(sysconfig.get_paths()[key])
+    for d in stdlib_dirs():
+        bind(d)
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir and libdir not in ("/usr/lib", "/usr/lib64"):   # a /usr/local or /opt build
         bind(libdir)
     bind_chain(python)
-    bind_chain(sys.executable)
+    # The runtime's interpreter links to the system one (sys._base_executable's target).
+    bind_chain(os.path.realpath(sys._base_executable))
     for tool in SHELL_TOOLS:
         bind_chain(os.path.join(TOOL_DIR, tool))
     for f in ETC_FILES:

@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sandbox.backends import SandboxError
+from sandbox.backends.errors import SandboxError
 from sandbox.backends.base import RUNNING, Backend, Outcome, Run, sabotaged
 from sandbox.backends.collect import LOG_TAIL_BYTES
 from sandbox.backends.docker_profile import (DEFAULT_IMAGE, LABEL_OWNER, LABEL_PID,
@@ -294,6 +294,17 @@ class DockerBackend(Backend):
     """
 
     name = "docker"
+
+    @classmethod
+    def available(cls, image: str | None = None, **_: object) -> tuple[bool, str]:
+        """Whether the engine and the image are there (`auto`), nothing started."""
+        return docker_available(image or DEFAULT_IMAGE)
+
+    def confinement_report(self, requested: str, allow_unconfined: bool) -> tuple[str, str, str]:
+        """(ok, detail, fix) for `selfprog-cli doctor`."""
+        return ("ok", f"{requested!r} picks docker ({self.spec.image}"
+                + (f", runtime {self.spec.runtime}" if self.spec.runtime else "")
+                + "); confinement: docker, the harness's seccomp filter inside", "")
 
     def __init__(self, image: str = DEFAULT_IMAGE, workroot: Path | str | None = None,
                  runtime: str | None = None, gpus: str | None = None, client=None,

@@ -24,8 +24,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from sandbox.backends import SandboxError
-from sandbox.backends.base import job_env, sabotaged_properties
+from sandbox.backends.errors import SandboxError
+from sandbox.backends.base import SECCOMP_ENV, job_env, sabotaged, sabotaged_properties
 from sandbox.protocol import HARNESS_COMMAND, JOB_FILE, WARM_COMMAND
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,10 @@ def warm_command(model_kind: str = "t5", device: str = "auto") -> list[str]:
 
 
 def sandbox_env(threads: int = 1) -> dict[str, str]:
-    """The whole environment of a sandbox (the image adds PATH and LANG)."""
-    return job_env("/job/tmp", threads)
+    """The whole environment of a sandbox (the image adds PATH and LANG). The harness's
+    seccomp filter needs no-new-privileges: without it (TEST ONLY) there is none."""
+    return job_env("/job/tmp", threads,
+                   seccomp=not (sabotaged("seccomp") or sabotaged("no-new-privileges")))
 
 
 def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, owner: str,
@@ -170,7 +172,9 @@ def hardened_config(*, image: str, jobdir: Path, workroot: Path, job_id: str, ow
     if uid <= 0 or gid <= 0:
         raise HardeningError("a sandbox never runs as root")
     env = dict(env if env is not None else sandbox_env())
-    bad_env = sorted(set(env) - ALLOWED_ENV)
+    # TEST ONLY: the harness's seccomp switch exists only under SELFPROG_SABOTAGE
+    allowed_env = ALLOWED_ENV | ({SECCOMP_ENV} if sabotaged_properties() else set())
+    bad_env = sorted(set(env) - allowed_env)
     if bad_env:
         raise HardeningError(f"environment variables {bad_env} are not allowed in a sandbox")
     if runtime is not None and not _RUNTIME.match(runtime):

@@ -30,7 +30,7 @@ What confines a run in both:
 
 Weaker than the Docker backend in both (SECURITY.md; `isolation` reports it): memory is
 bounded as *address space* (RLIMIT_AS = memory_mb + headroom for what torch reserves but
-does not touch), not as resident memory with a cgroup; no seccomp filter; no CPU quota
+does not touch), not as resident memory with a cgroup; no seccomp profile of its own (the harness installs sandbox/seccomp.py in both); no CPU quota
 (RLIMIT_CPU is a backstop, the deadline is the limit). process-unconfined also leaves
 the host filesystem visible (world-readable files are readable, /tmp and /dev/shm are
 writable and outlive the job), shows the host's processes and its compilers.
@@ -60,8 +60,6 @@ PR_SET_PDEATHSIG). Needs root with the uid drop; elsewhere every job runs cold.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import logging
 import math
@@ -77,50 +75,25 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sandbox.backends import SandboxError
-from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, job_env,
-                                   sabotage_enabled, sabotaged, sabotaged_properties)
-from sandbox.backends.bwrap import BWRAP_PROCESSES, BwrapMissing, bwrap_argv, find_bwrap
+from sandbox.backends import runtime
+from sandbox.backends.errors import SandboxError
+from sandbox.backends.base import (RUNNING, Backend, NotStarted, Outcome, Run, sabotage_enabled,
+                                   sabotaged, sabotaged_properties)
+from sandbox.backends.bwrap import BwrapMissing, find_bwrap
 from sandbox.backends.collect import LOG_TAIL_BYTES, read_tail
-from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, pick_uid, release_uid,
+from sandbox.backends.process_tree import (cpu_seconds, kill_run, kill_uid, peak_rss_kb, pick_uid,
                                            sandboxed_pid, set_cpu_limit, set_priority)
-from sandbox.backends.staging import cleanup, stage, stage_job, stage_skeleton
+from sandbox.backends.process_spawn import (CLONE_NEWNET, CLONE_NEWUSER, WarmProcess, _libc,
+                                            job_rlimits, preexec, sandbox_env,
+                                            spawn_warm_process, wrap)
+from sandbox.backends.staging import stage, stage_job
 from sandbox.backends.warm import WARM_MAX_AGE_S, imports_of
-from sandbox.protocol import (HARNESS_COMMAND, OUT_DIR, STDERR_FILE, STDOUT_FILE, TMP_DIR,
-                              WARM_COMMAND)
+from sandbox.protocol import HARNESS_COMMAND, OUT_DIR, STDERR_FILE, STDOUT_FILE, TMP_DIR
 from sandbox.schema import Job
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
-CLONE_NEWUSER = 0x10000000
-PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
-
-# Address space that `import torch, transformers` and a small training step reserve
-# without using. Measured here (torch 2.14.1 CPU path, transformers 5.24, Python 3.11):
-# VmPeak 3.24 GB right after the imports (0.75 GB resident), 3.7 GB after a few steps
-# of a tiny T5 with one thread, 3.9 GB with two (each thread adds stacks and a malloc
-# arena). So a job's RLIMIT_AS is memory_mb + 4 GiB + 256 MiB per thread.
-AS_HEADROOM_MB = 4096
-AS_PER_THREAD_MB = 256
-MAX_OPEN_FILES = 256
-WARM_CPU_S = 600                 # CPU seconds a pre-warmed sandbox may spend before "go"
-# A pre-warmed sandbox imports at this niceness until "go" gives it the job's (0): a
-# refill started when a job takes a sandbox then uses mostly the CPU that job leaves
-# idle instead of slowing it (bench/bench_declare.py measures the two-step evaluation,
-# which takes two sandboxes at a time).
-WARM_NICE = 10
-HARNESS_FOUND_S = 5.0            # how long a spawn looks for its harness process to renice
-
-_libc = ctypes.CDLL(None, use_errno=True)   # loaded here: never dlopen after fork
-
-# TEST ONLY: the SELFPROG_SABOTAGE property (base.py) that switches each rlimit off.
-_RLIMIT_PROPERTY = {resource.RLIMIT_AS: "memory", resource.RLIMIT_CPU: "cpu",
-                    resource.RLIMIT_NPROC: "pids", resource.RLIMIT_FSIZE: "file-size",
-                    resource.RLIMIT_NOFILE: "open-files", resource.RLIMIT_CORE: "core"}
-
-
+RUNTIME_ENV = "SELFPROG_SANDBOX_PYTHON_PREFIX"   # Settings.sandbox_python_prefix
 UNCONFINED_WARNING = (
     "process-unconfined: candidates run WITHOUT bubblewrap, WEAKER isolation: the host's "
     "world-readable files, /tmp, /dev/shm, processes and compilers are the sandbox's "
@@ -145,18 +118,6 @@ class Isolation:
                 "python_ok": self.python_ok, "warnings": list(self.warnings)}
 
 
-USAGE_SAMPLE_S = 0.05           # how often a running harness's CPU and memory are read
-
-
-def peak_rss_kb(pid: int) -> int:
-    """A process's peak resident set size (VmHWM), in KiB, from /proc."""
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
 @dataclass(eq=False)
 class RunInfo(Run):
     """One process-backend run (`last_run`): its uid, its harness process."""
@@ -171,18 +132,25 @@ class RunInfo(Run):
     sandbox: "WarmProcess | None" = field(default=None, repr=False)   # when warm
 
 
+USAGE_SAMPLE_S = 0.05           # how often a running harness's CPU and memory are read
+
+
 class ProcessBackend(Backend):
     """The `process` backend: every sandbox under bubblewrap (sandbox/backends/bwrap.py);
     refuses to start where bubblewrap is missing or cannot make its namespaces."""
     name = "process"
     confine = True               # run every sandbox under bubblewrap
 
-    def __init__(self, workroot: Path | str | None = None, python: str = sys.executable,
-                 uid_base: int = 200_000, allow_unconfined: bool = False,
+    def __init__(self, workroot: Path | str | None = None, python: str | None = None,
+                 runtime_prefix: str | None = None, uid_base: int = 200_000, allow_unconfined: bool = False,
                  uid_range: int = 100_000, keep_jobdirs: bool = False, prewarm: int = 0,
                  prewarm_max_age_s: float = WARM_MAX_AGE_S, bwrap: str | None = None):
         self.workroot = Path(workroot) if workroot else Path(tempfile.gettempdir()) / "selfprog-sandbox"
-        self.python = python
+        # The sandbox runtime (sandbox/backends/runtime.py), never this interpreter's
+        # environment; `python` (tests: a wrapper) runs instead of its interpreter.
+        self.runtime_prefix = (runtime_prefix or os.environ.get(RUNTIME_ENV)
+                               or runtime.DEFAULT_PREFIX)
+        self.python = python or runtime.interpreter(self.runtime_prefix)
         self.uid_base = uid_base
         self.uid_range = uid_range
         self.allow_unconfined = allow_unconfined
@@ -190,10 +158,39 @@ class ProcessBackend(Backend):
         self.isolation: Isolation | None = None
         self._wrapper: str | None = None  # the bwrap in use (None: unconfined)
         self._lock = threading.Lock()
-        spawn = partial(spawn_warm_process, python=self.python, workroot=self.workroot,
-                        uid_base=uid_base, uid_range=uid_range)
+        spawn = partial(spawn_warm_process, workroot=self.workroot, uid_base=uid_base,
+                        uid_range=uid_range)
         super().__init__(keep_jobdirs=keep_jobdirs, prewarm=prewarm,
                          prewarm_max_age_s=prewarm_max_age_s, spawn=spawn)
+
+    # ------------------------------------------------------------------ registry
+    @classmethod
+    def available(cls, bwrap: str | None = None, **_: object) -> tuple[bool, str]:
+        """Whether this backend can run here without starting anything (`auto`)."""
+        try:
+            find_bwrap(bwrap)
+        except BwrapMissing as e:
+            return False, str(e)
+        return True, ""
+
+    def confinement_report(self, requested: str, allow_unconfined: bool) -> tuple[str, str, str]:
+        """(ok | warn | fail, detail, fix) for `selfprog-cli doctor`, after `probe`."""
+        rt = (f"; sandbox runtime {self.runtime_prefix} "
+              f"({len(runtime.manifest(self.runtime_prefix))} distributions of the allow-list)")
+        if self.isolation.confinement == "unconfined":
+            detail = ("confinement: unconfined, the local process backend WITHOUT bubblewrap: "
+                      "WEAKER isolation (host files, /tmp, /dev/shm, processes and compilers "
+                      "visible to candidates; no cgroup memory limit)" + rt)
+            asked = requested == "process-unconfined" or allow_unconfined
+            return ("warn" if asked else "fail", detail,
+                    "install bubblewrap and use --backend process, or Docker")
+        detail = ("confinement: bubblewrap, the local process backend (namespaces, a read-only "
+                  "root of the interpreter and the sandbox runtime only, the harness's seccomp "
+                  "filter; WEAKER than a container: no cgroup memory limit)" + rt)
+        if requested == "auto":
+            return ("warn", f"'auto' picks {detail}",
+                    "install the Docker engine and the sandbox image for container isolation")
+        return "ok", detail, ""
 
     # ------------------------------------------------------------------ probing
     def probe(self) -> Isolation:
@@ -208,6 +205,13 @@ class ProcessBackend(Backend):
                 return self.isolation
             iso = Isolation(confinement="bubblewrap" if self.confine else "unconfined")
             root = os.geteuid() == 0
+            if not sabotaged("runtime"):   # TEST ONLY: see base.py
+                problems = runtime.check_runtime(self.runtime_prefix)
+                if problems:
+                    raise SandboxError("the sandbox runtime is not usable: " + "; ".join(problems))
+            else:
+                self.runtime_prefix = sys.prefix   # the trusted venv, data sets and all
+                self.python = sys.executable
             if self.confine and not sabotaged("bwrap"):   # TEST ONLY: see base.py
                 try:
                     self._wrapper = find_bwrap(self.bwrap)
@@ -284,7 +288,7 @@ class ProcessBackend(Backend):
             try:
                 proc = subprocess.run(
                     wrap(self._wrapper, argv, Path(tmp), python=self.python, gpu=False,
-                         netns=netns),
+                         netns=netns, prefix=self.runtime_prefix),
                     cwd=tmp, env=self._env(Path(tmp) / TMP_DIR, 1),
                     stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
                     preexec_fn=self._preexec(uid, netns and not self._wrapper, rlimits=[]),
@@ -345,7 +349,7 @@ class ProcessBackend(Backend):
         limits = tuple((res, v) for res, v in self._rlimits(job, self._wrapper is not None)
                        if res != resource.RLIMIT_CPU)
         return (limits, threads, *imports_of(job), self.isolation.netns, self._wrapper,
-                self.python)
+                self.python, self.runtime_prefix)
 
     def _stage(self, job: Job) -> Path:
         uid = pick_uid(self.uid_base, self.uid_range) if self.isolation.uid_drop else None
@@ -364,7 +368,8 @@ class ProcessBackend(Backend):
                 argv = [self.python, "-I", "-c", HARNESS_COMMAND]
                 proc = subprocess.Popen(
                     wrap(self._wrapper, argv, jobdir, python=self.python,
-                         gpu=imports_of(job)[1] != "cpu", netns=self.isolation.netns),
+                         gpu=imports_of(job)[1] != "cpu", netns=self.isolation.netns,
+                         prefix=self.runtime_prefix),
                     cwd=jobdir, env=self._env(jobdir / TMP_DIR, threads),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
                     start_new_session=True,
@@ -396,7 +401,7 @@ class ProcessBackend(Backend):
                        proc=proc, sandbox=warm, cpu_at_go=warmed, harness_pid=harness)
 
     def identity(self) -> str:
-        return f"{self.name}:{interpreter_identity(self.python)}"
+        return f"{self.name}:{runtime.interpreter_identity(self.python)}"
 
     def _wait_for_exit(self, run: RunInfo, timeout: float):
         deadline = time.monotonic() + timeout
@@ -443,86 +448,9 @@ class ProcessBackend(Backend):
                 read_tail(run.jobdir / STDERR_FILE, LOG_TAIL_BYTES))
 
     # ------------------------------------------------------------------ confinement
-    @staticmethod
-    def _env(tmp: Path, threads: int) -> dict[str, str]:
-        host = dict(os.environ) if sabotaged("env") else {}   # TEST ONLY: see base.py
-        return {**host, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **job_env(str(tmp), threads)}
-
-    @staticmethod
-    def _rlimits(job: Job, wrapped: bool = False) -> list[tuple[int, int]]:
-        """The job's rlimits; `wrapped`: under bubblewrap, whose own processes count."""
-        lim = job.limits
-        threads = int(job.params.get("num_threads", 1))
-        mb = 1024 * 1024
-        cpu = math.ceil(lim.timeout_s * max(1.0, lim.cpus, threads)) + 5
-        wrapper_procs = BWRAP_PROCESSES if wrapped else 0
-        wanted = [
-            (resource.RLIMIT_AS, (lim.memory_mb + AS_HEADROOM_MB + AS_PER_THREAD_MB * threads) * mb),
-            (resource.RLIMIT_CPU, cpu),
-            (resource.RLIMIT_NPROC, lim.pids + wrapper_procs),
-            (resource.RLIMIT_FSIZE, lim.output_mb * mb),
-            (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
-            (resource.RLIMIT_CORE, 0),
-        ]
-        out = []
-        for res, value in wanted:
-            if sabotaged(_RLIMIT_PROPERTY[res]):   # TEST ONLY: see base.py
-                continue
-            _, hard = resource.getrlimit(res)
-            # Never above our own hard limit (as non-root we could not raise it anyway).
-            out.append((res, value if hard == resource.RLIM_INFINITY else min(value, hard)))
-        return out
-
-    @staticmethod
-    def _preexec(uid: int | None, netns: bool, rlimits: list[tuple[int, int]], nice: int = 0):
-        """The child's set-up between fork and exec, in this order: network namespace
-        (needs root, so first; unconfined only: bubblewrap makes its own), no-new-privs,
-        rlimits (as root we may set any value), niceness, drop groups, gid and uid, then the
-        parent-death signal (a credential change would clear it). Then bubblewrap, as
-        the job uid, builds the rest (sandbox/backends/bwrap.py)."""
-        root = os.geteuid() == 0
-        flags = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
-        no_new_privs = not sabotaged("no-new-privileges")   # TEST ONLY: see base.py
-
-        def setup() -> None:
-            if netns and _libc.unshare(flags) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(network namespace) failed")
-            if no_new_privs and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-            os.umask(0o077)
-            for res, value, *hard in rlimits:     # (res, value) or (res, soft, hard)
-                resource.setrlimit(res, (value, hard[0] if hard else value))
-            if nice:
-                os.nice(nice)
-            if uid is not None:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            # After the uid change: changing credentials clears the parent-death signal.
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        return setup
-
-
-_identities: dict[str, str] = {}
-
-
-def interpreter_identity(python: str) -> str:
-    """A digest of the interpreter a sandbox runs and the packages of its prefix: its
-    resolved path, the interpreter binary's size and mtime, and every installed
-    distribution's name and version (the *.dist-info directory names). Another torch or
-    a rebuilt venv gives another digest. Computed once per interpreter and process."""
-    if python not in _identities:
-        h = hashlib.sha256()
-        exe = Path(python)
-        real = exe.resolve()
-        st = real.stat()
-        h.update(f"{real}\0{st.st_size}\0{int(st.st_mtime)}\0".encode())
-        prefix = exe.absolute().parent.parent        # a venv's or an installation's prefix
-        for dist in sorted(p.name for p in prefix.glob("lib/python*/site-packages/*.dist-info")):
-            h.update(dist.encode() + b"\0")
-        _identities[python] = h.hexdigest()[:32]
-    return _identities[python]
-
+    _env = staticmethod(sandbox_env)
+    _rlimits = staticmethod(job_rlimits)
+    _preexec = staticmethod(preexec)
 
 class UnconfinedProcessBackend(ProcessBackend):
     """`process-unconfined`: the process backend without bubblewrap (per-job uid, network
@@ -535,111 +463,6 @@ class UnconfinedProcessBackend(ProcessBackend):
         super().__init__(*args, **kw)
         log.warning("%s", UNCONFINED_WARNING)
 
-
-def wrap(wrapper: str | None, argv: list[str], jobdir: Path, *, python: str, gpu: bool,
-         netns: bool) -> list[str]:
-    """`argv` under bubblewrap (`wrapper`, its path), or as it is when unconfined."""
-    if wrapper is None:
-        return argv
-    return bwrap_argv(wrapper, argv, jobdir=jobdir, python=python, gpu=gpu, network=not netns)
-
-
-@dataclass(eq=False)
-class WarmProcess:
-    """One pre-warmed process sandbox (a `warm.WarmSandbox`): started, importing or
-    waiting for "go"; no job yet."""
-    proc: subprocess.Popen
-    uid: int
-    jobdir: Path
-    key: tuple
-    born: float
-    ready_r: int            # read end of the pipe warm_main writes one byte to when ready
-    ready: bool = False
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def is_ready(self) -> bool:
-        if not self.ready and self.ready_r >= 0:
-            try:
-                self.ready = os.read(self.ready_r, 1) == b"r"
-            except OSError:   # nothing yet (EAGAIN)
-                pass
-        return self.ready
-
-    def release(self) -> None:
-        """After its job (kill_run done): free its fds and its uid."""
-        if self.ready_r >= 0:
-            os.close(self.ready_r)
-            self.ready_r = -1
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()   # EOF: a sandbox still waiting leaves by itself
-        except OSError:
-            pass
-        release_uid(self.uid)
-
-    def destroy(self) -> None:
-        kill_run(self.proc, self.uid)
-        self.release()
-        cleanup(self.jobdir)
-
-
-def spawn_warm_process(key: tuple, *, python: str, workroot: Path, uid_base: int,
-                       uid_range: int) -> WarmProcess:
-    """Start one pre-warmed sandbox for profile `key` (ProcessBackend._profile), confined
-    as a job of that profile would be. Runs in the pool's thread, which is the parent of
-    every sandbox it starts, so they die with it (PR_SET_PDEATHSIG)."""
-    limits, threads, model_kind, device, netns, wrapper, _ = key
-    uid = pick_uid(uid_base, uid_range, reserve=True)
-    jobdir = None
-    ready_r = ready_w = -1
-    try:
-        jobdir = stage_skeleton(workroot, "warm-", uid=uid, gid=uid)
-        ready_r, ready_w = os.pipe()
-        os.set_blocking(ready_r, False)
-        _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
-        # The job's limits, except CPU: the warm-up's own allowance until "go" sets
-        # the job's (hard limit ours until then: only the harness runs before "go").
-        rlimits = [*limits, (resource.RLIMIT_CPU, WARM_CPU_S, cpu_hard)]
-        stdout_path, stderr_path = jobdir / STDOUT_FILE, jobdir / STDERR_FILE
-        with open(stdout_path, "xb") as out, open(stderr_path, "xb") as err:
-            os.chmod(stdout_path, 0o600)
-            os.chmod(stderr_path, 0o600)
-            argv = [python, "-I", "-c", WARM_COMMAND, model_kind, device, str(ready_w)]
-            proc = subprocess.Popen(
-                wrap(wrapper, argv, jobdir, python=python, gpu=device != "cpu", netns=netns),
-                cwd=jobdir, env=ProcessBackend._env(jobdir / "tmp", threads),
-                stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
-                pass_fds=(ready_w,), start_new_session=True,
-                preexec_fn=ProcessBackend._preexec(uid, netns and not wrapper, rlimits,
-                                                   nice=WARM_NICE))
-    except BaseException:
-        for fd in (ready_r, ready_w):
-            if fd >= 0:
-                os.close(fd)
-        if jobdir is not None:
-            cleanup(jobdir)
-        release_uid(uid)
-        raise
-    os.close(ready_w)
-    warm = WarmProcess(proc=proc, uid=uid, jobdir=jobdir, key=key,
-                       born=time.monotonic(), ready_r=ready_r)
-    _lower_priority(warm, wrapper)
-    return warm
-
-
-def _lower_priority(warm: "WarmProcess", wrapper: str | None) -> None:
-    """The warm-up at WARM_NICE for its whole session (process_tree.set_priority): the
-    session is the harness's, which bubblewrap makes (--new-session) just before it
-    starts the interpreter, so wait for that process. Not found in time: the process
-    niceness from `_preexec` still applies."""
-    deadline = time.monotonic() + HARNESS_FOUND_S
-    while warm.alive() and time.monotonic() < deadline:
-        try:
-            harness = sandboxed_pid(warm.proc.pid) if wrapper else warm.proc.pid
-            set_priority(harness, warm.uid, WARM_NICE)
-            return
-        except (SandboxError, OSError):
-            time.sleep(0.01)
-    log.debug("pre-warmed sandbox %r: no harness process to renice", warm)
+    @classmethod
+    def available(cls, **_: object) -> tuple[bool, str]:
+        return True, ""

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 
-from sandbox.backends import SandboxError
+from sandbox.backends.errors import SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,15 @@ def cpu_seconds(pid: int) -> float:
         line = f.read().decode(errors="replace")
     fields = line[line.rfind(")") + 2:].split()     # field 3 onward
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+
+
+def peak_rss_kb(pid: int) -> int:
+    """A process's peak resident set size (VmHWM), in KiB, from /proc."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def set_cpu_limit(pid: int, uid: int, seconds: int) -> None:

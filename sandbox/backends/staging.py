@@ -33,7 +33,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sandbox.backends import SandboxError
+from sandbox.backends.errors import SandboxError
 from sandbox.protocol import (IN_DIR, JOB_FILE, LIB_DIR, OUT_DIR, SEAL_KEY_FILE, TMP_DIR,
                               module_files)
 from sandbox.schema import Job

@@ -319,7 +319,64 @@ def check_native(ctx, r):
 def check_no_exec(ctx, r):
     rep = report(r)
     ran = {d: v for d, v in rep.items() if v.startswith("RAN")}
-    assert not ran, f"a binary the sandbox wrote ran: {ran}"
+    assert not ran, f"{sabotage.RAN_WRITTEN}: {ran}"
+
+
+# Never importable in a sandbox: the trusted pipeline, the data sets with their labels,
+# the service clients (the route the process backend had when it bound the trusted venv).
+NEVER_IMPORTABLE = {"pipeline", "mlxtend", "sklearn", "scipy", "pandas", "celery", "kombu",
+                    "sqlalchemy", "alembic", "psycopg2", "redis", "docker", "pytest"}
+# Data-set files (any of these outside the job directory could hold labels).
+DATA_SUFFIXES = (".csv", ".csv.gz", ".npz", ".npy", ".pkl", ".joblib", ".arff", ".mat",
+                 "-ubyte", "-ubyte.gz", ".safetensors", ".pt")
+# Docker: the image's venv tools, beyond the runtime's set (Dockerfile.sandbox's venv:
+# pip, wheel and its older setuptools' pkg_resources).
+IMAGE_TOOLS = {"pip", "wheel", "pkg_resources"}
+
+
+def _inventory(r: Result) -> dict:
+    line = [ln for ln in r.logs.splitlines() if ln.startswith("INVENTORY ")]
+    assert line, (r.status, r.reason, r.logs[-2000:])
+    return json.loads(line[-1][len("INVENTORY "):])
+
+
+def check_inventory(ctx, r):
+    """What the sandbox can import and read, against the documented allow-list: the
+    standard library, the runtime's distributions (sandbox/backends/runtime.py ALLOWED)
+    and the staged harness; files only under what bubblewrap binds (process) or the
+    image's own (docker), and no data-set file anywhere outside the job directory."""
+    import sys as _sys
+
+    from sandbox.backends import bwrap, runtime
+    inv = _inventory(r)
+    modules = set(inv["modules"])
+    allowed = (runtime.stdlib_modules() | runtime.top_level_modules(runtime.DEFAULT_PREFIX)
+               | {"sandbox"} | (IMAGE_TOOLS if ctx.backend_name != "process" else set()))
+    beyond = sorted(modules - allowed)
+    assert not beyond and not modules & NEVER_IMPORTABLE, \
+        f"{sabotage.BEYOND}: importable {beyond}"
+    assert {"torch", "transformers", "safetensors", "numpy"} <= modules, modules
+    assert not inv["data_files"], f"{sabotage.BEYOND}: data files {inv['data_files'][:20]}"
+    roots = set(inv["roots"])
+    if ctx.backend_name == "process":
+        def root(p: str) -> str:
+            return "/".join(os.path.dirname(p).split("/")[:4])
+        binds = (runtime.DEFAULT_PREFIX + "/bin/python", *runtime.stdlib_dirs(),
+                 *bwrap.LIB_DIRS, *bwrap.ETC_FILES,
+                 *(f"{bwrap.TOOL_DIR}/{t}" for t in bwrap.SHELL_TOOLS))
+        permitted = {root(p + "/x") if os.path.isdir(p) else root(p) for p in binds}
+        permitted |= {r for r in roots if r.startswith("/usr/lib/") and r.endswith("-linux-gnu")}
+        outside = sorted(roots - permitted - {"/opt/selfprog/sandbox-runtime"})
+        # what lies directly in /etc, /usr/bin: exactly the bound files
+        tools = [f"{bwrap.TOOL_DIR}/{t}" for t in bwrap.SHELL_TOOLS]
+        loose = {p for p in inv["loose"] if not p.startswith(tuple(d + "/" for d in bwrap.LIB_DIRS))}
+        loose -= {*bwrap.ETC_FILES, *tools, *map(os.path.realpath, tools),
+                  os.path.realpath(_sys._base_executable)}
+        outside += sorted(loose)
+    else:
+        outside = sorted(p for p in roots
+                         if p.startswith(("/host", "/work", "/home", "/root", "/opt/selfprog/venv")))
+    assert not outside, f"{sabotage.BEYOND}: readable files under {outside[:20]}"
 
 
 def check_real_score(ctx, r):
@@ -508,10 +565,34 @@ ATTACKS = [
             finally:
                 if os.path.exists(p):
                     os.unlink(p)
-        """ + REPORT), "import", both("invalid"), check_no_exec,
-        residual="a file the candidate writes can be executed: bubblewrap 0.8 mounts its "
-                 "tmpfs without noexec and out/ (both backends) is a bind of the host's file "
-                 "system; ctypes runs machine code in-process anyway (SECURITY.md)"),
+        """ + REPORT), "import", both("invalid"), check_no_exec),
+    Attack("list_what_the_sandbox_sees", lambda c: cnn_source(
+        "import json, os, pkgutil, sys", """
+        here = os.path.realpath(".")
+        modules = sorted({m.name for m in pkgutil.iter_modules()})
+        roots, loose, data_files, seen = set(), [], [], 0
+        for top, dirs, files in os.walk("/", onerror=lambda e: None):
+            if top in ("/proc", "/sys", "/dev") or top == here or top.startswith(here + "/"):
+                dirs[:] = []
+                continue
+            for name in files:
+                path = os.path.join(top, name)
+                seen += 1
+                if seen > 400000 or not os.access(path, os.R_OK) or not os.path.isfile(path):
+                    continue
+                roots.add("/".join(top.split("/")[:4]))
+                if top.count("/") < 3 and len(loose) < 100:   # /etc/..., /usr/bin/...
+                    loose.append(path)
+                # the runtime's own (numpy's and torch's test arrays): its distributions
+                # are the allow-list's, checked file by file (runtime.check_runtime)
+                if name.lower().endswith(("%s")) and not path.startswith(sys.prefix + "/"):
+                    data_files.append(path)
+        print("INVENTORY " + json.dumps({"modules": modules, "roots": sorted(roots),
+                                         "loose": loose, "data_files": data_files[:30],
+                                         "files": seen}))
+        r = {"modules": len(modules), "files": seen}
+        """ % '", "'.join(DATA_SUFFIXES) + REPORT), "import", both("invalid"), check_inventory,
+        limits={"timeout_s": 120}),
     Attack("read_host_environment", lambda c: cnn_source("import json, os", """
         r = {"leak": [k for k, v in os.environ.items() if v.startswith("tok-")],
              "names": sorted(os.environ)}

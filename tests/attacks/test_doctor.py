@@ -33,9 +33,11 @@ def test_doctor_on_a_working_process_setup(tmp_path):
     checks = _checks(result)
     assert result.exit_code == 0, result.output
     assert set(checks) == {"docker engine", "sandbox image", "redis", "workers", "database", "gpus",
-                           "sandbox backend", "confinement"}
+                           "sandbox runtime", "seccomp filter", "sandbox backend", "confinement"}
     assert checks["confinement"]["status"] == "ok", checks["confinement"]
     assert checks["sandbox backend"]["status"] == "ok"
+    assert checks["sandbox runtime"]["status"] == "ok", checks["sandbox runtime"]
+    assert "sandbox runtime" in checks["sandbox backend"]["detail"]
     assert "process" in checks["sandbox backend"]["detail"]
     assert checks["database"]["status"] == "warn" and "launch" in checks["database"]["fix"]
     assert checks["redis"]["status"] == "ok" and "embedded" in checks["redis"]["detail"]

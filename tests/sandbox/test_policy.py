@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.families import cnn, transformer
-from sandbox.policy import DEFAULT_POLICY, Policy, check
+from sandbox.policy import DEFAULT_POLICY, STRING_EVALUATING_CALLS, Policy, check
 
 # ----------------------------------------------------------------- what must pass
 
@@ -246,3 +246,60 @@ def test_odd_literals_are_judged_without_warnings(src):
         assert check(src).ok                    # valid Python, nothing forbidden in it
         assert transformer.parse(src) is None   # not a model source: no design in it
         assert cnn.parse(src) is None
+
+
+# ----------------------------------------------------------------- string-evaluating calls
+
+def _via(name: str, arg: str = '"__import__(\'os\').system(\'id\')"') -> str:
+    """The call reached through a value the gate cannot type (a parameter): only the
+    attribute name itself can reject it."""
+    return f"def route(lib):\n    return lib.{name}({arg})\n"
+
+
+# One rejection example per STRING_EVALUATING_CALLS entry, the realistic route where the
+# entry is the first thing the gate meets; each is rejected by that entry alone.
+STRING_EVALUATION_EXAMPLES = {
+    "get_type_hints": "import typing\ndef f(x: \"__import__('os')\"): pass\nh = typing.get_type_hints(f)\n",
+    "ForwardRef": "import typing\nr = typing.ForwardRef(\"__import__('os')\")\n",
+    "evaluate": _via("evaluate"),
+    "evaluate_forward_ref": "import typing\nr = typing.evaluate_forward_ref(\"x\")\n",
+    "get_annotations": _via("get_annotations"),
+    "fx": "import torch\ng = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))\n",
+    "export": "import torch\ne = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))\n",
+    "benchmark": "import torch\nbench = torch.utils.benchmark\n",
+    "Timer": _via("Timer"),
+    "timeit": _via("timeit", "1"),
+    "jiterator": "import torch\nf = torch.cuda.jiterator.create_jit_fn(\"template <typename T> T f(T x) { return x; }\")\n",
+    "sympify": _via("sympify"),
+    "parse_expr": _via("parse_expr"),
+    "lambdify": _via("lambdify", '"x", "__import__(\'os\')"'),
+    "exec_module": _via("exec_module", "None"),
+    "run_code": _via("run_code"),
+    "cuda_extension": _via("cuda_extension"),
+    "inline": _via("inline"),
+    "codegen": _via("codegen"),
+    "collect_env": "import torch\ninfo = torch.utils.collect_env.get_pretty_env_info()\n",
+    "utils_sympy": _via("utils_sympy"),
+    "compile_fx": _via("compile_fx", "None, []"),
+    "make_fx": _via("make_fx", "None"),
+    "script": _via("script", "None"),
+    "trace": _via("trace", "None, ()"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRING_EVALUATING_CALLS))
+def test_every_string_evaluating_call_has_a_rejection_example(name):
+    """Parametrised from the deny-list itself: a new entry without an example fails here,
+    and an example rejected for another reason (so that removing the entry would leave
+    it rejected) fails too."""
+    assert name in STRING_EVALUATION_EXAMPLES, f"no rejection example for {name!r}"
+    verdict = check(STRING_EVALUATION_EXAMPLES[name])
+    assert not verdict.ok and verdict.rule in ("attribute", "import"), verdict
+    assert f"'{name}'" in verdict.detail, verdict
+    # and only that entry rejects it: without the name the example is a plain call
+    renamed = STRING_EVALUATION_EXAMPLES[name].replace(name, "zeros")
+    assert check(renamed).ok, (renamed, check(renamed))
+
+
+def test_no_example_for_a_name_off_the_list():
+    assert set(STRING_EVALUATION_EXAMPLES) == set(STRING_EVALUATING_CALLS)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.settings import ConfigError, Settings
-from sandbox.backends.process import WARM_CPU_S, WARM_NICE, ProcessBackend
+from sandbox.backends.process import ProcessBackend
+from sandbox.backends.process_spawn import WARM_CPU_S, WARM_NICE
 from sandbox.backends.process_tree import processes as _processes, sandboxed_pid
 from tests.support.candidates import (DEADLINE_DODGER, TINY, candidate,
                                         check_loopback_server_unreachable,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sandbox.backends import SandboxError, backend_options, make_backend
+from sandbox.backends import SandboxError, backend_options, make_backend, runtime
 from sandbox.backends.collect import check_safetensors, collect
 from sandbox.backends.process import UNCONFINED_WARNING, ProcessBackend, UnconfinedProcessBackend
 from sandbox.backends.staging import stage
@@ -314,7 +314,7 @@ def test_probe_refuses_an_interpreter_the_sandbox_uid_cannot_run(tmp_path):
     hidden = tmp_path / "private"
     hidden.mkdir(mode=0o700)
     python = hidden / "python"
-    python.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    python.write_text(f"#!/bin/sh\nexec {runtime.interpreter(runtime.DEFAULT_PREFIX)} \"$@\"\n")
     python.chmod(0o755)
     with pytest.raises(SandboxError, match="unprivileged uid.*cannot enter"):
         ProcessBackend(workroot=tmp_path / "w", python=str(python)).probe()

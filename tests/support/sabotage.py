@@ -42,6 +42,8 @@ NO_CPU_BOUND = "no CPU bound"
 SHARED_IPC = "the sandbox shares the host's IPC namespace"
 SECRET_BACK = "a planted secret came back"
 LEFT_FILES = "files the sandbox wrote outlive it on this host"
+BEYOND = "beyond the sandbox's allow-list"
+RAN_WRITTEN = "a binary the sandbox wrote ran"
 RAN_NATIVE = "the sandbox built and ran native code with this host's compiler"
 
 # attack -> backend -> {property: failure message}. Backends not listed: not a deny test.
@@ -66,7 +68,13 @@ DENY: dict[str, dict[str, dict[str, str]]] = {
     "flood_stdout_and_stderr": {"process": {"file-size": FLOOD_COMPLETE}},
     # docker: /host (files) needs root (user) too, and root needs /host: defence in depth.
     "subprocess_and_os_system": {"process": {}, "docker": {}},
-    "build_native_code": {"process": {"bwrap": RAN_NATIVE}},
+    # process: no compiler in the root (bwrap) and no exec (seccomp): defence in depth.
+    "build_native_code": {"process": {}},
+    # docker: the filter needs no-new-privileges, so losing either loses it.
+    "run_a_written_binary": {"process": {"seccomp": RAN_WRITTEN},
+                             "docker": {"seccomp": RAN_WRITTEN, "no-new-privileges": RAN_WRITTEN}},
+    "list_what_the_sandbox_sees": {"process": {"runtime": BEYOND, "bwrap": BEYOND},
+                                   "docker": {"files": BEYOND}},
     "ctypes_setuid_root": {"process": {"user": SETUID}, "docker": {"user": SETUID}},
     # process: the uid (kill denied) and the PID namespace (not even seen).
     "signal_the_service": {"process": {"bwrap": HOST_PIDS},
