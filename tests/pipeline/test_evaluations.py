@@ -19,7 +19,7 @@ from pipeline.jobs import RunContext
 from pipeline.settings import preset
 from pipeline.store import LineageStore
 from sandbox.backends.process import ProcessBackend
-from tests.support.runs import embedded_settings, iteration_at_evaluation
+from tests.support.runs import embedded_settings, iteration_at_evaluation, random_refinements
 
 TINY = dict(task="digits", arms=("lm",), iterations=1, candidates=2, dataset_size=128,
             lm_epochs=2, train_samples=300, eval_samples=100, max_new_tokens=200)
@@ -189,7 +189,7 @@ def _evaluated(store, ctx):
 def test_same_key_is_evaluated_once_and_reused_with_the_same_score(database_url, tmp_path):
     settings = embedded_settings(database_url, tmp_path)
     config = _config()
-    twin = lambda ctx: [ctx.seed_source(), stages._random_refinements(ctx, ctx.seed_source(), 0)[0]]
+    twin = lambda ctx: [ctx.seed_source(), random_refinements(ctx, ctx.seed_source(), 0)[0]]
     store, ctx, inc = iteration_at_evaluation(settings, config, twin)
     cands = _evaluated(store, ctx)
     # the incumbent and candidate 1 have one source: one sandbox, the same score
@@ -225,7 +225,7 @@ def test_a_resumed_iteration_reuses_what_its_first_attempt_evaluated(sqlite_url,
     from pipeline.sandbox_task import run_job
     settings = embedded_settings(sqlite_url, tmp_path)
     store, ctx, inc = iteration_at_evaluation(
-        settings, _config(), lambda ctx: stages._random_refinements(ctx, ctx.seed_source(), 0))
+        settings, _config(), lambda ctx: random_refinements(ctx, ctx.seed_source(), 0))
     # The first attempt: the incumbent's sandbox ran and its outcome was stored, then the
     # coordinator died before the chord ended (no candidate recorded).
     job = ctx.evaluate_job("lm", 0, 0, inc.source)

@@ -11,7 +11,7 @@ from pipeline import celery_app, stages
 from pipeline.settings import Settings
 from pipeline.store import LineageStore
 from tests.support.cluster import Cluster, quick_config, wait_for
-from tests.support.runs import iteration_at_evaluation
+from tests.support.runs import iteration_at_evaluation, random_refinements
 
 
 @pytest.mark.postgres
@@ -30,7 +30,7 @@ def test_two_runs_racing_on_one_key_evaluate_it_once(postgres_url, redis_url, tm
                                      sandbox_backend="process")
         celery_app.configure(settings)
         config = quick_config(iterations=1)
-        sources = lambda ctx: stages._random_refinements(ctx, ctx.seed_source(), 0)
+        sources = lambda ctx: random_refinements(ctx, ctx.seed_source(), 0)
         runs = [iteration_at_evaluation(settings, config, sources) for _ in range(2)]
         # both iterations start evaluating at once: their claims race in PostgreSQL
         go = threading.Barrier(2)

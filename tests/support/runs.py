@@ -40,3 +40,15 @@ def embedded_settings(database_url, tmp_path, **kw) -> Settings:
     return Settings.from_env(env={}, database_url=database_url,
                              artifact_dir=str(tmp_path / "artifacts"),
                              sandbox_backend="process", **kw)
+
+
+def random_refinements(ctx: RunContext, source: str, index: int) -> list[str]:
+    """The sources the random arm makes candidates of at iteration `index` from `source`:
+    its proposer's draws, then the distinct choice stages.after_generation makes."""
+    from pipeline.proposers import Request, random_refinement
+    n = ctx.config.candidates * ctx.config.sample_factor
+    drawn = random_refinement.propose(Request(ctx, "random", index, source, n)).samples
+    designs = [refinement.parse(s, ctx.task) for s in drawn]
+    keep = refinement.choose_distinct(ctx.family, refinement.parse(source, ctx.task), designs,
+                                      ctx.config.candidates)
+    return [drawn[i] for i in keep]
