@@ -667,8 +667,11 @@ ATTACKS = [
             except OSError as e:
                 r["cat " + p] = "DENIED " + type(e).__name__
         os.system("cat {c.host.secret} /host{c.host.secret} > tmp/leak 2>/dev/null")
-        with open("tmp/leak", "rb") as f:
-            leaked = f.read(100).decode(errors="replace")
+        try:
+            with open("tmp/leak", "rb") as f:
+                leaked = f.read(100).decode(errors="replace")
+        except OSError:   # no shell ran at all: no exec after start (sandbox/seccomp.py)
+            leaked = ""
         r["os.system"] = ("READ " + leaked) if leaked else "DENIED (nothing read)"
         """ + REPORT), "import", both("invalid"), check_all_denied),
     Attack("ctypes_setuid_root", lambda c: cnn_source("import ctypes, json, os", """
