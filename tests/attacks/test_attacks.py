@@ -587,8 +587,10 @@ ATTACKS = [
                 # are the allow-list's, checked file by file (runtime.check_runtime)
                 if name.lower().endswith(("%s")) and not path.startswith(sys.prefix + "/"):
                     data_files.append(path)
-        print("INVENTORY " + json.dumps({"modules": modules, "roots": sorted(roots),
-                                         "loose": loose, "data_files": data_files[:30],
+        # bounded: with a confinement property off the whole host is readable, and the
+        # line must fit the logs that bring it back (MAX_LOG_CHARS, sandbox/schema.py)
+        print("INVENTORY " + json.dumps({"modules": modules, "roots": sorted(roots)[:100],
+                                         "loose": loose[:40], "data_files": data_files[:10],
                                          "files": seen}))
         r = {"modules": len(modules), "files": seen}
         """ % '", "'.join(DATA_SUFFIXES) + REPORT), "import", both("invalid"), check_inventory,
