@@ -44,8 +44,8 @@ def test_evaluate_gives_the_score_a_run_records(sqlite_url, tmp_path):
     assert out["key_parts"] == store.get_evaluation(row.evaluation_key).parts
     assert out["usage"]["wall_s"] > 0 and out["usage"]["backend"].startswith("process:")
     assert out["usage"]["cpu_s"] > 0 and out["usage"]["peak_rss_mb"] > 50
-    from tests.pipeline.test_cli import _documented_keys
-    assert _documented_keys()["evaluate"] == [frozenset(out)]
+    from tests.support.jsondoc import documented_keys
+    assert documented_keys()["evaluate"] == [frozenset(out)]
 
     text = _evaluate(tmp_path, f, "--preset", "smoke")   # the table form, from the prepared cache
     assert text.exit_code == 0 and "status:      evaluated" in text.output

@@ -60,7 +60,8 @@ def test_cli_launch_goes_through_celery_workers_and_lands_in_postgres(
         assert "[iteration 1]" in p.stderr and "LM trained:" in p.stderr, p.stderr
         assert "LM step" in p.stderr, p.stderr           # per-step losses, from the trainer
         # the chord spread over both sandbox workers; LM jobs went to the trainer
-        evaluations = sum(1 for c in cands if c.status != "rejected")
+        # a reused outcome (pipeline/evaluations.py) ran no sandbox job
+        evaluations = sum(1 for c in cands if c.status != "rejected" and not c.reused)
         s1, s2 = cl.workers["sandbox1"].succeeded(), cl.workers["sandbox2"].succeeded()
         assert s1 >= 1 and s2 >= 1, (s1, s2)
         assert s1 + s2 >= evaluations
@@ -95,7 +96,8 @@ def test_docker_sandboxes_detach_and_watch(postgres_url, redis_url, tmp_path):
         with LineageStore(postgres_url) as store:
             cands = check_complete_run(store, run_id, quick_config())
         assert any(c.status == "evaluated" for c in cands)
-        evaluations = sum(1 for c in cands if c.status != "rejected")
+        # a reused outcome (pipeline/evaluations.py) ran no sandbox job
+        evaluations = sum(1 for c in cands if c.status != "rejected" and not c.reused)
         assert cl.workers["sandbox1"].succeeded() + cl.workers["sandbox2"].succeeded() \
             >= evaluations
     # every sandbox container is gone
