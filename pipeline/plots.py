@@ -180,13 +180,13 @@ def search_figure(run: RunView, candidates: Sequence[CandidateView]) -> Figure:
     from pipeline.report import arm_order, best_so_far, direction
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    arms = arm_order(c.arm for c in candidates)
-    for arm in arms:
-        pts = best_so_far(candidates, arm, direction(run.task))
+    better = direction(run.task)
+    for arm in arm_order(c.arm for c in candidates):
+        pts = best_so_far(candidates, arm, better)
         if pts:
             ax.step([n for n, _ in pts], [b for _, b in pts], where="post",
                     label=f"{arm} arm", **_line_style(arm))
-    if any(best_so_far(candidates, a, direction(run.task)) for a in arms):
+    if ax.get_lines():
         ax.legend(fontsize="small")
     else:
         _empty(ax, "nothing scored yet")
