@@ -25,7 +25,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import report, runs  # noqa: E402
 from pipeline.cli.run import parse_sets  # noqa: E402
 from pipeline.settings import ConfigError, Settings, preset  # noqa: E402
-from pipeline.store import store_for  # noqa: E402
 
 VALID_TARGET, SINGLE_TARGET, GAP_TARGET = 0.80, 0.70, -0.01
 
@@ -90,16 +88,11 @@ def main() -> None:
                                      sandbox_backend=args.backend)
         results: dict[str, list[dict]] = {}
         for (task, seed), cfg in configs.items():
-            store = store_for(url)
-            run_id = runs.find_completed(store, cfg)
-            how = "read back"
-            if run_id is None:
-                t0 = time.monotonic()
-                run_id = runs.launch(settings, cfg)
-                how = f"launched, {time.monotonic() - t0:.0f} s"
-                if store.get_run(run_id).status != "completed":
-                    raise SystemExit(f"run {run_id} ({task}, seed {seed}) did not complete: "
-                                     f"{store.get_run(run_id).error}")
+            try:
+                store, run_id, seconds = runs.read_back_or_launch(settings, cfg, [url])
+            except runs.RunStateError as exc:
+                raise SystemExit(f"{task}, seed {seed}: {exc}")
+            how = "read back" if seconds is None else f"launched, {seconds:.0f} s"
             results.setdefault(task, []).append({**measure(store, run_id), "seed": seed})
             print(f"{task} seed {seed}: run {run_id} ({how})", flush=True)
         print_table(args.preset, results)

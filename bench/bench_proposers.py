@@ -31,7 +31,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import report, runs  # noqa: E402
 from pipeline.cli.run import parse_sets  # noqa: E402
 from pipeline.settings import ConfigError, RunConfig, Settings, preset  # noqa: E402
-from pipeline.store import store_for  # noqa: E402
 
 # two-sided 95% critical values of Student's t, by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -113,20 +111,11 @@ def main() -> None:
                                      sandbox_backend=args.backend)
         results: dict[str, list[dict]] = {}
         for (task, seed), cfg in configs.items():
-            store, run_id = store_for(url), None
-            for other in urls:
-                run_id = runs.find_completed(store_for(other), cfg)
-                if run_id is not None:
-                    store = store_for(other)
-                    break
-            how = "read back"
-            if run_id is None:
-                t0 = time.monotonic()
-                run_id = runs.launch(settings, cfg)
-                how = f"launched, {time.monotonic() - t0:.0f} s"
-                if store.get_run(run_id).status != "completed":
-                    raise SystemExit(f"run {run_id} ({task}, seed {seed}) did not complete: "
-                                     f"{store.get_run(run_id).error}")
+            try:
+                store, run_id, seconds = runs.read_back_or_launch(settings, cfg, urls)
+            except runs.RunStateError as exc:
+                raise SystemExit(f"{task}, seed {seed}: {exc}")
+            how = "read back" if seconds is None else f"launched, {seconds:.0f} s"
             results.setdefault(task, []).append(
                 {**measure(store, run_id, arms, report.direction(task)), "seed": seed})
             print(f"{task} seed {seed}: run {run_id} ({how})", flush=True)

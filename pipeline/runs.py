@@ -57,6 +57,25 @@ def find_completed(store: LineageStore, config: RunConfig) -> str | None:
     return None
 
 
+def read_back_or_launch(settings: Settings, config: RunConfig,
+                        urls: list[str]) -> tuple[LineageStore, str, float | None]:
+    """A completed run of `config` from the first lineage DB of `urls` that has one, else
+    a run launched into `settings`' database, which must complete: (its store, its id,
+    the seconds the launch took, None when read back). For the benches."""
+    for url in urls:
+        store = store_for(url)
+        run_id = find_completed(store, config)
+        if run_id is not None:
+            return store, run_id, None
+    store = _store(settings)
+    started = time.monotonic()
+    run_id = launch(settings, config)
+    run = store.get_run(run_id)
+    if run.status != "completed":
+        raise RunStateError(f"run {run_id} did not complete: {run.error}")
+    return store, run_id, time.monotonic() - started
+
+
 def resume(settings: Settings, run_id: str,
            progress: Callable[[str, dict], None] | None = None, *, detach: bool = False,
            anyway: bool = False) -> str:
